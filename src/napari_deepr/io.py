@@ -1,0 +1,449 @@
+"""Reading images and z-stacks with their calibration, and writing outputs atomically.
+
+Everything here is Qt-free and torch-free. Axes follow tifffile's letters: ``T`` time, ``Z`` depth,
+``C`` channel, ``Y``/``X`` space and ``S`` samples (RGB). Pixel sizes are in micrometres.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+
+# Above this many bytes a TIFF is opened lazily (tile by tile) instead of read into memory.
+LAZY_BYTES = 1 << 30
+# Private TIFF tag holding napari-deepr's JSON metadata (OME-XML keeps the ImageDescription).
+DEEPR_TAG = 65042
+
+
+@dataclass
+class ImageData:
+    """An image or stack with its calibration.
+
+    Attributes
+    ----------
+    data : array-like
+        numpy array, or a dask array for large or chunked files.
+    axes : str
+        One letter per dimension of ``data`` (e.g. ``"ZYX"``, ``"YXS"``).
+    pixel_size_um : float or None
+        Lateral pixel size in micrometres, ``None`` when the file does not say.
+    z_step_um : float or None
+        Axial step in micrometres for stacks, ``None`` when unknown.
+    metadata : dict
+        Anything else worth keeping (source path, description, OME fields).
+    """
+
+    data: Any
+    axes: str
+    pixel_size_um: float | None = None
+    z_step_um: float | None = None
+    metadata: dict = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def scale(self) -> tuple[float, ...]:
+        """napari scale per axis (µm for Z, Y, X; 1 elsewhere)."""
+        out = []
+        for ax in self.axes:
+            if ax in "YX" and self.pixel_size_um:
+                out.append(float(self.pixel_size_um))
+            elif ax == "Z" and self.z_step_um:
+                out.append(float(self.z_step_um))
+            else:
+                out.append(1.0)
+        return tuple(out)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suf in sorted(TIFF_SUFFIXES + ZARR_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suf):
+            return suf
+    return path.suffix.lower()
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """Whether a path names a zarr store (by suffix or by its metadata files)."""
+    p = Path(path)
+    if _suffix(p) in ZARR_SUFFIXES:
+        return True
+    return p.is_dir() and any((p / n).exists() for n in (".zarray", ".zgroup", "zarr.json"))
+
+
+def is_tiff_path(path: str | os.PathLike) -> bool:
+    """Whether a path has a TIFF suffix."""
+    return _suffix(Path(path)) in TIFF_SUFFIXES
+
+
+def _tiff_calibration(tif) -> tuple[float | None, float | None, dict]:
+    """Pixel size and z step from OME, ImageJ or resolution tags."""
+    meta: dict = {}
+    px = dz = None
+    if tif.is_ome and tif.ome_metadata:
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+            pix = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            units = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
+            if pix.get("PhysicalSizeX"):
+                px = float(pix.get("PhysicalSizeX")) * units.get(pix.get("PhysicalSizeXUnit", "µm"), 1.0)
+            if pix.get("PhysicalSizeZ"):
+                dz = float(pix.get("PhysicalSizeZ")) * units.get(pix.get("PhysicalSizeZUnit", "µm"), 1.0)
+        except (ET.ParseError, StopIteration, ValueError):
+            pass
+    ij = tif.imagej_metadata or {}
+    if ij:
+        meta["imagej"] = {k: v for k, v in ij.items() if isinstance(v, (int, float, str))}
+        if dz is None and ij.get("spacing"):
+            dz = float(ij["spacing"])
+    page = tif.pages.first
+    desc = page.tags[DEEPR_TAG].value if DEEPR_TAG in page.tags else (page.description or "")
+    if desc.startswith("{"):
+        try:
+            d = json.loads(desc)
+            meta["description"] = d
+            px = px or d.get("pixel_size_um")
+            dz = dz or d.get("z_step_um")
+        except json.JSONDecodeError:
+            pass
+    if px is None and "XResolution" in page.tags:
+        num, den = page.tags["XResolution"].value
+        unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 1
+        res = num / den if den else 0
+        if res > 0:
+            unit_name = (ij.get("unit") or "").lower() if ij else ""
+            if unit_name in ("micron", "um", "µm", "\\u00b5m"):
+                px = 1.0 / res
+            elif unit == 3:  # centimetre
+                px = 1e4 / res
+            elif unit == 2:  # inch; 72 dpi is a screen default, not a calibration
+                px = 25400.0 / res if res not in (72.0, 96.0, 300.0) else None
+    return (float(px) if px else None, float(dz) if dz else None, meta)
+
+
+def _read_tiff(path: Path) -> list[ImageData]:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise InputError(f"{path.name} is not a readable TIFF image ({exc}).") from exc
+    out = []
+    with tif:
+        px, dz, meta = _tiff_calibration(tif)
+        for i, series in enumerate(tif.series):
+            axes = series.axes.replace("Q", "Z").replace("I", "Z")
+            nbytes = int(np.prod(series.shape)) * series.dtype.itemsize
+            if nbytes > LAZY_BYTES:
+                import dask.array as da
+                import zarr
+
+                store = tifffile.imread(path, aszarr=True, series=i)
+                data = da.from_zarr(zarr.open(store, mode="r"))
+            else:
+                data = series.asarray()
+            name = path.name.split(".")[0] + (f" [{i}]" if len(tif.series) > 1 else "")
+            out.append(ImageData(data, axes, px, dz, dict(meta, source=str(path), series=i), name))
+    return out
+
+
+def _read_zarr(path: Path) -> list[ImageData]:
+    import dask.array as da
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises many kinds of errors for non-stores
+        raise InputError(f"{path.name} is not a readable zarr store ({exc}).") from exc
+    attrs = dict(node.attrs)
+    axes = None
+    px = dz = None
+    if isinstance(node, zarr.Array):
+        arr = node
+    else:
+        ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if not ms:
+            keys = list(node.array_keys())
+            if not keys:
+                raise InputError(f"{path.name} holds no image array.")
+            arr = node[keys[0]]
+        else:
+            ds = ms[0]["datasets"][0]
+            arr = node[ds["path"]]
+            ax = ms[0].get("axes")
+            if ax:
+                axes = "".join((a["name"] if isinstance(a, dict) else a).upper()[0] for a in ax)
+            for tr in ds.get("coordinateTransformations", []):
+                if tr.get("type") == "scale" and axes:
+                    sc = dict(zip(axes, tr["scale"], strict=False))
+                    px = sc.get("X")
+                    dz = sc.get("Z")
+    attrs_arr = dict(arr.attrs)
+    axes = axes or attrs_arr.get("axes") or attrs.get("axes")
+    px = px or attrs_arr.get("pixel_size_um") or attrs.get("pixel_size_um")
+    dz = dz or attrs_arr.get("z_step_um") or attrs.get("z_step_um")
+    if axes is None:
+        axes = _guess_axes(arr.shape)
+    data = da.from_zarr(arr)
+    return [ImageData(data, axes.upper(), px, dz, {"source": str(path)}, path.name.split(".")[0])]
+
+
+def _guess_axes(shape: tuple[int, ...]) -> str:
+    rgb = shape[-1] in (3, 4) and len(shape) >= 3
+    spatial = "YXS" if rgb else "YX"
+    lead = len(shape) - len(spatial)
+    if lead < 0:
+        raise InputError(f"An array of shape {shape} is not an image; at least 2 dimensions are needed.")
+    return "TZC"[3 - lead:] + spatial if lead <= 3 else "T" * (lead - 2) + "ZC" + spatial
+
+
+def read_images(path: str | os.PathLike) -> list[ImageData]:
+    """Read every image series of a TIFF/OME-TIFF/ImageJ file, a zarr store or a folder.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file, a zarr store, or a folder holding TIFF files (read in name order).
+
+    Returns
+    -------
+    list of ImageData
+        One entry per series (multi-position files give several).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist.")
+    if is_zarr_path(p):
+        return _read_zarr(p)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if is_tiff_path(f) or is_zarr_path(f))
+        if not files:
+            raise InputError(f"The folder {p.name} holds no TIFF or zarr images.")
+        return [img for f in files for img in read_images(f)]
+    if not is_tiff_path(p):
+        raise InputError(f"{p.name} is not a TIFF, OME-TIFF or zarr image.")
+    return _read_tiff(p)
+
+
+def read_image(path: str | os.PathLike) -> ImageData:
+    """Read the first image series of a file or store, with its calibration."""
+    return read_images(path)[0]
+
+
+def read_stack(path: str | os.PathLike) -> ImageData:
+    """Read a z-stack as ``(Z, Y, X)`` (channels/time dropped to the first index).
+
+    Raises
+    ------
+    InputError
+        If the file holds no Z axis with more than one plane.
+    """
+    return _as_zstack(read_image(path))
+
+
+def read_stacks(path: str | os.PathLike) -> list[ImageData]:
+    """Every z-stack in a file (all positions) or a folder, each as ``(Z, Y, X)``."""
+    return [_as_zstack(img) for img in read_images(path)]
+
+
+def _as_zstack(img: ImageData) -> ImageData:
+    data, axes = img.data, img.axes
+    if "Z" not in axes and len(axes) == 3 and "S" not in axes:
+        axes = axes[0].replace(axes[0], "Z") + axes[1:]
+    if "Z" not in axes:
+        raise InputError(f"{img.name or 'The image'} has no z axis; a z-stack with several planes is needed.")
+    index = []
+    for ax in axes:
+        index.append(slice(None) if ax in "ZYX" else 0)
+    data = data[tuple(index)]
+    new_axes = "".join(ax for ax in axes if ax in "ZYX")
+    if new_axes != "ZYX":
+        data = np.moveaxis(np.asarray(data), [new_axes.index(a) for a in "ZYX"], [0, 1, 2])
+    return ImageData(data, "ZYX", img.pixel_size_um, img.z_step_um, img.metadata, img.name)
+
+
+def _temp_sibling(path: Path) -> Path:
+    # Same folder as the target so the final rename is atomic on the same filesystem.
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def _finish(tmp: Path, path: Path) -> None:
+    if path.is_dir() and not tmp.is_dir():
+        raise InputError(f"{path} is a folder; choose a file name for the output.")
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse an output path that is one of the inputs (inputs are never modified)."""
+    out = Path(output).expanduser().resolve()
+    for inp in inputs:
+        if inp is not None and Path(inp).expanduser().resolve() == out:
+            raise InputError(f"The output path {Path(output).name} is the input; choose another name so the input is kept.")
+    if not out.parent.exists():
+        raise InputError(f"The output folder {out.parent} does not exist.")
+    return out
+
+
+def write_image(
+    path: str | os.PathLike,
+    data,
+    *,
+    axes: str | None = None,
+    pixel_size_um: float | None = None,
+    z_step_um: float | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write an image as calibrated (OME-)TIFF or zarr under a temporary name, then rename.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.tif``/``.tiff``/``.ome.tif`` write a TIFF (BigTIFF when large) carrying OME pixel sizes,
+        resolution tags and a JSON description; ``.zarr`` writes an OME-Zarr style single-scale store.
+    data : array-like
+        numpy or dask array.
+    axes : str, optional
+        One letter per dimension; guessed from the shape if omitted.
+    pixel_size_um, z_step_um : float, optional
+        Calibration in micrometres.
+    metadata : dict, optional
+        JSON-serializable facts stored beside the pixels (model name, provider, ...).
+
+    Returns
+    -------
+    Path
+        The written path.
+    """
+    path = Path(path)
+    axes = (axes or _guess_axes(tuple(data.shape))).upper()
+    if len(axes) != data.ndim:
+        raise InputError(f"Axes {axes!r} do not match an array with {data.ndim} dimensions.")
+    meta = dict(metadata or {})
+    meta.update(axes=axes, pixel_size_um=pixel_size_um, z_step_um=z_step_um)
+    tmp = _temp_sibling(path)
+    try:
+        if _suffix(path) in ZARR_SUFFIXES:
+            _write_zarr(tmp, data, axes, pixel_size_um, z_step_um, meta)
+        elif _suffix(path) in TIFF_SUFFIXES:
+            _write_tiff(tmp, data, axes, pixel_size_um, z_step_um, meta)
+        else:
+            raise InputError(f"{path.name}: output must end in .tif, .tiff, .ome.tif or .zarr.")
+        _finish(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    return path
+
+
+def _json_safe(meta: dict) -> dict:
+    return json.loads(json.dumps(meta, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _write_tiff(tmp: Path, data, axes, px, dz, meta) -> None:
+    import tifffile
+
+    ome_meta: dict[str, Any] = {"axes": axes}
+    if px:
+        ome_meta.update(PhysicalSizeX=px, PhysicalSizeY=px, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+    if dz and "Z" in axes:
+        ome_meta.update(PhysicalSizeZ=dz, PhysicalSizeZUnit="µm")
+    nbytes = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+    kwargs: dict[str, Any] = dict(bigtiff=nbytes > 2**31 - 2**25, ome=True, metadata=ome_meta)
+    if px:
+        kwargs.update(resolution=(1e4 / px, 1e4 / px), resolutionunit="CENTIMETER")
+    # OME-XML owns the ImageDescription; our facts ride in a private tag as JSON.
+    kwargs["extratags"] = [(DEEPR_TAG, "s", 0, json.dumps(_json_safe(meta)), True)]
+    if hasattr(data, "dask") or nbytes > LAZY_BYTES:
+        # Stream plane tiles so peak memory is one tile, not the image.
+        ysz, xsz = _yx_shape(data.shape, axes)
+        tile = (256, 256) if min(ysz, xsz) >= 256 else None
+        kwargs["tile"] = tile
+        with tifffile.TiffWriter(tmp, bigtiff=kwargs.pop("bigtiff"), ome=True) as tw:
+            kwargs.pop("ome")
+            tw.write(_tile_iter(data, axes, tile), shape=data.shape, dtype=data.dtype, **kwargs)
+    else:
+        tifffile.imwrite(tmp, np.asarray(data), **kwargs)
+
+
+def _yx_shape(shape, axes):
+    return shape[axes.index("Y")], shape[axes.index("X")]
+
+
+def _tile_iter(data, axes, tile):
+    """Yield TIFF tiles (or whole planes) in the order tifffile expects."""
+    yi, xi = axes.index("Y"), axes.index("X")
+    lead = [i for i in range(len(axes)) if axes[i] not in "YXS"]
+    ny, nx = data.shape[yi], data.shape[xi]
+    for idx in np.ndindex(*[data.shape[i] for i in lead]):
+        sl = [slice(None)] * data.ndim
+        for i, v in zip(lead, idx, strict=True):
+            sl[i] = v
+        if tile is None:
+            yield np.asarray(data[tuple(sl)])
+            continue
+        for y0 in range(0, ny, tile[0]):
+            for x0 in range(0, nx, tile[1]):
+                sl[yi] = slice(y0, min(y0 + tile[0], ny))
+                sl[xi] = slice(x0, min(x0 + tile[1], nx))
+                yield np.asarray(data[tuple(sl)])
+
+
+def _write_zarr(tmp: Path, data, axes, px, dz, meta) -> None:
+    import dask.array as da
+
+    arr = data if hasattr(data, "dask") else da.from_array(np.asarray(data), chunks=_zarr_chunks(data.shape, axes))
+    arr = arr.rechunk(_zarr_chunks(arr.shape, axes))
+    da.to_zarr(arr, str(tmp), component="0", overwrite=True)
+    write_zarr_attrs(tmp, axes, px, dz, meta)
+
+
+def _zarr_chunks(shape, axes):
+    return tuple(min(s, 1024) if a in "YX" else 1 if a not in "S" else s for s, a in zip(shape, axes, strict=True))
+
+
+def write_zarr_attrs(store: Path, axes: str, px, dz, meta) -> None:
+    """Write OME-NGFF 0.4 style multiscales metadata for a single-scale array ``0``."""
+    import zarr
+
+    kinds = {"T": "time", "Z": "space", "Y": "space", "X": "space", "C": "channel", "S": "channel"}
+    names = {"S": "c"}
+    scale = [
+        float(px) if (a in "YX" and px) else float(dz) if (a == "Z" and dz) else 1.0 for a in axes
+    ]
+    ax_meta = []
+    for a in axes:
+        entry = {"name": names.get(a, a.lower()), "type": kinds.get(a, "space" if a in "YXZ" else "channel")}
+        if a in "ZYX":
+            entry["unit"] = "micrometer"
+        ax_meta.append(entry)
+    g = zarr.open_group(str(store), mode="a")
+    g.attrs.update(
+        {
+            "multiscales": [
+                {
+                    "version": "0.4",
+                    "axes": ax_meta,
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                }
+            ],
+            "napari_deepr": _json_safe(meta),
+            "axes": axes,
+            "pixel_size_um": px,
+            "z_step_um": dz,
+        }
+    )
