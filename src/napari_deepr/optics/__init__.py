@@ -1,1 +1,38 @@
-"""optics."""
+"""Optics: physical defocus PSFs, fluorescence/brightfield defocus simulation, specimens.
+
+Qt-free and torch-free; see ``docs/ARCHITECTURE.md``.
+"""
+
+from .psf import OPTICS_20X_075, OPTICS_40X_095, Optics, best_focus_offset, defocus_psf, psf_size
+from .simulate import (
+    brightfield,
+    cylinder_dpm,
+    defocus,
+    defocus_map,
+    random_training_pair,
+    simulate_stack,
+    sphere_dpm,
+    tilt_dpm,
+    write_sample_set,
+)
+from .specimens import SPECIMEN_KINDS, make_specimen
+
+__all__ = [
+    "OPTICS_20X_075",
+    "OPTICS_40X_095",
+    "Optics",
+    "SPECIMEN_KINDS",
+    "best_focus_offset",
+    "brightfield",
+    "cylinder_dpm",
+    "defocus",
+    "defocus_map",
+    "defocus_psf",
+    "make_specimen",
+    "psf_size",
+    "random_training_pair",
+    "simulate_stack",
+    "sphere_dpm",
+    "tilt_dpm",
+    "write_sample_set",
+]
