@@ -1,0 +1,298 @@
+"""Deep-R models: the model folder, its card, validation and discovery.
+
+A model is a folder holding ``generator.onnx``, an optional ``dpm.onnx`` and ``model.json``. The same
+card also sits in the generator's ONNX ``metadata_props`` (keys ``deepr.<field>``, JSON values), so a
+lone ``.onnx`` file loads with its facts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+DEFAULT_MODEL = "deepr-fluo-20x"
+META_PREFIX = "deepr."
+FEATURE_PREFIX = "feat"
+
+
+@dataclass
+class ModelCard:
+    """The facts a model must carry so that it is used only where it is valid.
+
+    Attributes mirror ``model.json``; unknown keys are kept in ``extra``.
+    """
+
+    name: str = "unnamed"
+    version: str = "0.0.0"
+    modality: str = "unknown"
+    channels: int = 1
+    pixel_size_um: float | None = None
+    na: float | None = None
+    wavelength_um: float | None = None
+    immersion_index: float | None = None
+    defocus_range_um: tuple[float, float] = (-5.0, 5.0)
+    normalization: str = "zscore_per_plane"
+    output_scaling: str = "input_mean_std"
+    tile_multiple: int = 32
+    min_size: int = 32
+    tile: int = 1024
+    overlap: int = 96
+    dpm_sign: str = "positive = the focal plane lies above the sample"
+    dpm_sign_meaningful: bool = False
+    provenance: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        """Build a card from ``model.json`` content, keeping unknown keys in ``extra``."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in d.items() if k in names and k != "extra"}
+        extra = {k: v for k, v in d.items() if k not in names}
+        extra.update(d.get("extra", {}) or {})
+        if "defocus_range_um" in known:
+            r = known["defocus_range_um"]
+            if isinstance(r, (int, float)):
+                r = (-abs(float(r)), abs(float(r)))
+            known["defocus_range_um"] = (float(r[0]), float(r[1]))
+        card = cls(**known, extra=extra)
+        for name in ("tile_multiple", "min_size", "tile", "overlap", "channels"):
+            setattr(card, name, int(getattr(card, name)))
+        return card
+
+    def to_dict(self) -> dict[str, Any]:
+        """``model.json`` content."""
+        d = asdict(self)
+        d["defocus_range_um"] = list(self.defocus_range_um)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    def summary(self) -> str:
+        """One line: modality, optics, pixel size and trained range."""
+        parts = [self.modality]
+        if self.na:
+            parts.append(f"NA {self.na:g}")
+        if self.wavelength_um:
+            parts.append(f"λ {self.wavelength_um * 1000:.0f} nm")
+        if self.pixel_size_um:
+            parts.append(f"{self.pixel_size_um:g} µm/px")
+        lo, hi = self.defocus_range_um
+        parts.append(f"defocus {lo:+g}…{hi:+g} µm")
+        parts.append(f"{self.channels} channel" + ("s" if self.channels != 1 else ""))
+        return ", ".join(parts)
+
+
+@dataclass
+class DeepRModel:
+    """A validated model: paths, card and the ONNX input/output names the engine uses."""
+
+    card: ModelCard
+    generator_path: Path
+    dpm_path: Path | None
+    input_name: str
+    output_name: str
+    feature_names: tuple[str, ...]
+    root: Path
+
+    @property
+    def name(self) -> str:
+        """The model's name from its card."""
+        return self.card.name
+
+    @property
+    def has_dpm(self) -> bool:
+        """Whether a DPM decoder is available."""
+        return self.dpm_path is not None
+
+
+def bundled_models_dir() -> Path | None:
+    """The ``models/`` folder shipped with the package (wheel) or at the repository root (source)."""
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here / "models", here.parent.parent / "models"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def user_models_dir() -> Path:
+    """Where user-trained models are looked up by name (``$DEEPR_HOME/models``)."""
+    home = Path(os.environ.get("DEEPR_HOME", Path.home() / ".napari-deepr"))
+    return home / "models"
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for models by name: ``$DEEPR_MODELS_PATH``, the user folder, bundled models."""
+    out = [Path(p) for p in os.environ.get("DEEPR_MODELS_PATH", "").split(os.pathsep) if p]
+    out.append(user_models_dir())
+    b = bundled_models_dir()
+    if b is not None:
+        out.append(b)
+    return out
+
+
+def _is_model_folder(p: Path) -> bool:
+    return p.is_dir() and (p / "generator.onnx").is_file()
+
+
+def list_models() -> list[DeepRModel]:
+    """Every loadable model on the search path (bundled ones last), each validated.
+
+    Folders that fail validation are skipped with a warning, so one broken model never hides the others.
+    """
+    seen: set[str] = set()
+    out = []
+    for root in model_search_path():
+        if not root.is_dir():
+            continue
+        for sub in sorted(root.iterdir()):
+            if not _is_model_folder(sub) or sub.name in seen:
+                continue
+            try:
+                out.append(load_model(sub))
+                seen.add(sub.name)
+            except ModelError as exc:
+                warnings.warn(str(exc), stacklevel=2)
+    return out
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return p.resolve()
+    name = str(name_or_path)
+    if name == "default":
+        name = DEFAULT_MODEL
+    for root in model_search_path():
+        cand = root / name
+        if _is_model_folder(cand):
+            return cand.resolve()
+    known = ", ".join(m.name for m in list_models()) or "none installed"
+    if name == DEFAULT_MODEL:
+        raise ModelError(
+            f"The bundled default model '{DEFAULT_MODEL}' is not installed; pass a model folder or .onnx file (known models: {known})."
+        )
+    raise ModelError(f"No model named or at '{name_or_path}' (known models: {known}).")
+
+
+def load_model(name_or_path: str | os.PathLike | DeepRModel = "default") -> DeepRModel:
+    """Find, read and validate a Deep-R model.
+
+    Parameters
+    ----------
+    name_or_path : str, Path or DeepRModel
+        ``"default"``, a model name on the search path, a model folder, or a lone generator ``.onnx``.
+
+    Returns
+    -------
+    DeepRModel
+
+    Raises
+    ------
+    ModelError
+        With one sentence saying what is wrong (missing, not ONNX, wrong inputs, DPM mismatch).
+    """
+    if isinstance(name_or_path, DeepRModel):
+        return name_or_path
+    path = _resolve(name_or_path)
+    st = path.stat()
+    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
+    path = Path(path_str)
+    if path.is_dir():
+        gen = path / "generator.onnx"
+        if not gen.is_file():
+            raise ModelError(f"The folder {path.name} holds no generator.onnx, so it is not a Deep-R model.")
+        dpm = path / "dpm.onnx"
+        dpm_path = dpm if dpm.is_file() else None
+        card_file = path / "model.json"
+        root = path
+    else:
+        gen, dpm_path, card_file, root = path, None, None, path.parent
+    gen_info = _inspect_onnx(gen)
+    card_dict = dict(gen_info["meta"])
+    if card_file is not None and card_file.is_file():
+        try:
+            card_dict.update(json.loads(card_file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{card_file} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+    if "name" not in card_dict:
+        card_dict["name"] = path.stem if path.is_file() else path.name
+    card = ModelCard.from_dict(card_dict)
+    inp = gen_info["inputs"]
+    if len(inp) != 1:
+        raise ModelError(f"{gen.name} has {len(inp)} inputs; a Deep-R generator takes exactly one image tensor.")
+    in_name, in_type, in_shape = inp[0]
+    if in_type != 1:
+        raise ModelError(f"{gen.name} takes {_TYPE_NAMES.get(in_type, in_type)} input; a Deep-R generator takes float32.")
+    if len(in_shape) != 4:
+        raise ModelError(f"{gen.name} takes a {len(in_shape)}-D input; a Deep-R generator takes NCHW (4-D).")
+    ch = in_shape[1]
+    if isinstance(ch, int) and ch > 0:
+        if "channels" in card_dict and int(card_dict["channels"]) != ch:
+            raise ModelError(f"{gen.name} takes {ch} channels but its card says {card_dict['channels']}.")
+        card.channels = ch
+    if card.tile_multiple <= 0 or card.tile % card.tile_multiple:
+        raise ModelError(f"The card of {card.name} has tile {card.tile} that is not a multiple of {card.tile_multiple}.")
+    outs = gen_info["outputs"]
+    out_names = [o[0] for o in outs]
+    output_name = "output" if "output" in out_names else out_names[0]
+    feats = tuple(n for n in out_names if n.startswith(FEATURE_PREFIX))
+    if dpm_path is not None:
+        dpm_info = _inspect_onnx(dpm_path)
+        needed = [i[0] for i in dpm_info["inputs"]]
+        missing = [n for n in needed if n not in feats]
+        if missing:
+            raise ModelError(
+                f"dpm.onnx of {card.name} needs inputs {missing} that generator.onnx does not output, so it cannot reuse the generator's features."
+            )
+        feats = tuple(needed)
+    return DeepRModel(card, gen, dpm_path, in_name, output_name, feats, root)
+
+
+_TYPE_NAMES = {1: "float32", 10: "float16", 11: "float64", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 16: "bfloat16"}
+
+
+def _inspect_onnx(path: Path) -> dict:
+    """Inputs, outputs and ``deepr.*`` metadata of an ONNX file, without loading weights into a session."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist.")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others for non-ONNX bytes
+        raise ModelError(f"{path.name} is not a valid ONNX model (it could not be parsed).") from exc
+    if not m.graph.node:
+        raise ModelError(f"{path.name} is not a valid ONNX model (its graph is empty).")
+    inits = {i.name for i in m.graph.initializer}
+
+    def desc(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        return (v.name, t.elem_type, dims)
+
+    meta = {}
+    for p in m.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            key = p.key[len(META_PREFIX):]
+            try:
+                meta[key] = json.loads(p.value)
+            except json.JSONDecodeError:
+                meta[key] = p.value
+    return {
+        "inputs": [desc(v) for v in m.graph.input if v.name not in inits],
+        "outputs": [desc(v) for v in m.graph.output],
+        "meta": meta,
+    }

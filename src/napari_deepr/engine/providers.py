@@ -1,0 +1,137 @@
+"""onnxruntime execution providers by short name, cached sessions and honest CPU fallback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+from ..errors import InputError, ModelError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+}
+SHORT_NAMES = {v: k for k, v in PROVIDERS.items()}
+
+_sessions: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build offers, best first."""
+    import onnxruntime as ort
+
+    return [SHORT_NAMES.get(p, p) for p in ort.get_available_providers()]
+
+
+def default_threads() -> int:
+    """Intra-op threads: ``$DEEPR_THREADS`` or the cores this process may use."""
+    env = os.environ.get("DEEPR_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_providers(providers: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Turn short or full provider names into the onnxruntime list to try, CPU always last.
+
+    Raises
+    ------
+    InputError
+        For a name onnxruntime does not know at all.
+    """
+    import onnxruntime as ort
+
+    if providers is None or providers == "auto":
+        wanted = [p for p in ort.get_available_providers() if p in ("CUDAExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider")]
+    else:
+        if isinstance(providers, str):
+            providers = [providers]
+        wanted = []
+        for p in providers:
+            full = PROVIDERS.get(p.lower(), p)
+            if full not in SHORT_NAMES and full not in ort.get_all_providers():
+                known = ", ".join(PROVIDERS)
+                raise InputError(f"Unknown execution provider '{p}'; choose one of: {known}.")
+            wanted.append(full)
+    avail = set(ort.get_available_providers())
+    out = []
+    for full in wanted:
+        if full in avail:
+            out.append(full)
+        elif full != "CPUExecutionProvider":
+            warnings.warn(
+                f"The {SHORT_NAMES.get(full, full)} execution provider is not available in this onnxruntime "
+                f"({ort.__version__}, offers {', '.join(available_providers())}); falling back to CPU.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+def get_session(path: str | Path, providers: list[str], threads: int | None = None):
+    """One cached InferenceSession per (file, providers, threads); falls back to CPU if creation fails.
+
+    Returns
+    -------
+    session : onnxruntime.InferenceSession
+    used : str
+        Short name of the provider that actually runs the graph (``session.get_providers()[0]``).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, tuple(providers), threads)
+    with _lock:
+        sess = _sessions.get(key)
+        if sess is None:
+            try:
+                sess = ort.InferenceSession(str(path), _session_options(threads), providers=list(providers))
+            except Exception as exc:
+                if providers != ["CPUExecutionProvider"]:
+                    warnings.warn(
+                        f"Could not start {SHORT_NAMES.get(providers[0], providers[0])} for {path.name} ({_first_line(exc)}); falling back to CPU.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    return get_session(path, ["CPUExecutionProvider"], threads)
+                raise ModelError(f"onnxruntime could not load {path.name}: {_first_line(exc)}") from exc
+            _sessions[key] = sess
+    return sess, SHORT_NAMES.get(sess.get_providers()[0], sess.get_providers()[0])
+
+
+def clear_sessions() -> None:
+    """Drop cached sessions (frees GPU memory)."""
+    with _lock:
+        _sessions.clear()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

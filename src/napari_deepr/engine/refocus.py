@@ -1,0 +1,460 @@
+"""Refocus N-d images tile by tile with an ONNX Deep-R generator (and optional DPM decoder).
+
+Intensity convention: each plane (and channel) is z-scored once over the whole plane, as the model was
+trained (zero mean, unit variance per image). The network's output is in those z-scored units and is
+mapped back with the same plane's mean and standard deviation, ``out = y * std + mean``. Defocus
+conserves energy, so the mean is physical; the contrast of the output is relative (the in-focus
+image's true standard deviation is unknown from a defocused input).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import Cancelled, InputError
+from .model import DeepRModel, load_model
+from .providers import get_session, resolve_providers
+from .tiling import axis_weights, plan_axis, read_region
+
+
+@dataclass
+class Progress:
+    """Where a refocus run is: tiles done out of the total, the plane being worked on, the provider."""
+
+    done: int
+    total: int
+    plane: tuple[int, ...] = ()
+    provider: str = "cpu"
+    rows_done: tuple[int, int] = (0, 0)
+
+    @property
+    def fraction(self) -> float:
+        """Done fraction in [0, 1]."""
+        return self.done / self.total if self.total else 1.0
+
+
+def guess_axes(shape: tuple[int, ...], channels: int = 1, dtype=None) -> str:
+    """Axis letters for an array given without axes (``YX``, ``ZYX``, ``YXS``, ``ZYXS``, ``TZYX``, ...)."""
+    nd = len(shape)
+    if nd < 2:
+        raise InputError(f"An array with {nd} dimension(s) is not an image; refocus needs at least Y and X.")
+    rgb = nd >= 3 and shape[-1] in (3, 4) and (
+        channels == shape[-1] or np.dtype(dtype or "f4") == np.uint8 or nd == 4
+    )
+    spatial = "YXS" if rgb else "YX"
+    lead = nd - len(spatial)
+    if lead > 3:
+        raise InputError(f"An array with {nd} dimensions needs explicit axes (for example axes='TZCYX').")
+    return ("", "Z", "TZ", "TZC")[lead] + spatial
+
+
+@dataclass
+class _Layout:
+    axes: str
+    plane_axes: tuple[int, ...]
+    channel_axis: int | None  # input axis fed to the network as channels (joint), or None
+    y: int
+    x: int
+
+
+def _layout(shape, axes: str, channels: int) -> _Layout:
+    axes = axes.upper()
+    if len(axes) != len(shape):
+        raise InputError(f"Axes '{axes}' name {len(axes)} dimensions but the image has {len(shape)}.")
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"Axes '{axes}' must include Y and X.")
+    chan = None
+    if channels > 1:
+        for letter in ("C", "S"):
+            if letter in axes and shape[axes.index(letter)] == channels:
+                chan = axes.index(letter)
+                break
+        if chan is None:
+            sizes = {a: shape[i] for i, a in enumerate(axes) if a in "CS"}
+            raise InputError(
+                f"The model expects {channels} channels but the image has "
+                + (f"channel axes {sizes}" if sizes else "no channel axis")
+                + "; choose a model with a matching channel count."
+            )
+    elif "S" in axes and shape[axes.index("S")] not in (1,) and channels == 1:
+        pass  # RGB with a one-channel model: each colour is refocused as its own plane.
+    plane_axes = tuple(i for i, a in enumerate(axes) if a not in "YX" and i != chan)
+    return _Layout(axes, plane_axes, chan, axes.index("Y"), axes.index("X"))
+
+
+class RefocusJob:
+    """One refocus run, steppable so front ends can show progress and fill results tile by tile.
+
+    Parameters
+    ----------
+    image : array-like or io.ImageData
+        numpy, dask or zarr array (or an ``ImageData`` carrying its axes).
+    model : str, Path or DeepRModel
+        Model name, folder or ``.onnx`` file.
+    dpm : bool
+        Also compute the defocus map (µm) with the model's DPM decoder, reusing the generator's features.
+    tile, overlap, batch : int, optional
+        Tile side (a multiple of the model's ``tile_multiple``), overlap between tiles, tiles per
+        network call. Defaults come from the model card.
+    providers : str or list of str, optional
+        Short provider names (``cpu``, ``cuda``, ``tensorrt``, ``directml``, ``coreml``, ``openvino``)
+        in order of preference; CPU is always the fallback and ``provider`` reports what ran.
+    axes : str, optional
+        Axis letters of ``image`` (guessed if omitted).
+    out, dpm_out : array-like, optional
+        Preallocated outputs (numpy, zarr, memmap) of the input's shape; written band by band.
+    """
+
+    def __init__(
+        self,
+        image,
+        model="default",
+        *,
+        dpm: bool = False,
+        tile: int | None = None,
+        overlap: int | None = None,
+        batch: int | None = None,
+        providers=None,
+        axes: str | None = None,
+        out=None,
+        dpm_out=None,
+        threads: int | None = None,
+    ):
+        self.model: DeepRModel = load_model(model)
+        card = self.model.card
+        data = image
+        if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
+            axes = axes or image.axes
+            data = image.data
+        data = _as_array(data)
+        if data.ndim < 2 or 0 in data.shape:
+            raise InputError(
+                f"The image has shape {tuple(data.shape)}; refocus needs a non-empty array with at least Y and X."
+            )
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
+            raise InputError(f"Pixels of type {data.dtype} cannot be refocused; a real-valued numeric image is needed.")
+        axes = (axes or guess_axes(tuple(data.shape), card.channels, data.dtype)).upper()
+        self.layout = _layout(data.shape, axes, card.channels)
+        self.data = data
+        self.shape = tuple(data.shape)
+        h, w = data.shape[self.layout.y], data.shape[self.layout.x]
+        if min(h, w) < card.min_size:
+            raise InputError(
+                f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
+            )
+        mult = card.tile_multiple
+        tile = int(tile) if tile else card.tile
+        overlap = card.overlap if overlap is None else int(overlap)
+        if tile <= 0 or tile % mult:
+            raise InputError(f"Tile size {tile} is not a positive multiple of {mult}, which this model needs.")
+        if overlap < 0 or overlap > tile // 2:
+            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({tile // 2}).")
+        if dpm and not self.model.has_dpm:
+            raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
+        self.want_dpm = dpm
+        self.tile, self.overlap = tile, overlap
+        self.plan_y = plan_axis(h, tile, overlap, mult)
+        self.plan_x = plan_axis(w, tile, overlap, mult)
+        self.providers = resolve_providers(providers)
+        self.threads = threads
+        self.batch = int(batch) if batch else (4 if self.providers[0] != "CPUExecutionProvider" else 1)
+        if self.batch < 1:
+            raise InputError("Batch must be at least 1.")
+        self.session, self.provider = get_session(self.model.generator_path, self.providers, threads)
+        self.dpm_session = None
+        if dpm:
+            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads)
+        self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
+        self.dpm_shape = tuple(s for i, s in enumerate(self.shape) if i != self.layout.channel_axis)
+        self.dpm = None
+        if dpm:
+            self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+        self.planes = list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
+        self.tiles_per_plane = self.plan_y.n * self.plan_x.n
+        self.total = self.tiles_per_plane * len(self.planes)
+        self.done = 0
+        self.warnings: list[str] = []
+
+    # -- reading and writing in the input's own layout ---------------------------------------------
+    def _plane_index(self, p: tuple[int, ...]) -> tuple:
+        idx: list = [slice(None)] * len(self.shape)
+        for ax, v in zip(self.layout.plane_axes, p, strict=True):
+            idx[ax] = v
+        return tuple(idx)
+
+    def _plane_view(self, p):
+        """Lazy ``(C, Y, X)`` view of one plane (C = 1 unless channels are fed jointly)."""
+        lay = self.layout
+        view = self.data[self._plane_index(p)]
+        rest = [i for i in range(len(self.shape)) if i not in lay.plane_axes]
+        order = ([lay.channel_axis] if lay.channel_axis is not None else []) + [lay.y, lay.x]
+        view = _moveaxes(view, [rest.index(a) for a in order])
+        return view if lay.channel_axis is not None else view[None]
+
+    def _write(self, target, p, y0, y1, block):
+        """Write a ``(C, rows, X)`` block into ``target`` (input layout) at plane ``p``, rows y0:y1.
+
+        ``target`` is the output (all input axes) or the DPM (input axes less the joint channel axis).
+        """
+        lay = self.layout
+        is_dpm = target is self.dpm
+        idx: list = []
+        order = []
+        for i in range(len(self.shape)):
+            if i in lay.plane_axes:
+                idx.append(p[lay.plane_axes.index(i)])
+            elif i == lay.y:
+                idx.append(slice(y0, y1))
+                order.append("Y")
+            elif i == lay.x:
+                idx.append(slice(None))
+                order.append("X")
+            elif not is_dpm:
+                idx.append(slice(None))
+                order.append("C")
+        joint = lay.channel_axis is not None and not is_dpm
+        data = block if joint else block[0]
+        src = ["C", "Y", "X"] if joint else ["Y", "X"]
+        target[tuple(idx)] = np.transpose(data, [src.index(a) for a in order])
+
+    # -- statistics --------------------------------------------------------------------------------
+    def _plane_stats(self, view) -> tuple[np.ndarray, np.ndarray]:
+        if _is_dask(view):
+            import dask.array as da
+
+            v = view.astype(np.float64)
+            mean, std = da.compute(v.mean(axis=(1, 2)), v.std(axis=(1, 2)))
+        else:
+            v = np.asarray(view, dtype=np.float64)
+            mean, std = v.mean(axis=(1, 2)), v.std(axis=(1, 2))
+        return np.asarray(mean), np.asarray(std)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def _run_network(self, x: np.ndarray):
+        names = [self.model.output_name]
+        if self.want_dpm:
+            names += list(self.model.feature_names)
+        try:
+            res = self.session.run(names, {self.model.input_name: x})
+        except Exception as exc:
+            if self.provider == "cpu":
+                raise
+            msg = f"The {self.provider} provider failed while running ({str(exc).splitlines()[0][:160]}); continuing on CPU."
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self.warnings.append(msg)
+            self.providers = ["CPUExecutionProvider"]
+            self.session, self.provider = get_session(self.model.generator_path, self.providers, self.threads)
+            if self.want_dpm:
+                self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads)
+            return self._run_network(x)
+        out = res[0]
+        dpm = None
+        if self.want_dpm:
+            feeds = dict(zip(self.model.feature_names, res[1:], strict=True))
+            dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
+        return out, dpm
+
+    def steps(self, cancel: Callable[[], bool] | threading.Event | None = None) -> Iterator[Progress]:
+        """Run, yielding a :class:`Progress` after every batch of tiles.
+
+        Raises
+        ------
+        Cancelled
+            When ``cancel`` is set; rows finished so far are already written to the outputs.
+        """
+        is_cancelled = _cancel_fn(cancel)
+        py, px = self.plan_y, self.plan_x
+        ty, tx = py.tile, px.tile
+        h, w = py.length, px.length
+        wy = [axis_weights(py, k) for k in range(py.n)]
+        wx = [axis_weights(px, k) for k in range(px.n)]
+        c = self.model.card.channels
+        x_lo, x_hi = px.starts[0], px.starts[-1] + tx
+        width = x_hi - x_lo
+        for p in self.planes:
+            view = self._plane_view(p)
+            mean, std = self._plane_stats(view)
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+                where = f" (plane {p})" if p else ""
+                raise InputError(f"The image contains NaN or infinite pixels{where}; replace them before refocusing.")
+            flat = std <= 1e-12 * np.maximum(np.abs(mean), 1.0)
+            if np.any(flat):
+                self.warnings.append(f"Plane {p} is constant; it is returned unchanged.")
+            safe_std = np.where(flat, 1.0, std)
+            carry = None
+            for ky, y0 in enumerate(py.starts):
+                acc = np.zeros((c, ty, width), dtype=np.float32)
+                wacc = np.zeros((ty, width), dtype=np.float32)
+                dacc = np.zeros((ty, width), dtype=np.float32) if self.want_dpm else None
+                if carry is not None:
+                    # Carry the overlap rows accumulated by the previous tile row.
+                    shift = y0 - py.starts[ky - 1]
+                    keep = ty - shift
+                    acc[:, :keep], wacc[:keep] = carry[0], carry[1]
+                    if self.want_dpm:
+                        dacc[:keep] = carry[2]
+                xs = list(enumerate(px.starts))
+                for b0 in range(0, len(xs), self.batch):
+                    if is_cancelled():
+                        raise Cancelled("Refocus was cancelled; finished rows are kept.")
+                    chunk = xs[b0:b0 + self.batch]
+                    tiles = np.stack(
+                        [read_region(view, y0, y0 + ty, x0, x0 + tx) for _, x0 in chunk]
+                    ).astype(np.float32)
+                    tiles -= mean[None, :, None, None].astype(np.float32)
+                    tiles /= safe_std[None, :, None, None].astype(np.float32)
+                    out, dp = self._run_network(np.ascontiguousarray(tiles))
+                    for j, (kx, x0) in enumerate(chunk):
+                        wt = wy[ky][:, None] * wx[kx][None, :]
+                        sl = slice(x0 - x_lo, x0 - x_lo + tx)
+                        acc[:, :, sl] += out[j] * wt
+                        wacc[:, sl] += wt
+                        if self.want_dpm:
+                            dacc[:, sl] += dp[j, 0] * wt
+                    self.done += len(chunk)
+                    yield Progress(self.done, self.total, p, self.provider, (0, 0))
+                # Rows before the next tile row's start are final.
+                last = ky == py.n - 1
+                fin_end = ty if last else py.starts[ky + 1] - y0
+                r0, r1 = max(0, -y0), min(fin_end, h - y0)
+                if r1 > r0:
+                    cx0, cx1 = -x_lo, -x_lo + w
+                    wsum = wacc[r0:r1, cx0:cx1]
+                    res = acc[:, r0:r1, cx0:cx1] / wsum
+                    res = res * safe_std[:, None, None] + mean[:, None, None]
+                    if np.any(flat):
+                        src = read_region(view, y0 + r0, y0 + r1, 0, w).astype(np.float64)
+                        res[flat] = src[flat]
+                    self._write(self.output, p, y0 + r0, y0 + r1, res.astype(np.float32))
+                    if self.want_dpm:
+                        d = (dacc[r0:r1, cx0:cx1] / wsum)[None].astype(np.float32)
+                        self._write(self.dpm, p, y0 + r0, y0 + r1, d)
+                if not last:
+                    s = py.starts[ky + 1] - y0
+                    carry = (acc[:, s:].copy(), wacc[s:].copy(), dacc[s:].copy() if self.want_dpm else None)
+
+    def run(self, progress: Callable[[Progress], None] | None = None, cancel=None):
+        """Run to the end; returns the output (and the DPM when requested)."""
+        for ev in self.steps(cancel):
+            if progress is not None:
+                progress(ev)
+        return (self.output, self.dpm) if self.want_dpm else self.output
+
+
+def refocus(
+    image,
+    model="default",
+    *,
+    dpm: bool = False,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch: int | None = None,
+    providers=None,
+    progress: Callable[[Progress], None] | None = None,
+    cancel=None,
+    axes: str | None = None,
+    out=None,
+    dpm_out=None,
+    threads: int | None = None,
+):
+    """Refocus a defocused image (2-D, stacks, channels, RGB; numpy, dask or zarr).
+
+    Parameters
+    ----------
+    image : array-like or io.ImageData
+        The defocused image. Every plane (Z, T, and colour when the model has one channel) is refocused
+        on its own; a channel axis whose size equals the model's channel count is fed jointly.
+    model : str, Path or DeepRModel
+        ``"default"`` (the bundled model), a model name, folder or ``.onnx`` file.
+    dpm : bool
+        Also return the defocus map in µm (same layout without the joint channel axis).
+    tile, overlap, batch : int, optional
+        Tiling; defaults from the model card. ``tile`` must be a multiple of the model's multiple (32).
+    providers : str or list of str, optional
+        ``cpu``, ``cuda``, ``tensorrt``, ``directml``, ``coreml``, ``openvino``; CPU is the fallback.
+    progress : callable, optional
+        Called with a :class:`Progress` after each batch of tiles.
+    cancel : threading.Event or callable, optional
+        When set, stops within one batch and raises :class:`napari_deepr.errors.Cancelled` (rows done
+        so far are in ``out``/``dpm_out`` when given).
+    axes : str, optional
+        Axis letters, e.g. ``"ZYX"``, ``"YXS"``, ``"TCYX"``; guessed when omitted.
+    out, dpm_out : array-like, optional
+        Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
+    threads : int, optional
+        onnxruntime intra-op threads (default: the usable cores).
+
+    Returns
+    -------
+    numpy.ndarray or (numpy.ndarray, numpy.ndarray)
+        float32 refocused image in the input's layout and intensity scale (see module docstring),
+        and the DPM in µm when ``dpm=True``.
+    """
+    job = RefocusJob(
+        image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
+        out=out, dpm_out=dpm_out, threads=threads,
+    )
+    for msg in job.warnings:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    result = job.run(progress, cancel)
+    for msg in job.warnings:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _is_dask(a) -> bool:
+    return hasattr(a, "dask") and hasattr(a, "compute")
+
+
+def _as_array(data):
+    if _is_dask(data) or isinstance(data, np.ndarray):
+        return data
+    mod = type(data).__module__
+    if mod.startswith("zarr"):
+        import dask.array as da
+
+        return da.from_zarr(data)
+    if hasattr(data, "__array__") and not hasattr(data, "shape"):
+        return np.asarray(data)
+    if isinstance(data, (list, tuple)):
+        return np.asarray(data)
+    if hasattr(data, "shape") and hasattr(data, "dtype") and hasattr(data, "__getitem__"):
+        return data
+    return np.asarray(data)
+
+
+def _moveaxes(view, perm):
+    if list(perm) == sorted(perm):
+        return view
+    if _is_dask(view):
+        return view.transpose(perm)
+    return np.transpose(view, perm) if isinstance(view, np.ndarray) else np.transpose(np.asarray(view), perm)
+
+
+def _cancel_fn(cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise InputError("cancel must be a threading.Event or a callable returning True to stop.")
+
+
+def _output_names(sess) -> list[str]:
+    return [o.name for o in sess.get_outputs()]
+
+
+def megapixels(shape, axes: str) -> float:
+    """Number of pixels (in millions) the network processes for an input of this shape."""
+    return math.prod(s for s, a in zip(shape, axes, strict=True) if a not in "CS") / 1e6
+
+
+__all__ = ["refocus", "RefocusJob", "Progress", "guess_axes", "megapixels"]

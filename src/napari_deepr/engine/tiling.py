@@ -1,0 +1,117 @@
+"""Overlapping tiles over one image plane, reflection at the borders, and blending weights.
+
+Coordinates: a plane of length ``L`` along an axis is conceptually reflected by a halo of
+``overlap // 2`` pixels on both sides, so border pixels see real-looking context instead of the
+network's zero padding. Tiles live in those padded coordinates (they may start below 0 and end past
+``L``); pixels outside ``[0, L)`` are read by reflection, never stored.
+
+Blending: inside the overlap between two tiles, each tile first drops a margin of a quarter of the
+overlap next to its inner edge (where its own zero padding corrupts it), then the two tiles are mixed
+with a raised-cosine ramp. Accumulating ``weight * output`` and ``weight`` and dividing makes the
+result exact wherever the model's receptive-field radius fits inside that margin: a tiled run then
+equals an untiled one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-int(n) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """Tiles along one axis."""
+
+    length: int
+    tile: int
+    starts: tuple[int, ...]
+    halo: int
+
+    @property
+    def n(self) -> int:
+        """Number of tiles along this axis."""
+        return len(self.starts)
+
+
+def plan_axis(length: int, tile: int, overlap: int, multiple: int) -> AxisPlan:
+    """Tile starts along one axis.
+
+    Parameters
+    ----------
+    length : int
+        Image length in pixels.
+    tile : int
+        Largest tile (a multiple of ``multiple``).
+    overlap : int
+        Overlap between neighbouring tiles; also twice the reflected halo at the borders.
+    multiple : int
+        The network's size multiple (32 for five 2× poolings).
+    """
+    halo = overlap // 2
+    padded = length + 2 * halo
+    if padded <= tile:
+        # One tile covers everything: use the smallest valid size, extra pixels come from reflection.
+        return AxisPlan(length, round_up(padded, multiple), (-halo,), halo)
+    stride = tile - overlap
+    # Starts stay on the grid -halo + k*stride, so with a stride that is a multiple of the network's
+    # size multiple every tile sees the same pooling grid as an untiled run; the last tile may reach
+    # further into the reflected border instead of being shifted off-grid.
+    starts = [-halo]
+    while starts[-1] + tile < length + halo:
+        starts.append(starts[-1] + stride)
+    return AxisPlan(length, tile, tuple(starts), halo)
+
+
+def axis_weights(plan: AxisPlan, k: int) -> np.ndarray:
+    """Blending weight of tile ``k`` along its axis (1 at outer borders, margin + cosine ramp inside)."""
+    w = np.ones(plan.tile, dtype=np.float64)
+    starts = plan.starts
+    if k > 0:
+        ov = starts[k - 1] + plan.tile - starts[k]
+        w[: max(ov, 0)] = _ramp(ov)
+    if k < plan.n - 1:
+        ov = starts[k] + plan.tile - starts[k + 1]
+        w[plan.tile - max(ov, 0):] = np.minimum(w[plan.tile - max(ov, 0):], _ramp(ov)[::-1])
+    return w
+
+
+def _ramp(ov: int) -> np.ndarray:
+    """0 over the first quarter, raised cosine to 1 over the middle half, 1 over the last quarter."""
+    if ov <= 0:
+        return np.ones(0)
+    m = ov // 4
+    n = ov - 2 * m
+    u = (np.arange(ov) - m + 0.5) / max(n, 1)
+    u = np.clip(u, 0.0, 1.0)
+    return 0.5 - 0.5 * np.cos(np.pi * u)
+
+
+def reflect_index(idx: np.ndarray, length: int) -> np.ndarray:
+    """Map indices outside ``[0, length)`` back inside by mirror reflection without repeating the edge."""
+    if length == 1:
+        return np.zeros_like(idx)
+    period = 2 * (length - 1)
+    i = np.mod(idx, period)
+    return np.where(i >= length, period - i, i)
+
+
+def read_region(plane, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Read ``plane[..., y0:y1, x0:x1]`` in padded coordinates, reflecting outside the image.
+
+    Only the rows and columns that are needed are read, so lazy (dask, zarr) planes stay lazy.
+    """
+    h, w = plane.shape[-2], plane.shape[-1]
+    if 0 <= y0 and y1 <= h and 0 <= x0 and x1 <= w:
+        return np.asarray(plane[..., y0:y1, x0:x1])
+    yi = reflect_index(np.arange(y0, y1), h)
+    xi = reflect_index(np.arange(x0, x1), w)
+    ya, yb = int(yi.min()), int(yi.max()) + 1
+    xa, xb = int(xi.min()), int(xi.max()) + 1
+    block = np.asarray(plane[..., ya:yb, xa:xb])
+    return block[..., yi - ya, :][..., xi - xa]

@@ -1,0 +1,245 @@
+"""Engine: model loading, tiled refocus against independent references, DPM, providers, bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from onnx_builders import BLUR, DPM_BIAS, DPM_GAIN, make_dpm, make_generator, make_model_folder, reference_output
+
+import napari_deepr
+from napari_deepr.engine.dpm import fit_plane, out_of_range_mask, row_profile
+from napari_deepr.engine.model import ModelCard, load_model
+from napari_deepr.engine.refocus import RefocusJob
+from napari_deepr.engine.tiling import axis_weights, plan_axis
+from napari_deepr.errors import Cancelled, InputError, ModelError
+
+
+def textured(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    from scipy.ndimage import gaussian_filter
+
+    img = gaussian_filter(rng.random(shape), 2) * 4000 + 300
+    return img.astype(np.uint16)
+
+
+# -- model loading --------------------------------------------------------------------------------
+def test_load_model_folder_reads_card(tiny_model):
+    m = load_model(tiny_model)
+    assert m.card.name == "tiny" and m.card.channels == 1
+    assert m.card.pixel_size_um == pytest.approx(0.325)
+    assert m.card.defocus_range_um == (-5.0, 5.0)
+    assert m.has_dpm and m.feature_names == ("feat0",)
+    assert "NA 0.75" in m.card.summary()
+
+
+def test_lone_onnx_loads_card_from_metadata(tmp_path):
+    make_generator(tmp_path / "g.onnx", meta={"name": "lone", "pixel_size_um": 0.5, "defocus_range_um": [-3, 3]})
+    m = load_model(tmp_path / "g.onnx")
+    assert m.card.name == "lone" and m.card.pixel_size_um == 0.5 and m.card.defocus_range_um == (-3.0, 3.0)
+    assert not m.has_dpm
+
+
+def test_models_found_by_name_on_search_path(tmp_path, monkeypatch):
+    make_model_folder(tmp_path, "by-name")
+    monkeypatch.setenv("DEEPR_MODELS_PATH", str(tmp_path))
+    assert napari_deepr.load_model("by-name").card.name == "by-name"
+    assert "by-name" in [m.name for m in napari_deepr.list_models()]
+    with pytest.raises(ModelError, match="No model named"):
+        load_model("no-such-model")
+
+
+def test_card_roundtrip():
+    card = ModelCard.from_dict({"name": "x", "defocus_range_um": 4, "future_field": 1})
+    assert card.defocus_range_um == (-4.0, 4.0)
+    d = card.to_dict()
+    assert d["future_field"] == 1 and ModelCard.from_dict(d) == card
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"this is not a model", "not a valid ONNX"), (None, "not a valid ONNX")],
+)
+def test_non_onnx_and_corrupt_models_refused(tmp_path, content, match):
+    p = tmp_path / "bad.onnx"
+    if content is None:  # a real model cut in half
+        make_generator(tmp_path / "good.onnx")
+        content = (tmp_path / "good.onnx").read_bytes()[:-40]
+    p.write_bytes(content)
+    with pytest.raises(ModelError, match=match):
+        load_model(p)
+
+
+def test_wrong_input_type_and_channel_card_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 1, "H", "W"])
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 1, "H", "W"])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [inp], [out])
+    onnx.save(helper.make_model(g), str(tmp_path / "int.onnx"))
+    with pytest.raises(ModelError, match="float32"):
+        load_model(tmp_path / "int.onnx")
+    folder = make_model_folder(tmp_path, "liar")
+    card = json.loads((folder / "model.json").read_text())
+    card["channels"] = 3
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="channels"):
+        load_model(folder)
+
+
+def test_dpm_decoder_must_consume_generator_features(tmp_path):
+    folder = make_model_folder(tmp_path, "nofeat", dpm=False)
+    make_generator(folder / "generator.onnx", with_features=False)
+    make_dpm(folder / "dpm.onnx")
+    with pytest.raises(ModelError, match="cannot reuse"):
+        load_model(folder)
+
+
+# -- tiling ---------------------------------------------------------------------------------------
+def test_axis_plan_covers_and_weights_partition():
+    for length in (50, 128, 300, 1000):
+        plan = plan_axis(length, 128, 32, 32)
+        assert plan.starts[0] == -16 and plan.starts[-1] + plan.tile >= length + 16
+        total = np.zeros(length + 200)
+        for k, s in enumerate(plan.starts):
+            total[s + 100 : s + 100 + plan.tile] += axis_weights(plan, k)
+        inner = total[100 : 100 + length]
+        assert inner.min() > 0.99 and inner.max() < 1.01
+
+
+# -- refocus numbers --------------------------------------------------------------------------------
+def test_refocus_matches_independent_reference(tiny_model):
+    img = textured((150, 210))
+    out = napari_deepr.refocus(img, tiny_model)
+    ref = reference_output(img)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    assert np.max(np.abs(out - ref)) / np.ptp(ref) < 1e-5
+
+
+def test_tiled_equals_untiled_and_no_seams(tiny_model):
+    img = textured((300, 420), seed=3)
+    untiled = napari_deepr.refocus(img, tiny_model, tile=512, overlap=32)
+    tiled = napari_deepr.refocus(img, tiny_model, tile=64, overlap=32, batch=3)
+    rel = np.max(np.abs(tiled - untiled)) / np.ptp(untiled)
+    assert rel < 1e-4
+    # No step at tile borders: differences across every column equal the untiled ones.
+    d_t = np.abs(np.diff(tiled, axis=1)).max(axis=0)
+    d_u = np.abs(np.diff(untiled, axis=1)).max(axis=0)
+    assert np.max(np.abs(d_t - d_u)) / np.ptp(untiled) < 1e-4
+
+
+def test_dask_and_zarr_inputs_match_numpy(tiny_model, tmp_path):
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    img = textured((2, 200, 180), seed=5)
+    ref = napari_deepr.refocus(img, tiny_model, tile=64, overlap=32)
+    lazy = da.from_array(img, chunks=(1, 64, 64))
+    assert np.array_equal(napari_deepr.refocus(lazy, tiny_model, tile=64, overlap=32), ref)
+    z = zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=img.shape, chunks=(1, 64, 64), dtype=img.dtype)
+    z[:] = img
+    assert np.array_equal(napari_deepr.refocus(z, tiny_model, tile=64, overlap=32), ref)
+
+
+def test_stacks_rgb_and_channels_keep_layout(tiny_model, tmp_path):
+    stack = textured((3, 96, 128), seed=1)
+    out = napari_deepr.refocus(stack, tiny_model)
+    assert out.shape == stack.shape
+    for z in range(3):  # each plane alone
+        np.testing.assert_allclose(out[z], reference_output(stack[z]), rtol=0, atol=1e-4 * np.ptp(out[z]))
+    rgb = (np.stack([textured((96, 128), s) for s in range(3)], -1) // 256).astype(np.uint8)
+    out_rgb = napari_deepr.refocus(rgb, tiny_model)
+    assert out_rgb.shape == rgb.shape and out_rgb.dtype == np.float32
+    np.testing.assert_allclose(out_rgb[..., 1], reference_output(rgb[..., 1]), atol=1e-4 * 255)
+    # A three-channel model takes RGB jointly; its DPM drops the channel axis.
+    m3 = make_model_folder(tmp_path, "rgb3", channels=3)
+    out3, dpm3 = napari_deepr.refocus(rgb, m3, dpm=True)
+    assert out3.shape == rgb.shape and dpm3.shape == rgb.shape[:2]
+    tczyx = np.stack([stack, stack[::-1]])  # T, Z, Y, X
+    assert napari_deepr.refocus(tczyx, tiny_model, axes="TZYX").shape == tczyx.shape
+
+
+def test_dpm_matches_decoder_on_generator_features(tiny_model):
+    from scipy.ndimage import correlate
+
+    img = textured((130, 170), seed=7)
+    out, dpm = napari_deepr.refocus(img, tiny_model, dpm=True, tile=64, overlap=32)
+    z = (img - img.mean()) / img.std()
+    expected = DPM_GAIN * correlate(z, BLUR.astype(np.float64), mode="mirror") + DPM_BIAS
+    assert dpm.shape == img.shape and dpm.dtype == np.float32
+    assert np.max(np.abs(dpm - expected)) < 1e-4
+
+
+def test_progress_and_cancel(tiny_model):
+    img = textured((256, 256))
+    seen = []
+    napari_deepr.refocus(img, tiny_model, tile=64, overlap=32, progress=seen.append)
+    assert seen[-1].done == seen[-1].total == len(seen) and seen[-1].provider == "cpu"
+    stop = threading.Event()
+    job = RefocusJob(img, tiny_model, tile=64, overlap=32)
+    with pytest.raises(Cancelled):
+        for ev in job.steps(stop):
+            if ev.done == 3:
+                stop.set()
+    assert job.done == 3 < job.total
+
+
+def test_provider_fallback_and_unknown(tiny_model):
+    img = textured((64, 64))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        job = RefocusJob(img, tiny_model, providers=["cuda"])
+    assert job.provider == "cpu"
+    assert any("not available" in str(x.message) for x in w)
+    with pytest.raises(InputError, match="Unknown execution provider"):
+        RefocusJob(img, tiny_model, providers="warp-drive")
+
+
+@pytest.mark.parametrize(
+    "image, kwargs, match",
+    [
+        (np.zeros((0, 64)), {}, "non-empty"),
+        (np.zeros(64), {}, "at least Y and X"),
+        (np.where(np.eye(64) > 0, np.nan, 1.0), {}, "NaN or infinite"),
+        (np.full((64, 64), np.inf), {}, "NaN or infinite"),
+        (np.ones((20, 64)), {}, "smaller than this model's minimum"),
+        (np.ones((64, 64)), {"tile": 100}, "multiple of 32"),
+        (np.ones((64, 64), complex), {}, "cannot be refocused"),
+    ],
+)
+def test_bad_inputs_refused_in_one_sentence(tiny_model, image, kwargs, match):
+    with pytest.raises(InputError, match=match) as info:
+        napari_deepr.refocus(image, tiny_model, **kwargs)
+    assert str(info.value).count(". ") == 0
+
+
+def test_channel_mismatch_refused(tmp_path):
+    m3 = make_model_folder(tmp_path, "rgbonly", channels=3)
+    with pytest.raises(InputError, match="expects 3 channels"):
+        napari_deepr.refocus(np.ones((64, 64), np.float32), m3)
+
+
+# -- DPM helpers ------------------------------------------------------------------------------------
+def test_fit_plane_recovers_known_tilt():
+    px = 0.325
+    yy, xx = np.mgrid[0:512, 0:512]
+    angle, direction = 1.5, 90.0
+    slope = np.tan(np.radians(angle))
+    dpm = 0.7 + slope * (yy - 255.5) * px  # defocus rises along +y (down)
+    fit = fit_plane(dpm + np.random.default_rng(0).normal(0, 0.05, dpm.shape), px)
+    assert fit.tilt_deg == pytest.approx(angle, abs=0.01)
+    assert fit.direction_deg == pytest.approx(direction, abs=1.0)
+    assert fit.mean_um == pytest.approx(0.7, abs=0.01)
+    assert np.ptp(dpm) == pytest.approx(4.36, abs=0.02)  # the paper's δz over 512 px
+    prof = row_profile(dpm)
+    assert np.allclose(np.diff(prof), slope * px)
+
+
+def test_out_of_range_mask():
+    dpm = np.array([[-6.0, -4.9, 0.0], [4.9, 5.2, np.nan]])
+    m = out_of_range_mask(dpm, (-5, 5))
+    assert m.tolist() == [[True, False, False], [False, True, True]]
+    assert not out_of_range_mask(dpm, 5, margin_um=1.5)[0, 0]
