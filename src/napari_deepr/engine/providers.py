@@ -29,7 +29,8 @@ def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build offers, best first."""
     import onnxruntime as ort
 
-    return [SHORT_NAMES.get(p, p) for p in ort.get_available_providers()]
+    # The Azure provider calls remote endpoints; it never runs a local graph.
+    return [SHORT_NAMES.get(p, p) for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
 
 
 def default_threads() -> int:

@@ -1,0 +1,214 @@
+"""``deepr bench``: refocus throughput measured as ratios within one run.
+
+Rows (per image size): the engine (normalize, tile, blend, map back), one raw untiled onnxruntime
+call on the same model and image, PyTorch eager on the same weights (when the ``train`` extra is
+installed), the compute floor (network FLOPs per pixel ÷ this CPU's measured matmul FLOP/s), and the
+paper's baselines on the same image (Richardson-Lucy 100 iterations, Brent focus search evaluations).
+Throughput is megapixels per second and seconds per mm² at the model's pixel size.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from .engine.model import load_model
+from .engine.providers import default_threads, get_session, resolve_providers
+from .engine.refocus import RefocusJob
+from .engine.tiling import round_up
+
+
+def _timeit(fn, repeats: int) -> float:
+    fn()  # warm-up: session creation, allocator growth
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_image(size: int, pixel_size_um: float = 0.325, seed: int = 0) -> np.ndarray:
+    """A physically defocused (+3 µm) tissue-like field of ``size``² pixels, uint16."""
+    from .optics.psf import Optics
+    from .optics.simulate import defocus
+    from .optics.specimens import make_specimen
+
+    rng = np.random.default_rng(seed)
+    side = min(size, 1024)
+    obj = make_specimen("tissue", (side, side), pixel_size_um, rng)
+    img = defocus(obj, 3.0, Optics(pixel_size_um=pixel_size_um), photons=800.0, rng=rng)
+    reps = -(-size // side)
+    return np.tile(img, (reps, reps))[:size, :size]
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This CPU's sustained fp32 matmul rate (numpy/BLAS), GFLOP/s."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    t = _timeit(lambda: a @ b, repeats)
+    return 2 * n**3 / t / 1e9
+
+
+def onnx_flops_per_pixel(model_path, size: int = 256) -> float:
+    """Multiply-adds ×2 of the generator's convolutions per input pixel, counted from the graph."""
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.load(str(model_path))
+    inp = m.graph.input[0]
+    for d, v in zip(inp.type.tensor_type.shape.dim, (1, None, size, size), strict=True):
+        if v is not None:
+            d.ClearField("dim_param")
+            d.dim_value = v
+    m = shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    flops = 0.0
+    for node in m.graph.node:
+        if node.op_type == "Conv" and node.input[1] in inits:
+            out = shapes.get(node.output[0])
+            if out and 0 not in out:
+                # Weight shape is (C_out, C_in / group, kH, kW): MACs = output elements × prod(w[1:]).
+                flops += 2.0 * float(np.prod(out)) * float(np.prod(inits[node.input[1]][1:]))
+    return flops / (size * size)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if platform.system() != "Darwin" else r / 2**20
+
+
+def run_bench(
+    model="default",
+    sizes=(512, 4096),
+    repeats: int = 3,
+    threads: int | None = None,
+    torch_eager: bool = True,
+    baselines: bool = True,
+    tile: int | None = None,
+    overlap: int | None = None,
+    variants=(),
+) -> dict:
+    """Measure refocus throughput; every number in one run so ratios are meaningful.
+
+    Returns
+    -------
+    dict
+        ``machine``, ``model``, ``floor`` and one entry per size with MP/s, s/mm² and ratios.
+    """
+    m = load_model(model)
+    threads = threads or default_threads()
+    px = m.card.pixel_size_um or 0.325
+    mp_per_mm2 = (1000.0 / px) ** 2 / 1e6
+    providers = resolve_providers("cpu")
+    sess, used = get_session(m.generator_path, providers, threads)
+    result: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores_used": threads, "os_cpus": os.cpu_count()},
+        "model": {"name": m.card.name, "path": str(m.root), "provider": used},
+        "mp_per_mm2": mp_per_mm2,
+        "sizes": {},
+    }
+    fpp = onnx_flops_per_pixel(m.generator_path)
+    gf = matmul_gflops()
+    floor_mps = gf * 1e9 / fpp / 1e6 if fpp else float("nan")
+    result["floor"] = {"gflop_per_mp": fpp * 1e6 / 1e9, "matmul_gflops": gf, "floor_mp_s": floor_mps}
+    torch_runner = None
+    if torch_eager:
+        try:
+            from .train.bench_torch import TorchRunner
+
+            torch_runner = TorchRunner(m, threads=threads)
+        except Exception as exc:  # torch is an optional extra
+            result["torch_eager_unavailable"] = f"{type(exc).__name__}: {exc}"
+    for size in sizes:
+        img = bench_image(size, px)
+        mp = size * size / 1e6
+        row: dict = {"megapixels": mp}
+
+        def engine():
+            RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads).run()
+
+        t_engine = _timeit(engine, repeats)
+        row["engine_s"] = t_engine
+        x = img.astype(np.float32)
+        x = (x - x.mean()) / x.std()
+        pad = round_up(size, m.card.tile_multiple) - size
+        x = np.pad(x, ((0, pad), (0, pad)), mode="reflect")[None, None]
+        t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), max(1, repeats - 1) if size > 2048 else repeats)
+        row["raw_untiled_s"] = t_raw
+        if torch_runner is not None:
+            row["torch_eager_s"] = _timeit(lambda: torch_runner(x), max(1, repeats - 1) if size > 2048 else repeats)
+        for name, t in list(row.items()):
+            if name.endswith("_s"):
+                key = name[:-2]
+                row[f"{key}_mp_s"] = mp / t
+                row[f"{key}_s_per_mm2"] = mp_per_mm2 / (mp / t)
+        row["engine_vs_raw"] = t_raw / t_engine
+        if "torch_eager_s" in row:
+            row["engine_vs_torch"] = row["torch_eager_s"] / t_engine
+        row["engine_fraction_of_floor"] = row["engine_mp_s"] / floor_mps if floor_mps == floor_mps else None
+        row["peak_rss_mb"] = peak_rss_mb()
+        if baselines and size <= 1024:
+            row.update(_baselines(img, px))
+        result["sizes"][str(size)] = row
+    return result
+
+
+def _baselines(img: np.ndarray, px: float) -> dict:
+    """Paper baselines on the same image: RL-100 time per MP and Brent search evaluations."""
+    out: dict = {}
+    try:
+        from .optics.psf import Optics, defocus_psf
+        from .optics.simulate import defocus
+        from .optics.specimens import make_specimen
+        from .science.deconvolve import richardson_lucy
+        from .science.focus import brent_focus_search, vollath5
+
+        optics = Optics(pixel_size_um=px)
+        psf = defocus_psf(3.0, optics)
+        crop = img[:512, :512].astype(np.float64)
+        t0 = time.perf_counter()
+        richardson_lucy(crop, psf, iterations=100)
+        out["rl100_s_per_mp"] = (time.perf_counter() - t0) / (crop.size / 1e6)
+        rng = np.random.default_rng(1)
+        obj = make_specimen("tissue", (256, 256), px, rng)
+        z_best, n = brent_focus_search(lambda z: defocus(obj, z, optics, rng=rng).astype(np.float64), (-2.0, 8.0), vollath5)
+        out["brent_evaluations"] = int(n)
+        out["brent_error_um"] = float(abs(z_best))
+    except Exception as exc:  # baselines are extras of the benchmark, never its reason to fail
+        out["baselines_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def format_table(result: dict) -> str:
+    """Human-readable table of a :func:`run_bench` result."""
+    lines = [
+        f"model {result['model']['name']} on {result['model']['provider']}, {result['machine']['cores_used']} threads; "
+        f"floor {result['floor']['floor_mp_s']:.2f} MP/s ({result['floor']['gflop_per_mp']:.1f} GFLOP/MP at "
+        f"{result['floor']['matmul_gflops']:.0f} GFLOP/s matmul)",
+        f"{'size':>6} {'what':<14} {'MP/s':>7} {'s/mm²':>7}",
+    ]
+    for size, row in result["sizes"].items():
+        for key in ("engine", "raw_untiled", "torch_eager"):
+            if f"{key}_mp_s" in row:
+                lines.append(f"{size:>6} {key:<14} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
+        extra = f"engine/raw {row['engine_vs_raw']:.2f}"
+        if "engine_vs_torch" in row:
+            extra += f", engine/torch {row['engine_vs_torch']:.2f}"
+        if row.get("engine_fraction_of_floor"):
+            extra += f", {100 * row['engine_fraction_of_floor']:.0f}% of floor"
+        extra += f", peak RSS {row['peak_rss_mb']:.0f} MB"
+        if "rl100_s_per_mp" in row:
+            extra += f"; RL-100 {row['rl100_s_per_mp']:.2f} s/MP, Brent {row['brent_evaluations']} images"
+        lines.append(f"{'':>6} {extra}")
+    return "\n".join(lines)

@@ -1,0 +1,315 @@
+"""The ``deepr`` command: a thin front end over the same engine the napari widgets use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import Cancelled, DeepRError
+
+
+class ProgressBar:
+    """A dependency-free progress bar on stderr (silent when stderr is not a terminal and quiet)."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled = label, enabled
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, ev) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if ev.done < ev.total and now - self._last < (0.1 if self.tty else 5.0):
+            return
+        self._last = now
+        frac = ev.fraction
+        el = now - self.t0
+        eta = el / frac - el if frac > 0 else 0.0
+        bar = "#" * int(30 * frac)
+        line = f"{self.label} [{bar:<30}] {ev.done}/{ev.total} tiles  {el:5.1f}s  eta {eta:5.1f}s  ({ev.provider})"
+        end = "\r" if self.tty and ev.done < ev.total else "\n"
+        sys.stderr.write(line + end)
+        sys.stderr.flush()
+
+
+def _cancel_on_sigint() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+# -- refocus ----------------------------------------------------------------------------------------
+def cmd_refocus(args) -> int:
+    from . import io
+    from .engine.dpm import fit_plane
+    from .engine.refocus import RefocusJob
+
+    out_path = io.check_output_path(args.output, args.input)
+    if args.dpm:
+        io.check_output_path(args.dpm, args.input, args.output)
+    img = io.read_image(args.input)
+    if args.scheduler or args.out_of_core:
+        from .engine.distributed import refocus_file
+
+        info = refocus_file(
+            img, out_path, model=args.model, dpm_path=args.dpm, tile=args.tile, overlap=args.overlap,
+            batch=args.batch, providers=args.provider, scheduler=args.scheduler, threads=args.threads,
+            progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
+        )
+        print(json.dumps(info))
+        return 0
+    job = RefocusJob(
+        img, args.model, dpm=bool(args.dpm), tile=args.tile, overlap=args.overlap, batch=args.batch,
+        providers=args.provider, axes=args.axes, threads=args.threads,
+    )
+    stop = _cancel_on_sigint()
+    job.run(None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"), stop)
+    card = job.model.card
+    meta = {
+        "source": str(Path(args.input).resolve()),
+        "model": card.name,
+        "model_version": card.version,
+        "provider": job.provider,
+        "tile": job.tile,
+        "overlap": job.overlap,
+        "intensity": "z-scored network output mapped back with each plane's mean and std",
+    }
+    axes = args.axes or img.axes
+    io.write_image(out_path, job.output, axes=axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=meta)
+    summary = {"output": str(out_path), "provider": job.provider, "model": card.name}
+    for w in job.warnings:
+        print(f"deepr: warning: {w}", file=sys.stderr)
+    if args.dpm:
+        dpm_axes = "".join(a for i, a in enumerate(axes) if i != job.layout.channel_axis)
+        dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
+        if job.dpm.ndim == 2 and (img.pixel_size_um or card.pixel_size_um):
+            fit = fit_plane(job.dpm, img.pixel_size_um or card.pixel_size_um, defocus_range_um=card.defocus_range_um)
+            dmeta["plane_fit"] = fit.to_dict()
+            summary["dpm_fit"] = fit.to_dict()
+            print(f"DPM: {fit.describe()}", file=sys.stderr)
+        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta)
+        summary["dpm"] = str(Path(args.dpm).resolve())
+    if img.pixel_size_um and card.pixel_size_um and abs(img.pixel_size_um / card.pixel_size_um - 1) > 0.1:
+        print(
+            f"deepr: warning: the image has {img.pixel_size_um:g} µm pixels but {card.name} was trained at "
+            f"{card.pixel_size_um:g} µm; results may be wrong.",
+            file=sys.stderr,
+        )
+    print(json.dumps(summary))
+    return 0
+
+
+# -- models -----------------------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from .engine.model import list_models, model_search_path
+    from .engine.providers import available_providers
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([dict(m.card.to_dict(), path=str(m.root), has_dpm=m.has_dpm) for m in models], indent=1))
+        return 0
+    if not models:
+        print("No models found in: " + ", ".join(str(p) for p in model_search_path()))
+    for m in models:
+        c = m.card
+        print(f"{c.name} {c.version}  [{m.root}]")
+        print(f"    {c.summary()}; DPM decoder: {'yes' if m.has_dpm else 'no'}; tile {c.tile}, overlap {c.overlap}")
+    print(f"execution providers here: {', '.join(available_providers())}")
+    return 0
+
+
+# -- simulate ---------------------------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from .optics.psf import Optics
+    from .optics.simulate import write_sample_set
+
+    optics = Optics(na=args.na, wavelength_um=args.wavelength, pixel_size_um=args.pixel_size)
+    paths = write_sample_set(
+        args.output, specimen=args.specimen, size=args.size, z_um=tuple(args.z), tilt_deg=args.tilt,
+        seed=args.seed, optics=optics,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+# -- pairs ------------------------------------------------------------------------------------------
+def cmd_pairs(args) -> int:
+    from .stacks.pairs import build_pairs
+
+    stop = _cancel_on_sigint()
+    summary = build_pairs(
+        args.stacks, args.output, z_step_um=args.z_step, range_um=args.range, patch=args.patch,
+        focus_method=args.focus_method, infocus_index=args.infocus_index, split=args.split, seed=args.seed,
+        progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set,
+    )
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _text_progress(label: str):
+    def show(done, total, message=""):
+        sys.stderr.write(f"{label}: {done}/{total} {message}\n")
+        sys.stderr.flush()
+
+    return show
+
+
+# -- train ------------------------------------------------------------------------------------------
+def cmd_train(args, extra: list[str]) -> int:
+    """Run the bundled trainer as its own process, passing its JSON lines through."""
+    cmd = [sys.executable, "-m", "napari_deepr.train", args.dataset, "-o", args.output, *extra]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # The trainer got the same SIGINT and is writing a resumable checkpoint.
+        return proc.wait()
+
+
+# -- bench ------------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+
+    result = run_bench(
+        model=args.model, sizes=args.sizes, repeats=args.repeats, threads=args.threads, torch_eager=not args.no_torch,
+        baselines=not args.no_baselines, tile=args.tile, overlap=args.overlap, variants=args.variants,
+    )
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -- demo (the README's main job) -------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    out = run_demo(args.output, model=args.model, provider=args.provider)
+    for k, v in out.items():
+        print(f"{k:>12}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deepr`` argument parser."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="deepr", description="Deep-R single-shot autofocusing (refocus + defocus maps).")
+    p.add_argument("--version", action="version", version=f"napari-deepr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("refocus", help="refocus a defocused image (TIFF/OME-TIFF/zarr in and out)")
+    r.add_argument("input")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--model", default="default", help="model name, folder or .onnx (default: bundled)")
+    r.add_argument("--dpm", metavar="DPM_OUT", help="also write the defocus map (µm) here")
+    r.add_argument("--tile", type=int)
+    r.add_argument("--overlap", type=int)
+    r.add_argument("--batch", type=int)
+    r.add_argument("--provider", action="append", help="cpu, cuda, tensorrt, directml, coreml, openvino (repeatable)")
+    r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
+    r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
+    r.add_argument("-q", "--quiet", action="store_true")
+
+    m = sub.add_parser("models", help="list bundled and user models with their optics and range")
+    m.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("simulate", help="write physically defocused sample data (uniform, tilted, z-stack)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--specimen", default="mixed")
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--z", type=float, nargs="+", default=[-4, -2, 0, 2, 4], help="defocus values in µm")
+    s.add_argument("--tilt", type=float, default=1.5, help="tilt of the tilted field in degrees")
+    s.add_argument("--na", type=float, default=0.75)
+    s.add_argument("--wavelength", type=float, default=0.55, help="emission wavelength in µm")
+    s.add_argument("--pixel-size", type=float, default=0.325, help="µm")
+    s.add_argument("--seed", type=int, default=0)
+
+    pr = sub.add_parser("pairs", help="build a training-pairs dataset from z-stacks")
+    pr.add_argument("stacks", nargs="+")
+    pr.add_argument("-o", "--output", required=True)
+    pr.add_argument("--z-step", type=float, help="µm, when the files do not say")
+    pr.add_argument("--range", type=float, default=5.0, help="pair planes within ±range µm of focus")
+    pr.add_argument("--patch", type=int, default=256)
+    pr.add_argument("--focus-method", default="ssim_edof")
+    pr.add_argument("--infocus-index", type=int, help="manual in-focus plane (overrides --focus-method)")
+    pr.add_argument("--split", type=float, default=0.85)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("-q", "--quiet", action="store_true")
+
+    t = sub.add_parser(
+        "train", help="train a model (runs python -m napari_deepr.train; extra options pass through)",
+        description="Options after DATASET -o MODEL_DIR go to the trainer: see python -m napari_deepr.train --help.",
+    )
+    t.add_argument("dataset")
+    t.add_argument("-o", "--output", required=True)
+
+    b = sub.add_parser("bench", help="throughput (MP/s, s/mm²) of the engine, raw ORT, PyTorch, baselines")
+    b.add_argument("--model", default="default")
+    b.add_argument("--sizes", type=int, nargs="+", default=[512, 4096])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--tile", type=int)
+    b.add_argument("--overlap", type=int)
+    b.add_argument("--variants", nargs="*", default=[], help="extra precisions to time, e.g. int8 bf16")
+    b.add_argument("--no-torch", action="store_true")
+    b.add_argument("--no-baselines", action="store_true")
+    b.add_argument("--json", help="write the results as JSON here")
+
+    d = sub.add_parser("demo", help="refocus the bundled tilted sample: image, DPM and comparison PNG")
+    d.add_argument("-o", "--output", default="deepr_quickstart")
+    d.add_argument("--model", default="default")
+    d.add_argument("--provider", action="append")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepr`` command."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return cmd_train(args, extra)
+        return {
+            "refocus": cmd_refocus,
+            "models": cmd_models,
+            "simulate": cmd_simulate,
+            "pairs": cmd_pairs,
+            "bench": cmd_bench,
+            "demo": cmd_demo,
+        }[args.command](args)
+    except Cancelled:
+        print("deepr: cancelled; nothing was written.", file=sys.stderr)
+        return 130
+    except DeepRError as exc:
+        print(f"deepr: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("deepr: error: not enough memory; use a smaller --tile or --batch.", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
