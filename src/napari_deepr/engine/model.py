@@ -102,6 +102,7 @@ class DeepRModel:
     output_name: str
     feature_names: tuple[str, ...]
     root: Path
+    location: Path | None = None  # what load_model resolved: the folder or the lone .onnx file
 
     @property
     def name(self) -> str:
@@ -258,7 +259,7 @@ def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
                 f"dpm.onnx of {card.name} needs inputs {missing} that generator.onnx does not output, so it cannot reuse the generator's features."
             )
         feats = tuple(needed)
-    return DeepRModel(card, gen, dpm_path, in_name, output_name, feats, root)
+    return DeepRModel(card, gen, dpm_path, in_name, output_name, feats, root, path)
 
 
 _TYPE_NAMES = {1: "float32", 10: "float16", 11: "float64", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 16: "bfloat16"}

@@ -125,6 +125,9 @@ class RefocusJob:
         out=None,
         dpm_out=None,
         threads: int | None = None,
+        planes: list[tuple[int, ...]] | None = None,
+        tile_rows: tuple[int, int] | None = None,
+        norm: dict | None = None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -175,8 +178,15 @@ class RefocusJob:
         self.dpm = None
         if dpm:
             self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
-        self.planes = list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
-        self.tiles_per_plane = self.plan_y.n * self.plan_x.n
+        self.planes = planes if planes is not None else list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
+        # A strip of tile rows [ka, kb) (for distributed work) also runs row ka-1 to rebuild the
+        # overlap it shares with the strip above, so strips add up to exactly the whole-image result.
+        ka, kb = tile_rows if tile_rows is not None else (0, self.plan_y.n)
+        if not (0 <= ka < kb <= self.plan_y.n):
+            raise InputError(f"Tile rows {tile_rows} are outside 0..{self.plan_y.n}.")
+        self.tile_rows = (ka, kb)
+        self.norm = norm or {}
+        self.tiles_per_plane = (kb - max(ka - 1, 0)) * self.plan_x.n
         self.total = self.tiles_per_plane * len(self.planes)
         self.done = 0
         self.warnings: list[str] = []
@@ -223,19 +233,17 @@ class RefocusJob:
         src = ["C", "Y", "X"] if joint else ["Y", "X"]
         target[tuple(idx)] = np.transpose(data, [src.index(a) for a in order])
 
-    # -- statistics --------------------------------------------------------------------------------
-    def _plane_stats(self, view) -> tuple[np.ndarray, np.ndarray]:
-        if _is_dask(view):
-            import dask.array as da
-
-            v = view.astype(np.float64)
-            mean, std = da.compute(v.mean(axis=(1, 2)), v.std(axis=(1, 2)))
-        else:
-            v = np.asarray(view, dtype=np.float64)
-            mean, std = v.mean(axis=(1, 2)), v.std(axis=(1, 2))
-        return np.asarray(mean), np.asarray(std)
-
     # -- the run -----------------------------------------------------------------------------------
+    def _check_stats(self, p, mean, std):
+        """Refuse NaN/inf planes; constant planes are passed through unchanged (std would be 0)."""
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+            where = f" (plane {p})" if p else ""
+            raise InputError(f"The image contains NaN or infinite pixels{where}; replace them before refocusing.")
+        flat = std <= 1e-12 * np.maximum(np.abs(mean), 1.0)
+        if np.any(flat):
+            self.warnings.append(f"Plane {p} is constant; it is returned unchanged.")
+        return flat, np.where(flat, 1.0, std)
+
     def _run_network(self, x: np.ndarray):
         names = [self.model.output_name]
         if self.want_dpm:
@@ -279,16 +287,12 @@ class RefocusJob:
         width = x_hi - x_lo
         for p in self.planes:
             view = self._plane_view(p)
-            mean, std = self._plane_stats(view)
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-                where = f" (plane {p})" if p else ""
-                raise InputError(f"The image contains NaN or infinite pixels{where}; replace them before refocusing.")
-            flat = std <= 1e-12 * np.maximum(np.abs(mean), 1.0)
-            if np.any(flat):
-                self.warnings.append(f"Plane {p} is constant; it is returned unchanged.")
-            safe_std = np.where(flat, 1.0, std)
+            mean, std = self.norm[p] if p in self.norm else plane_stats(view)
+            flat, safe_std = self._check_stats(p, mean, std)
             carry = None
-            for ky, y0 in enumerate(py.starts):
+            ka, kb = self.tile_rows
+            for ky in range(max(ka - 1, 0), kb):
+                y0 = py.starts[ky]
                 acc = np.zeros((c, ty, width), dtype=np.float32)
                 wacc = np.zeros((ty, width), dtype=np.float32)
                 dacc = np.zeros((ty, width), dtype=np.float32) if self.want_dpm else None
@@ -321,9 +325,10 @@ class RefocusJob:
                     yield Progress(self.done, self.total, p, self.provider, (0, 0))
                 # Rows before the next tile row's start are final.
                 last = ky == py.n - 1
+                warm_up = ky < ka
                 fin_end = ty if last else py.starts[ky + 1] - y0
                 r0, r1 = max(0, -y0), min(fin_end, h - y0)
-                if r1 > r0:
+                if r1 > r0 and not warm_up:
                     cx0, cx1 = -x_lo, -x_lo + w
                     wsum = wacc[r0:r1, cx0:cx1]
                     res = acc[:, r0:r1, cx0:cx1] / wsum
@@ -409,6 +414,30 @@ def refocus(
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def plane_stats(view, block_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of a ``(C, Y, X)`` plane, read block by block.
+
+    Blocks are combined with Chan's parallel update, so memory stays at one block and every caller
+    (numpy, dask, zarr, a distributed strip) gets bit-identical statistics.
+    """
+    c, h = view.shape[0], view.shape[1]
+    n = 0
+    mean = np.zeros(c)
+    m2 = np.zeros(c)
+    for r0 in range(0, h, block_rows):
+        blk = np.asarray(view[:, r0:r0 + block_rows, :], dtype=np.float64).reshape(c, -1)
+        nb = blk.shape[1]
+        mb = blk.mean(axis=1)
+        m2b = ((blk - mb[:, None]) ** 2).sum(axis=1)
+        delta = mb - mean
+        tot = n + nb
+        mean = mean + delta * nb / tot
+        m2 = m2 + m2b + delta**2 * n * nb / tot
+        n = tot
+    return mean, np.sqrt(m2 / n)
+
+
+
 def _is_dask(a) -> bool:
     return hasattr(a, "dask") and hasattr(a, "compute")
 
