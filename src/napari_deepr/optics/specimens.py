@@ -94,8 +94,12 @@ def _beads(shape, px, rng, density_per_100um2: float = 0.6, diameter_um: float =
         d = diameter_um / px * rng.uniform(1.0, 1.5, len(parents))
         yx = np.concatenate([yx, parents + np.c_[d * np.sin(ang), d * np.cos(ang)]])
     bright = rng.normal(1.0, 0.15, len(yx)).clip(0.5, 1.5)
-    img = splat_points(shape, yx, bright)
     r_px = diameter_um / 2 / px
+    if r_px <= 0.7:
+        # unresolved beads sit on pixel centres: bilinear splatting would convolve every bead
+        # with a 1-px triangle and widen its image beyond the PSF (biasing FWHM measurements)
+        yx = np.floor(yx) + 0.0
+    img = splat_points(shape, yx, bright)
     if r_px > 0.7:
         # beads resolved by the pixel grid: spread each point over its projected sphere
         rad = int(np.ceil(r_px))

@@ -174,6 +174,7 @@ def bead_fwhm(
     min_area_px: int = 2,
     reject_ratio: float = 1.5,
     min_snr: float = 3.0,
+    min_fraction: float = 0.5,
     return_details: bool = False,
 ):
     """Mean and standard deviation of the lateral bead FWHM in every plane of a stack.
@@ -184,7 +185,8 @@ def bead_fwhm(
     the border or to another bead (neighbour within the crop half-diagonal would bias the fit);
     (3) fit a 2-D Gaussian plus offset in every plane (:func:`fit_gaussian_fwhm`); (4) reject
     dirt and clusters whose in-focus FWHM exceeds ``reject_ratio`` × the median, and per-plane
-    fits narrower than 0.7 × that bead's in-focus FWHM (noise speckles far from focus).
+    fits narrower than 0.7 × that bead's in-focus FWHM (noise speckles far from focus) and every
+    fit beyond the first plane, on each side of focus, where the bead was lost in the noise.
 
     Parameters
     ----------
@@ -207,6 +209,9 @@ def bead_fwhm(
         A plane's fit counts only if the fitted amplitude exceeds ``min_snr`` times the residual
         standard deviation and the fitted centre stays within a quarter crop of the crop centre;
         otherwise the bead is lost in the noise at that defocus and the plane gets NaN for it.
+    min_fraction : float
+        A plane's mean and std are reported (else NaN) only if at least this fraction of the
+        kept beads has a valid fit there.
     return_details : bool
         Also return a dict with the sharpest plane index, bead centroids and the per-bead FWHM
         table ``(n_beads, Z)`` in micrometres.
@@ -261,11 +266,26 @@ def bead_fwhm(
         table = table[good]
         # defocus only broadens a bead: a fit much narrower than in focus is a noise speckle
         table[table < 0.7 * table[:, z_in : z_in + 1]] = np.nan
+        # once a bead is lost in the noise moving away from focus, farther planes are only
+        # noise: keep each bead's contiguous run of valid fits around the in-focus plane
+        for row in table:
+            ok = np.isfinite(row)
+            for rng_ in (range(z_in, len(row)), range(z_in, -1, -1)):
+                lost = False
+                for z in rng_:
+                    lost = lost or not ok[z]
+                    if lost:
+                        row[z] = np.nan
         keep = [k for k, g in zip(keep, good) if g]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN planes give NaN, by design
         mean = np.nanmean(table, axis=0) if len(table) else np.full(st.shape[0], np.nan)
         std = np.nanstd(table, axis=0) if len(table) else np.full(st.shape[0], np.nan)
+    if len(table):
+        # a plane where most beads are lost would report the few survivors' (biased) width
+        few = np.isfinite(table).sum(axis=0) < np.ceil(min_fraction * len(table))
+        mean[few] = np.nan
+        std[few] = np.nan
     if return_details:
         details = {"in_focus_index": z_in, "crops_yx": keep, "fwhm_um": table}
         return mean, std, len(table), details
