@@ -26,7 +26,7 @@ def test_tilt_and_stack_metadata():
     dpm, attrs = layers["true defocus map (µm)"]
     assert float(dpm.max() - dpm.min()) == pytest.approx(4.35, abs=0.02)  # 1.5 deg over 512 px
     assert attrs["contrast_limits"][0] == -attrs["contrast_limits"][1]
-    stack, attrs = [(d, a) for d, a, _ in sample_zstack() if d.ndim == 3][0]
+    stack, attrs = next((d, a) for d, a, _ in sample_zstack() if d.ndim == 3)
     assert stack.shape[0] == 25 and attrs["scale"] == (0.5, PX, PX)
     z = np.asarray(attrs["metadata"]["z_um"])
     assert z[attrs["metadata"]["in_focus_index"]] == 0.0

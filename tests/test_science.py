@@ -5,7 +5,13 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from napari_deepr.optics import Optics, defocus, defocus_psf, make_specimen, simulate_stack
+from napari_deepr.optics import (
+    Optics,
+    defocus,
+    defocus_psf,
+    make_specimen,
+    simulate_stack,
+)
 from napari_deepr.science import (
     FOCUS_MEASURES,
     bead_fwhm,
@@ -87,8 +93,6 @@ def test_landweber_matches_closed_form_filter():
     out = landweber(img, psf, iterations=5, step=0.1)
     # DL2 iteration has the closed form X_n = H* Y / |H|^2 (1 - (1 - g|H|^2)^(n+1)); check on the
     # same reflect-padded domain
-    pad = np.pad(img, 4, mode="reflect")
-    n0, n1 = pad.shape
     from scipy import fft as sfft
 
     shp = (sfft.next_fast_len(48, real=True), sfft.next_fast_len(48, real=True))
@@ -126,7 +130,7 @@ def test_row_sharpness_is_no_intercept_least_squares(field):
     # independent check of one row with numpy's least squares
     from skimage.filters import sobel
 
-    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    z = lambda x: (x - x.mean()) / x.std()
     s, r = sobel(z(blurred))[50], sobel(z(gt))[50]
     coef, res, *_ = np.linalg.lstsq(r[:, None], s, rcond=None)
     assert beta[50] == pytest.approx(coef[0])
@@ -146,7 +150,7 @@ def test_bead_fwhm_on_simulated_beads_equals_psf_width():
     obj = make_specimen("beads", 160, 0.325, 4)
     z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
     st, _, _ = simulate_stack(obj, z, O20, rng=2, photons=2000.0)
-    mean, std, n = bead_fwhm(st, 0.325, crop_px=30)
+    mean, _std, n = bead_fwhm(st, 0.325, crop_px=30)
     assert n >= 3
     # point emitters: their image is the PSF; compare with the same fit on the PSF itself
     psf_fwhm = fit_gaussian_fwhm(defocus_psf(0.0, O20, size=31)) * 0.325
@@ -158,13 +162,13 @@ def test_bead_fwhm_on_real_bead_stacks(real_data_dir):
     tifffile = pytest.importorskip("tifffile")
     # confocal beads, 0.022 um pixels, 0.125 um steps, in focus at index 24 (SOURCES.md)
     st = tifffile.imread(real_data_dir / "bian_beads_confocal_zstack.tif")
-    mean, std, n = bead_fwhm(st, 0.022, crop_px=40)
+    mean, _, n = bead_fwhm(st, 0.022, crop_px=40)
     assert n >= 3
     assert 20 <= int(np.nanargmin(mean)) <= 28
     assert 0.15 < mean[24] < 0.25
     # lattice light-sheet bead PSF, 0.1011 um pixels, in focus at index 30
     st = tifffile.imread(real_data_dir / "pycudadecon_lls_bead_psf.tif")
-    mean, std, n = bead_fwhm(st, 0.1011, crop_px=30)
+    mean, _std, n = bead_fwhm(st, 0.1011, crop_px=30)
     assert n == 1
     assert 27 <= int(np.nanargmin(mean)) <= 33
     assert 0.25 < mean[30] < 0.35 and mean[20] > 1.5 * mean[30] and mean[40] > 1.5 * mean[30]

@@ -3,11 +3,23 @@
 import numpy as np
 import pytest
 
-from napari_deepr.optics import Optics, brightfield, make_specimen, simulate_stack, tilt_dpm
+from napari_deepr.optics import (
+    Optics,
+    brightfield,
+    make_specimen,
+    simulate_stack,
+    tilt_dpm,
+)
 from napari_deepr.optics.psf import defocus_psf
 from napari_deepr.optics.simulate import Blurrer, _percentile_scale, camera
 from napari_deepr.science import ssim
-from napari_deepr.stacks import FOCUS_METHODS, edof_wavelet, estimate_shift, register_stack, select_in_focus
+from napari_deepr.stacks import (
+    FOCUS_METHODS,
+    edof_wavelet,
+    estimate_shift,
+    register_stack,
+    select_in_focus,
+)
 
 O20 = Optics()
 
@@ -29,7 +41,7 @@ def test_registration_recovers_subpixel_shift_of_a_defocused_plane(kind):
 def test_register_stack_undoes_drift():
     obj = make_specimen("mixed", 192, 0.325, 3)
     z = np.arange(-2.0, 2.01, 0.5)
-    st, gt, _, sh = simulate_stack(obj, z, O20, drift_px=0.4, rng=5, photons=1000.0,
+    st, _gt, _, sh = simulate_stack(obj, z, O20, drift_px=0.4, rng=5, photons=1000.0,
                                    return_shifts=True)
     reg, shifts = register_stack(st, reference=4, upsample=50)
     assert reg.dtype == np.float32 and reg.shape == st.shape

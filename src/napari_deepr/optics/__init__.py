@@ -3,7 +3,14 @@
 Qt-free and torch-free; see ``docs/ARCHITECTURE.md``.
 """
 
-from .psf import OPTICS_20X_075, OPTICS_40X_095, Optics, best_focus_offset, defocus_psf, psf_size
+from .psf import (
+    OPTICS_20X_075,
+    OPTICS_40X_095,
+    Optics,
+    best_focus_offset,
+    defocus_psf,
+    psf_size,
+)
 from .simulate import (
     brightfield,
     cylinder_dpm,
@@ -20,8 +27,8 @@ from .specimens import SPECIMEN_KINDS, make_specimen
 __all__ = [
     "OPTICS_20X_075",
     "OPTICS_40X_095",
-    "Optics",
     "SPECIMEN_KINDS",
+    "Optics",
     "best_focus_offset",
     "brightfield",
     "cylinder_dpm",

@@ -32,14 +32,14 @@ import psfmodels
 from scipy.optimize import minimize_scalar
 
 __all__ = [
-    "Optics",
     "OPTICS_20X_075",
     "OPTICS_40X_095",
+    "Optics",
     "best_focus_offset",
     "blur_radius_um",
-    "psf_size",
     "defocus_psf",
     "psf_fwhm_um",
+    "psf_size",
 ]
 
 _MODELS = ("vectorial", "scalar")
@@ -113,7 +113,7 @@ class Optics:
         if self.sample_depth_um < 0:
             raise ValueError("sample_depth_um must be >= 0 (depth below the coverslip).")
 
-    def replace(self, **changes: Any) -> "Optics":
+    def replace(self, **changes: Any) -> Optics:
         """Return a copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -122,7 +122,7 @@ class Optics:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Optics":
+    def from_dict(cls, d: dict[str, Any]) -> Optics:
         """Build from a dict, ignoring unknown keys (forward compatible)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -152,20 +152,20 @@ OPTICS_40X_095 = Optics(na=0.95, wavelength_um=0.6, pixel_size_um=0.1625)
 
 def _pm_kwargs(optics: Optics) -> dict[str, Any]:
     """Translate :class:`Optics` into ``psfmodels.make_psf`` keyword arguments."""
-    return dict(
-        NA=optics.na,
-        wvl=optics.wavelength_um,
-        ni=optics.immersion_index,
-        ni0=optics.immersion_index,
-        ns=optics.sample_index,
-        ng=optics.coverslip_index,
-        ng0=optics.coverslip_index,
-        tg=optics.coverslip_um + optics.coverslip_mismatch,
-        tg0=optics.coverslip_um,
-        ti0=optics.working_distance_um,
-        pz=optics.sample_depth_um,
-        model=optics.model,
-    )
+    return {
+        "NA": optics.na,
+        "wvl": optics.wavelength_um,
+        "ni": optics.immersion_index,
+        "ni0": optics.immersion_index,
+        "ns": optics.sample_index,
+        "ng": optics.coverslip_index,
+        "ng0": optics.coverslip_index,
+        "tg": optics.coverslip_um + optics.coverslip_mismatch,
+        "tg0": optics.coverslip_um,
+        "ti0": optics.working_distance_um,
+        "pz": optics.sample_depth_um,
+        "model": optics.model,
+    }
 
 
 def _on_axis_intensity(z_abs: float, optics: Optics) -> float:
@@ -239,7 +239,7 @@ def psf_size(z_max_um: float, optics: Optics) -> int:
     """
     r_um = 1.3 * (blur_radius_um(z_max_um, optics) - optics.airy_radius_um)
     r_um += 3 * optics.airy_radius_um
-    half = max(7, int(math.ceil(r_um / optics.pixel_size_um)))
+    half = max(7, math.ceil(r_um / optics.pixel_size_um))
     return 2 * half + 1
 
 

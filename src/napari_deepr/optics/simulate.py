@@ -37,16 +37,16 @@ from .specimens import SPECIMEN_KINDS, make_specimen
 __all__ = [
     "Blurrer",
     "blur",
+    "brightfield",
     "camera",
-    "photon_scale",
+    "cylinder_dpm",
     "defocus",
     "defocus_map",
-    "tilt_dpm",
-    "cylinder_dpm",
-    "sphere_dpm",
-    "simulate_stack",
-    "brightfield",
+    "photon_scale",
     "random_training_pair",
+    "simulate_stack",
+    "sphere_dpm",
+    "tilt_dpm",
     "write_sample_set",
 ]
 
@@ -227,7 +227,7 @@ def defocus(
 def _depth_grid(zmin: float, zmax: float, n_depths: int | None, max_step_um: float) -> np.ndarray:
     if zmax - zmin < 1e-9:
         return np.array([zmin])
-    n = n_depths if n_depths is not None else int(math.ceil((zmax - zmin) / max_step_um)) + 1
+    n = n_depths if n_depths is not None else math.ceil((zmax - zmin) / max_step_um) + 1
     return np.linspace(zmin, zmax, max(2, int(n)))
 
 
@@ -447,12 +447,12 @@ def simulate_stack(
         raise ValueError("z_um is empty.")
     photons = float(noise.pop("photons", 500.0))
     background = float(noise.pop("background", 0.0))
-    cam = dict(
-        read_noise=float(noise.pop("read_noise", 2.0)),
-        offset=float(noise.pop("offset", 100.0)),
-        gain=float(noise.pop("gain", 1.0)),
-        noise=bool(noise.pop("noise", True)),
-    )
+    cam = {
+        "read_noise": float(noise.pop("read_noise", 2.0)),
+        "offset": float(noise.pop("offset", 100.0)),
+        "gain": float(noise.pop("gain", 1.0)),
+        "noise": bool(noise.pop("noise", True)),
+    }
     if noise:
         raise TypeError(f"Unexpected keyword arguments: {sorted(noise)}.")
 
@@ -468,7 +468,7 @@ def simulate_stack(
         raise ValueError(f"dpm_offset shape {offset_map.shape} differs from {obj.shape}.")
     lo = float(zs.min() + (0 if offset_map is None else offset_map.min()))
     hi = float(zs.max() + (0 if offset_map is None else offset_map.max()))
-    extra = int(math.ceil(np.abs(shifts).max())) + 2
+    extra = math.ceil(np.abs(shifts).max()) + 2
     b = Blurrer(obj, psf_size(max(abs(lo), abs(hi)), optics) // 2 + extra)
     infocus = b.blur(defocus_psf(0.0, optics, copy=False))
     scale = _percentile_scale(infocus, photons)
@@ -496,7 +496,7 @@ def simulate_stack(
 
 def _fourier_shift(img: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
     # shift a smooth image by a sub-pixel amount without wrap-around: reflect-pad, phase ramp, crop
-    pad = int(math.ceil(max(abs(shift[0]), abs(shift[1])))) + 8
+    pad = math.ceil(max(abs(shift[0]), abs(shift[1]))) + 8
     p = np.pad(img, pad, mode="reflect")
     f = ndimage.fourier_shift(sfft.fft2(p), shift)
     return sfft.ifft2(f).real[pad:-pad, pad:-pad]
@@ -567,7 +567,7 @@ def brightfield(
     na_c = 0.7 * optics.na if condenser_na is None else float(condenser_na)
     lam, n, px = optics.wavelength_um, optics.immersion_index, optics.pixel_size_um
     zs = np.atleast_1d(np.asarray(z_um, dtype=float))
-    half = int(math.ceil(blur_radius_um(float(np.abs(zs).max()), optics) * 1.3 / px)) + 4
+    half = math.ceil(blur_radius_um(float(np.abs(zs).max()), optics) * 1.3 / px) + 4
     h, w = a.shape
     fshape = (sfft.next_fast_len(h + 2 * half), sfft.next_fast_len(w + 2 * half))
     pad = ((half, fshape[0] - h - half), (half, fshape[1] - w - half))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["SPECIMEN_KINDS", "make_specimen", "splat_points", "bandpass_noise"]
+__all__ = ["SPECIMEN_KINDS", "bandpass_noise", "make_specimen", "splat_points"]
 
 
 def splat_points(
@@ -188,7 +188,6 @@ def _mixed(shape, px, rng):
 
 def _cells(shape, px, rng):
     # cytoplasm-like smooth blobs with a brighter nucleus and speckled organelles
-    h, w = shape
     mask_field = bandpass_noise(shape, rng, 8.0 / px, 30.0 / px)
     cyto = np.clip(mask_field - 0.3, 0, None)
     cyto *= 1 + 0.5 * bandpass_noise(shape, rng, 0.5 / px, 3.0 / px)

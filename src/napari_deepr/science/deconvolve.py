@@ -17,7 +17,7 @@ import numpy as np
 from scipy import fft as sfft
 from skimage import restoration
 
-__all__ = ["richardson_lucy", "landweber", "crop_edges"]
+__all__ = ["crop_edges", "landweber", "richardson_lucy"]
 
 
 def _check(image, psf) -> tuple[np.ndarray, np.ndarray]:

@@ -15,17 +15,17 @@ from scipy import ndimage
 from scipy.optimize import minimize_scalar
 
 __all__ = [
+    "FOCUS_MEASURES",
+    "best_plane",
+    "brenner",
+    "brent_focus_search",
+    "focus_curve",
+    "get_measure",
+    "normalized_variance",
+    "std_focus",
+    "tenengrad",
     "vollath4",
     "vollath5",
-    "std_focus",
-    "normalized_variance",
-    "brenner",
-    "tenengrad",
-    "FOCUS_MEASURES",
-    "get_measure",
-    "focus_curve",
-    "best_plane",
-    "brent_focus_search",
 ]
 
 

@@ -18,7 +18,7 @@ from skimage.metrics import structural_similarity
 
 from .deconvolve import crop_edges
 
-__all__ = ["zscore", "ssim", "rmse", "row_sharpness", "fit_gaussian_fwhm", "bead_fwhm", "FWHM_PER_SIGMA"]
+__all__ = ["FWHM_PER_SIGMA", "bead_fwhm", "fit_gaussian_fwhm", "rmse", "row_sharpness", "ssim", "zscore"]
 
 #: FWHM = 2 sqrt(2 ln 2) σ of a Gaussian.
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -238,7 +238,7 @@ def bead_fwhm(
     half = crop_px // 2
     keep = []
     for i, (cy, cx) in enumerate(cents):
-        y0, x0 = int(round(cy)) - half, int(round(cx)) - half
+        y0, x0 = round(cy) - half, round(cx) - half
         if y0 < 0 or x0 < 0 or y0 + crop_px > h or x0 + crop_px > w:
             continue
         d = np.hypot(*(cents - cents[i]).T)

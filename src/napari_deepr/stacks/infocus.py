@@ -15,7 +15,7 @@ from skimage.metrics import structural_similarity
 from ..science.focus import normalized_variance, vollath5
 from .edof import edof_wavelet
 
-__all__ = ["FOCUS_METHODS", "select_in_focus", "crop_grid"]
+__all__ = ["FOCUS_METHODS", "crop_grid", "select_in_focus"]
 
 #: Methods understood by :func:`select_in_focus`.
 FOCUS_METHODS: tuple[str, ...] = ("ssim_edof", "nvar", "vollath5", "max_std", "min_contrast")
