@@ -1,0 +1,217 @@
+"""napari widget tests (run under Xvfb via pytest-xvfb): refocus, pairs and training widgets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+from onnx_builders import DPM_BIAS, DPM_GAIN, reference_output  # noqa: E402
+
+
+def _sample(shape=(256, 256), seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.poisson(50, shape).astype(np.float32)
+    img[..., 40:80, 60:200] += 200  # structure, so the plane is not flat noise
+    return img
+
+
+def _refocus_widget(viewer, model):
+    from napari_deepr._widgets.refocus import RefocusWidget
+
+    w = RefocusWidget(viewer)
+    viewer.window.add_dock_widget(w, name="refocus")
+    w.set_model(model)
+    return w
+
+
+def _run_and_wait(qtbot, w, timeout=60_000):
+    with qtbot.waitSignal(w.finished, timeout=timeout) as blocker:
+        w.run()
+    return blocker.args
+
+
+def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    img = _sample()
+    layer = viewer.add_image(img, name="cells", scale=(0.325, 0.325), translate=(3.0, -2.0), units=("µm", "µm"),
+                             axis_labels=("y", "x"))
+    w = _refocus_widget(viewer, tiny_model)
+    assert w.selected_layer() is layer
+    assert w.tile_spin.value() == 128 and w.overlap_spin.value() == 32  # card defaults
+    assert "matches" in w.scale_label.text()
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+
+    out = viewer.layers["cells refocused"]
+    dpm = viewer.layers["cells DPM (µm)"]
+    assert out.data.dtype == np.float32 and out.data.shape == img.shape
+    np.testing.assert_allclose(out.scale, layer.scale)
+    np.testing.assert_allclose(out.translate, layer.translate)
+    assert tuple(map(str, out.units)) == tuple(map(str, layer.units))
+    assert tuple(out.axis_labels) == ("y", "x")
+    # The tiny generator is a known sharpening filter: the widget's result equals an independent one.
+    np.testing.assert_allclose(out.data, reference_output(img), rtol=1e-4, atol=1e-2)
+    assert out.metadata["model"] == "tiny" and out.metadata["provider"] == "cpu" and out.metadata["complete"]
+
+    assert dpm.colormap.name == "RdBu_r"
+    assert tuple(dpm.contrast_limits) == (-5.0, 5.0)
+    assert dpm.colorbar.visible
+    assert 0.3 <= dpm.opacity <= 0.7
+    np.testing.assert_allclose(dpm.scale, layer.scale)
+    # The tiny DPM decoder maps the blurred z-scored input to gain*blur+bias, whose mean is ~bias.
+    assert abs(float(dpm.data.mean()) - DPM_BIAS) < 0.2 * DPM_GAIN
+    assert "Mean defocus" in w.readout_label.text() and "tilt" in w.readout_label.text()
+    assert w.provider_label.text().startswith("Provider used: <b>cpu")
+
+
+def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):
+    from onnx_builders import make_model_folder
+
+    # A model trained for a narrow range, so the decoder's output leaves it on the bright structure.
+    model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample(), name="img", scale=(0.65, 0.65), units=("µm", "µm"))
+    w = _refocus_widget(viewer, model)
+    assert "differs" in w.scale_label.text() and "100%" in w.scale_label.text()
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    oor = viewer.layers["img DPM out of range"]
+    dpm = viewer.layers["img DPM (µm)"].data
+    np.testing.assert_array_equal(oor.data.astype(bool), (dpm < -1) | (dpm > 1))
+    assert oor.data.any()
+    assert "outside the trained range" in w.range_label.text()
+
+
+def test_refocus_stack_current_plane_and_all_planes_dask(make_napari_viewer, qtbot, tiny_model):
+    da = pytest.importorskip("dask.array")
+    viewer = make_napari_viewer()
+    stack = np.stack([_sample((128, 160), seed=s) for s in range(3)])
+    layer = viewer.add_image(da.from_array(stack, chunks=(1, 64, 64)), name="stack", scale=(0.5, 0.325, 0.325))
+    w = _refocus_widget(viewer, tiny_model)
+    viewer.dims.set_current_step(0, 2)
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("current"))
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    one = viewer.layers["stack refocused [plane 2]"]
+    assert one.data.shape == (1, 128, 160)
+    np.testing.assert_allclose(one.translate, (1.0, 0, 0))  # sits on plane 2 (z step 0.5 µm)
+    np.testing.assert_allclose(one.data[0], reference_output(stack[2]), rtol=1e-4, atol=1e-2)
+
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("all"))
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    allp = viewer.layers["stack refocused"]
+    assert allp.data.shape == stack.shape
+    np.testing.assert_allclose(allp.scale, layer.scale)
+    for z in range(3):
+        np.testing.assert_allclose(allp.data[z], reference_output(stack[z]), rtol=1e-4, atol=1e-2)
+    assert viewer.layers["stack DPM (µm)"].data.shape == stack.shape
+
+
+def test_refocus_rgb(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    rgb = np.stack([_sample((128, 128), seed=s) for s in range(3)], axis=-1).clip(0, 255).astype(np.uint8)
+    viewer.add_image(rgb, name="bf", rgb=True)
+    w = _refocus_widget(viewer, tiny_model)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    out = viewer.layers["bf refocused"]
+    assert out.rgb and out.data.shape == rgb.shape
+    np.testing.assert_allclose(out.data[..., 1], reference_output(rgb[..., 1]), rtol=1e-4, atol=1e-2)
+    assert viewer.layers["bf DPM (µm)"].data.shape == (128, 128)
+
+
+def test_refocus_user_error_is_one_sentence(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((64, 64)), name="small")
+    w = _refocus_widget(viewer, tiny_model)
+    w.tile_spin.setValue(100)  # not a multiple of 32: the engine refuses with one sentence
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "error"
+    assert "multiple of 32" in msg and "\n" not in msg
+    assert w.status_label.text() == msg
+    assert "small refocused" not in viewer.layers
+
+
+def _slow_steps(monkeypatch, delay):
+    """Make every tile batch take ``delay`` s, so cancel and responsiveness are tested on a run that lasts."""
+    from napari_deepr.engine import refocus as engine
+
+    original = engine.RefocusJob.steps
+
+    def steps(self, cancel=None):
+        for p in original(self, cancel):
+            time.sleep(delay)
+            yield p
+
+    monkeypatch.setattr(engine.RefocusJob, "steps", steps)
+
+
+def test_refocus_cancel_keeps_partial_output(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    _slow_steps(monkeypatch, 0.03)
+    viewer = make_napari_viewer()
+    img = _sample((640, 256))
+    viewer.add_image(img, name="big")
+    w = _refocus_widget(viewer, tiny_model)
+    seen = []
+
+    def on_yield(value):
+        if hasattr(value, "done"):
+            seen.append(value.done)
+            if value.done == 8:  # two tile rows of (64-px stride) tiles are finished by now
+                w.cancel()
+
+    w.run()
+    w.worker.yielded.connect(on_yield)
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        pass
+    status, msg = blocker.args
+    assert status == "cancelled" and "kept" in msg
+    out = viewer.layers["big refocused"]
+    assert not out.metadata["complete"]
+    job = w.job
+    assert job.done < job.total
+    rows = np.abs(out.data).sum(axis=1) > 0
+    assert rows[:64].all() and not rows[-64:].any()  # top rows done, bottom never started
+    finished = np.flatnonzero(rows)
+    ref = reference_output(img)
+    np.testing.assert_allclose(out.data[finished[:-1]], ref[finished[:-1]], rtol=1e-4, atol=1e-2)
+
+
+def test_event_loop_stays_responsive_during_refocus(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    from qtpy.QtCore import QTimer
+
+    _slow_steps(monkeypatch, 0.01)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_sample((512, 512), seed=s) for s in range(4)]), name="s")
+    w = _refocus_widget(viewer, tiny_model)
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("all"))
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    status, _ = _run_and_wait(qtbot, w)
+    timer.stop()
+    assert status == "done"
+    gaps = np.diff(ticks)
+    assert len(ticks) > 10
+    assert gaps.max() < 0.5, f"the Qt event loop stalled for {gaps.max():.2f} s"
+
+
+def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
+    from napari_deepr._widgets import _common
+    from napari_deepr._widgets.refocus import RefocusWidget
+
+    monkeypatch.setattr("napari_deepr._widgets.refocus.list_models", lambda: [])
+    monkeypatch.setattr(_common, "_session_models", [])
+    viewer = make_napari_viewer()
+    w = RefocusWidget(viewer)
+    assert "No bundled model is installed" in w.card_label.text()
+    assert not w.run_btn.isEnabled()
