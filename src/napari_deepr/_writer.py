@@ -1,0 +1,72 @@
+"""napari writer: an image layer (refocused image or DPM) to a calibrated TIFF with its metadata."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import io
+from .errors import InputError
+
+_MICRON = {"µm", "um", "micrometer", "micrometre", "micron", "μm"}
+
+
+def _axes_for(ndim: int, rgb: bool, labels) -> str:
+    """Axis letters from napari axis labels when they name axes (t, z, c, y, x), else by position."""
+    spatial = 2
+    lead = ndim - spatial
+    letters = None
+    if labels is not None and len(labels) == ndim:
+        cand = "".join(str(lab).strip().upper()[:1] for lab in labels)
+        if cand.endswith("YX") and len(set(cand)) == len(cand) and set(cand) <= set("TZCYX"):
+            letters = cand
+    if letters is None:
+        letters = ("", "Z", "TZ", "TZC")[lead] + "YX" if lead <= 3 else None
+    if letters is None:
+        raise InputError(f"A {ndim}-D layer needs axis labels (t, z, c, y, x) to be saved as TIFF.")
+    return letters + ("S" if rgb else "")
+
+
+def write_image(path: str | os.PathLike, data, meta: dict) -> list[str]:
+    """Save one image layer as a calibrated (OME-)TIFF.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target ``.tif``/``.tiff`` (written under a temporary name, then renamed).
+    data : array-like
+        The layer data (numpy or dask).
+    meta : dict
+        napari's layer attributes: ``scale`` (µm per axis), ``units``, ``axis_labels``, ``rgb``,
+        ``metadata`` (model, provider, … kept in the file) and ``name``.
+
+    Returns
+    -------
+    list of str
+        The written path.
+    """
+    if isinstance(data, list):  # multiscale: the full-resolution level
+        data = data[0]
+    rgb = bool(meta.get("rgb", False))
+    ndim = np.ndim(data) - (1 if rgb else 0)
+    axes = _axes_for(ndim, rgb, meta.get("axis_labels"))
+    scale = list(meta.get("scale") or [1.0] * ndim)
+    units = [str(u) for u in (meta.get("units") or ["pixel"] * ndim)]
+
+    def size(letter: str) -> float | None:
+        if letter not in axes:
+            return None
+        i = axes.index(letter)
+        # A scale other than 1 is taken as µm even when the layer says "pixel" (many readers omit units).
+        if units[i] in _MICRON or scale[i] != 1.0:
+            return float(scale[i])
+        return None
+
+    extra = dict(meta.get("metadata") or {})
+    extra.update(name=meta.get("name"), translate=list(meta.get("translate") or []))
+    written = io.write_image(path, data, axes=axes, pixel_size_um=size("X"), z_step_um=size("Z"), metadata=extra)
+    return [str(written)]
+
+
+__all__ = ["write_image"]
