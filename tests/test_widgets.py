@@ -215,3 +215,106 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
     w = RefocusWidget(viewer)
     assert "No bundled model is installed" in w.card_label.text()
     assert not w.run_btn.isEnabled()
+
+
+# ---------------------------------------------------------------------------------------------- training
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="the trainer needs PyTorch (pip install 'napari-deepr[train]')")
+
+TINY_TRAINER = ("--patch 32 --g-steps 1 --d-steps 1 --val-every 2 --val-pairs 4 --dpm-iterations 2 "
+                "--workers 0 --threads 1 --log-every 1")
+
+
+def _training_widget(viewer, dataset, out, iterations):
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w, name="train")
+    w.dataset_edit.setText(str(dataset))
+    w.output_edit.setText(str(out))
+    w.budget_combo.setCurrentIndex(w.budget_combo.findData("iterations"))
+    w.iterations_spin.setValue(iterations)
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
+    w.base_spin.setValue(4)
+    w.batch_spin.setValue(2)
+    w.extra_edit.setText(TINY_TRAINER)
+    return w
+
+
+@needs_torch
+def test_training_widget_stop_resume_and_use_model(make_napari_viewer, qtbot, tmp_path):
+    from napari_deepr.engine.model import load_model
+
+    dataset = tmp_path / "synthetic.json"
+    dataset.write_text(json.dumps({"synthetic": {"z_range_um": [-3, 3], "validation_pairs": 4}}))
+    out = tmp_path / "my-model"
+    viewer = make_napari_viewer()
+    w = _training_widget(viewer, dataset, out, iterations=6)
+    stopped_once = []
+
+    def stop_at_first_progress(status_text):
+        if not stopped_once and any(e.get("event") == "progress" for e in w.events):
+            stopped_once.append(True)
+            w.stop()
+
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.timeout.connect(lambda: stop_at_first_progress(None))
+    timer.start(50)
+    with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
+        w.start()
+    timer.stop()
+    status, msg = blocker.args
+    assert status == "stopped", msg
+    assert (out / "checkpoint.pt").is_file() and not (out / "STOP").exists()
+    assert w.resume_btn.isEnabled() and not w.use_btn.isEnabled()
+
+    with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
+        w.resume_btn.click()
+    status, msg = blocker.args
+    assert status == "done", f"{msg} | stderr: {w._stderr_tail[-5:]}"
+    kinds = [e["event"] for e in w.events]
+    assert kinds[0] == "start" and w.events[0]["resumed"] and "validation" in kinds and kinds[-1] == "done"
+    # Curves per term (train) and validation, from the protocol lines.
+    assert {"berhu", "msssim"} <= set(w.plot.train) and "berhu_output" in w.plot.val
+    assert any(k.startswith("val_") for k in w.plot.dpm)
+    assert "Deep-R training preview (input | output | target)" in viewer.layers
+    assert w.use_btn.isEnabled()
+    model = load_model(out)
+    assert model.has_dpm
+
+    from napari_deepr._widgets.refocus import RefocusWidget
+
+    rw = RefocusWidget(viewer)
+    viewer.window.add_dock_widget(rw, name="refocus")
+    w.use_btn.click()
+    assert rw.model_combo.currentData() == str(out.resolve())
+    viewer.add_image(_sample((96, 96)), name="img")
+    rw.refresh_layers(select=viewer.layers["img"])
+    status, msg = _run_and_wait(qtbot, rw)
+    assert status == "done", msg
+    assert np.isfinite(viewer.layers["img refocused"].data).all()
+
+
+@needs_torch
+def test_training_widget_reports_trainer_error_as_one_sentence(make_napari_viewer, qtbot, tmp_path):
+    empty = tmp_path / "not-a-dataset"
+    empty.mkdir()
+    viewer = make_napari_viewer()
+    w = _training_widget(viewer, empty, tmp_path / "m", iterations=2)
+    with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
+        w.start()
+    status, msg = blocker.args
+    assert status == "error"
+    assert msg and "\n" not in msg and "Traceback" not in msg
+    assert w.message.text() == msg and w.start_btn.isEnabled()
+
+
+def test_training_widget_checks_fields_before_starting(make_napari_viewer):
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(make_napari_viewer())
+    w.start()
+    assert w.process is None
+    assert "dataset" in w.message.text()
