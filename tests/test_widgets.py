@@ -318,3 +318,68 @@ def test_training_widget_checks_fields_before_starting(make_napari_viewer):
     w.start()
     assert w.process is None
     assert "dataset" in w.message.text()
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+@pytest.fixture(scope="module")
+def sim_stack():
+    from napari_deepr.optics.psf import OPTICS_20X_075
+    from napari_deepr.optics.simulate import simulate_stack
+    from napari_deepr.optics.specimens import make_specimen
+
+    obj = make_specimen("mixed", (128, 128), OPTICS_20X_075.pixel_size_um, 3)
+    z = np.round(np.arange(-3.0, 3.01, 0.5), 6)  # 13 planes, in focus at index 6
+    stack, _, _ = simulate_stack(obj, z, OPTICS_20X_075, rng=5, photons=800.0)
+    return np.asarray(stack, dtype=np.float32), z
+
+
+def _pairs_widget(qtbot, viewer, stack):
+    from napari_deepr._widgets.pairs import PairsWidget
+
+    viewer.add_image(stack, name="zstack", scale=(0.5, 0.325, 0.325), units=("µm", "µm", "µm"))
+    w = PairsWidget(viewer)
+    viewer.window.add_dock_widget(w, name="pairs")
+    if w.curve is None:
+        qtbot.waitSignal(w.curve_ready, timeout=30_000).wait()
+    return w
+
+
+def test_pairs_widget_focus_curve_and_moving_the_plane(make_napari_viewer, qtbot, sim_stack):
+    from napari_deepr.science.focus import focus_curve
+
+    stack, z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    assert w.zstep_spin.value() == pytest.approx(0.5)
+    np.testing.assert_allclose(w.curve, focus_curve(stack, "vollath5"))
+    assert abs(w.auto_plane - 6) <= 1  # the simulated focus is plane 6 (z = 0 µm)
+    assert w.plane_spin.value() == w.auto_plane and not w.override_check.isChecked()
+    # Moving the plane (as a click on the curve does) overrides the automatic choice and shows it.
+    w.plot.clicked.emit(3)
+    assert w.plane_spin.value() == 3 and w.override_check.isChecked()
+    assert viewer.dims.point[0] == pytest.approx(1.5)
+    np.testing.assert_allclose(w.z_um()[[0, 3, 12]], [-1.5, 0.0, 4.5])
+    with qtbot.waitSignal(w.curve_ready, timeout=30_000):
+        w.measure_combo.setCurrentIndex(w.measure_combo.findData("nvar"))
+    np.testing.assert_allclose(w.curve, focus_curve(stack, "nvar"))
+    assert w.plane_spin.value() == 3  # a manual choice survives a change of measure
+
+
+def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp_path):
+    pytest.importorskip("napari_deepr.stacks.pairs", reason="build_pairs is not in this checkout yet")
+    stack, z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    out = tmp_path / "dataset"
+    w.out_edit.setText(str(out))
+    w.patch_spin.setValue(64)
+    w.range_spin.setValue(2.0)
+    w.split_spin.setValue(0.25)
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    status, msg = blocker.args
+    assert status == "done", msg
+    index = json.loads((out / "index.json").read_text())
+    assert index["pairs"]
+    assert index["z_step_um"] == pytest.approx(0.5)
+    assert w.summary is not None and "Dataset written" in w.summary_label.text()

@@ -1,0 +1,469 @@
+"""Training-pairs dock widget: a z-stack layer in, a Deep-R pairs dataset (``deepr pairs``) out.
+
+It plots a focus measure against z with the chosen in-focus plane marked, lets the user move that
+plane (spin box or a click on the plot), and builds the dataset with
+:func:`napari_deepr.stacks.pairs.build_pairs` in a worker thread with progress and cancel.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import Cancelled, DeepRError
+from ..science.focus import FOCUS_MEASURES, focus_curve
+from ..stacks.infocus import FOCUS_METHODS, select_in_focus
+from ._common import CancelableProgress, MessageLabel, notify, one_sentence, units_of
+
+METHOD_NAMES = {
+    "ssim_edof": "SSIM to EDOF, per patch (paper)",
+    "nvar": "normalized variance",
+    "vollath5": "Vollath F5",
+    "max_std": "max standard deviation",
+    "min_contrast": "min contrast (brightfield cells)",
+}
+
+
+class _Relay(QObject):
+    """Carries ``build_pairs`` progress from the worker thread to the Qt thread (queued signal)."""
+
+    progress = Signal(int, int, str)
+
+
+def _curve_job(stack, measure: str, method: str):
+    """Worker body: the focus curve and the automatically chosen plane of a ``(Z, Y, X)`` stack."""
+    st = np.asarray(stack, dtype=np.float64)
+    return focus_curve(st, measure), int(select_in_focus(st, method=method))
+
+
+class FocusPlot(FigureCanvasQTAgg):
+    """Focus measure vs z, with the chosen in-focus plane as a vertical line; clicks choose a plane."""
+
+    clicked = Signal(int)
+
+    def __init__(self):
+        self.figure = Figure(figsize=(4.6, 2.8), dpi=90, layout="constrained")
+        super().__init__(self.figure)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.setMinimumHeight(230)
+        self.ax = self.figure.subplots()
+        self.z = np.zeros(0)
+        self.mpl_connect("button_press_event", self._on_click)
+        self.show_curve(np.zeros(0), np.zeros(0), None, None, "")
+
+    def show_curve(self, z_um, values, chosen: int | None, auto: int | None, measure: str) -> None:
+        """Redraw: curve (normalised to its maximum), the automatic choice and the chosen plane."""
+        self.z = np.asarray(z_um, dtype=float)
+        ax = self.ax
+        ax.clear()
+        self.figure.set_facecolor("#262930")
+        ax.set_facecolor("#1e2027")
+        ax.tick_params(colors="0.8", labelsize=8)
+        for spine in ax.spines.values():
+            spine.set_color("0.5")
+        ax.grid(True, color="0.35", lw=0.5)
+        ax.set_xlabel("z (µm)", fontsize=9, color="0.85")
+        ax.set_ylabel(f"{measure} (normalised)" if measure else "focus measure", fontsize=9, color="0.85")
+        if len(values):
+            v = np.asarray(values, dtype=float)
+            span = v.max() - v.min()
+            vn = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+            ax.plot(self.z, vn, "o-", ms=3, lw=1.4, color="#4fc3f7", label=measure)
+            if auto is not None:
+                ax.axvline(self.z[auto], color="0.7", ls=":", lw=1.2, label=f"automatic (plane {auto})")
+            if chosen is not None:
+                ax.axvline(self.z[chosen], color="#ffb74d", lw=2.0, label=f"in focus: plane {chosen}")
+                ax.plot([self.z[chosen]], [vn[chosen]], "o", ms=7, color="#ffb74d")
+            leg = ax.legend(fontsize=7, loc="lower center", facecolor="#262930", edgecolor="0.5")
+            for t in leg.get_texts():
+                t.set_color("0.85")
+        else:
+            ax.text(0.5, 0.5, "choose a z-stack layer", ha="center", va="center", transform=ax.transAxes,
+                    color="0.6", fontsize=9)
+        self.draw_idle()
+
+    def _on_click(self, event) -> None:
+        if event.inaxes is self.ax and event.xdata is not None and len(self.z):
+            self.clicked.emit(int(np.argmin(np.abs(self.z - event.xdata))))
+
+
+class PairsWidget(QWidget):
+    """Dock widget building a Deep-R training-pairs dataset from a z-stack layer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer holding the stack.
+
+    Attributes
+    ----------
+    finished : Signal(str, str)
+        Emitted when a build ends: status (``done``, ``cancelled``, ``error``) and a message.
+    curve_ready : Signal()
+        Emitted when the focus curve of the chosen stack has been computed.
+    summary : dict or None
+        What ``build_pairs`` returned for the last successful build.
+    """
+
+    finished = Signal(str, str)
+    curve_ready = Signal()
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.curve: np.ndarray | None = None
+        self.auto_plane: int | None = None
+        self.summary: dict | None = None
+        self.worker = None
+        self.curve_worker = None
+        self._cancel = threading.Event()
+        self._pbar = None
+        self._relay = _Relay()
+        self._relay.progress.connect(self._on_progress)
+        self._build_ui()
+        layers = self.viewer.layers
+        layers.events.inserted.connect(lambda e: self.refresh_layers())
+        layers.events.removed.connect(lambda e: self.refresh_layers())
+        self.refresh_layers()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        root = QVBoxLayout(self)
+        form = QFormLayout()
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("A z-stack (Z, Y, X) image layer, e.g. opened by dropping a TIFF stack.")
+        form.addRow("Z-stack", self.layer_combo)
+        self.zstep_spin = QDoubleSpinBox()
+        self.zstep_spin.setRange(0.001, 1000)
+        self.zstep_spin.setDecimals(3)
+        self.zstep_spin.setSuffix(" µm")
+        self.zstep_spin.setToolTip("Axial step between planes (from the layer's z scale when calibrated).")
+        form.addRow("Z step", self.zstep_spin)
+        self.measure_combo = QComboBox()
+        for name in FOCUS_MEASURES:
+            self.measure_combo.addItem(name, name)
+        self.measure_combo.setCurrentIndex(self.measure_combo.findData("vollath5"))
+        form.addRow("Focus measure", self.measure_combo)
+        self.method_combo = QComboBox()
+        for m in FOCUS_METHODS:
+            self.method_combo.addItem(METHOD_NAMES.get(m, m), m)
+        self.method_combo.setToolTip("How the in-focus plane is chosen when not set by hand.")
+        form.addRow("In-focus method", self.method_combo)
+        root.addLayout(form)
+
+        self.plot = FocusPlot()
+        root.addWidget(self.plot, 1)
+        prow = QHBoxLayout()
+        self.plane_spin = QSpinBox()
+        self.plane_spin.setToolTip("The in-focus plane; also set by clicking on the curve.")
+        self.override_check = QCheckBox("use this plane for every patch")
+        self.override_check.setToolTip(
+            "Checked when you move the plane: every patch pairs with it. Unchecked: the method picks per patch.")
+        prow.addWidget(MessageLabel("In-focus plane"))
+        prow.addWidget(self.plane_spin)
+        prow.addWidget(self.override_check, 1)
+        root.addLayout(prow)
+
+        bform = QFormLayout()
+        self.range_spin = QDoubleSpinBox()
+        self.range_spin.setRange(0.1, 1000)
+        self.range_spin.setValue(5.0)
+        self.range_spin.setPrefix("± ")
+        self.range_spin.setSuffix(" µm")
+        bform.addRow("Defocus range", self.range_spin)
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(32, 4096)
+        self.patch_spin.setSingleStep(32)
+        self.patch_spin.setValue(256)
+        self.patch_spin.setSuffix(" px")
+        bform.addRow("Patch", self.patch_spin)
+        self.split_spin = QDoubleSpinBox()
+        self.split_spin.setRange(0.0, 0.9)
+        self.split_spin.setSingleStep(0.05)
+        self.split_spin.setValue(0.15)
+        self.split_spin.setToolTip("Fraction of fields of view kept for validation (split by field, not by patch).")
+        bform.addRow("Validation split", self.split_spin)
+        out_row = QWidget()
+        olay = QHBoxLayout(out_row)
+        olay.setContentsMargins(0, 0, 0, 0)
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("new dataset folder")
+        browse = QPushButton("Folder…")
+        browse.clicked.connect(self._pick_out)
+        olay.addWidget(self.out_edit, 1)
+        olay.addWidget(browse)
+        bform.addRow("Output", out_row)
+        root.addLayout(bform)
+
+        buttons = QHBoxLayout()
+        self.build_btn = QPushButton("Build pairs")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        buttons.addWidget(self.build_btn)
+        buttons.addWidget(self.cancel_btn)
+        root.addLayout(buttons)
+        self.status_label = MessageLabel()
+        self.summary_label = MessageLabel()
+        root.addWidget(self.status_label)
+        root.addWidget(self.summary_label)
+        self.status_label.setVisible(False)
+        self.summary_label.setVisible(False)
+
+        self.layer_combo.currentIndexChanged.connect(self._on_layer)
+        self.measure_combo.currentIndexChanged.connect(lambda *_: self.compute_curve())
+        self.method_combo.currentIndexChanged.connect(lambda *_: self.compute_curve())
+        self.plane_spin.valueChanged.connect(self._on_plane_spin)
+        self.plot.clicked.connect(self.set_plane)
+        self.build_btn.clicked.connect(self.build)
+        self.cancel_btn.clicked.connect(self.cancel)
+
+    def _pick_out(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder")
+        if path:
+            self.out_edit.setText(path)
+
+    # ------------------------------------------------------------------ layer and curve
+    def _stack_layers(self) -> list[Image]:
+        return [lay for lay in self.viewer.layers if isinstance(lay, Image) and not lay.rgb and lay.ndim >= 3]
+
+    def refresh_layers(self) -> None:
+        """Re-list stack layers, keeping the current choice."""
+        current = self.selected_layer()
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        for lay in self._stack_layers():
+            self.layer_combo.addItem(lay.name, lay)
+        idx = self.layer_combo.findText(current.name) if current is not None else self.layer_combo.count() - 1
+        self.layer_combo.setCurrentIndex(max(idx, 0) if self.layer_combo.count() else -1)
+        self.layer_combo.blockSignals(False)
+        if self.selected_layer() is not current:
+            self._on_layer()
+
+    def selected_layer(self) -> Image | None:
+        """The chosen stack layer, or None."""
+        lay = self.layer_combo.currentData()
+        return lay if lay is not None and lay in self.viewer.layers else None
+
+    def stack(self) -> np.ndarray | None:
+        """The chosen layer as a ``(Z, Y, X)`` array (first index of any axis before Z)."""
+        lay = self.selected_layer()
+        if lay is None:
+            return None
+        data = lay.data[0] if lay.multiscale else lay.data
+        while data.ndim > 3:
+            data = data[0]  # a time series of stacks: the first stack (one field per layer)
+        return data
+
+    def _on_layer(self, *_) -> None:
+        lay = self.selected_layer()
+        if lay is None:
+            self.curve = None
+            self.plot.show_curve([], [], None, None, "")
+            return
+        z_axis = lay.ndim - 3
+        unit = units_of(lay)[z_axis]
+        dz = float(lay.scale[z_axis])
+        self.zstep_spin.setValue(dz)
+        if unit == "pixel" and dz == 1.0:
+            self.status_label.show_message(
+                "The layer has no z calibration; set the z step (µm) before building.", "warning")
+        else:
+            self.status_label.show_message("")
+        nz = int(lay.data.shape[-3] if not lay.multiscale else lay.data[0].shape[-3])
+        self.plane_spin.blockSignals(True)
+        self.plane_spin.setRange(0, nz - 1)
+        self.plane_spin.blockSignals(False)
+        self.range_spin.setValue(min(5.0, max(0.1, dz * (nz - 1) / 2)))
+        self.override_check.setChecked(False)
+        self.compute_curve()
+
+    def compute_curve(self) -> None:
+        """Compute the focus curve and automatic in-focus plane in a worker (stacks can be large)."""
+        stack = self.stack()
+        if stack is None:
+            return
+        if self.curve_worker is not None:
+            self.curve_worker.quit()
+        self.status_label.show_message("Computing the focus curve…")
+        worker = create_worker(_curve_job, stack, self.measure_combo.currentData(),
+                               self.method_combo.currentData(), _start_thread=False)
+        worker.returned.connect(lambda res, w=worker: self._on_curve(res, w))
+        worker.errored.connect(lambda exc: self.status_label.show_message(one_sentence(exc), "error"))
+        self.curve_worker = worker
+        worker.start()
+
+    def _on_curve(self, result, worker) -> None:
+        if worker is not self.curve_worker:
+            return  # an older request finished after a newer one started
+        self.curve_worker = None
+        self.curve, self.auto_plane = result
+        if not self.override_check.isChecked():
+            self.plane_spin.blockSignals(True)
+            self.plane_spin.setValue(self.auto_plane)
+            self.plane_spin.blockSignals(False)
+        self.status_label.show_message("")
+        self._redraw()
+        self.curve_ready.emit()
+
+    def z_um(self) -> np.ndarray:
+        """Plane positions in µm relative to the chosen in-focus plane."""
+        n = self.plane_spin.maximum() + 1
+        return (np.arange(n) - self.plane_spin.value()) * self.zstep_spin.value()
+
+    def _redraw(self) -> None:
+        if self.curve is None:
+            return
+        z = np.arange(len(self.curve)) * self.zstep_spin.value()
+        self.plot.show_curve(z, self.curve, self.plane_spin.value(), self.auto_plane,
+                             self.measure_combo.currentData())
+
+    def set_plane(self, index: int) -> None:
+        """Choose plane ``index`` as in focus for every patch (what a click on the curve does)."""
+        self.plane_spin.setValue(int(index))
+
+    def _on_plane_spin(self, value: int) -> None:
+        self.override_check.setChecked(True)
+        lay = self.selected_layer()
+        if lay is not None:
+            # Show the chosen plane in the viewer, so the user sees what "in focus" means here.
+            z = lay.ndim - 3
+            axis = self.viewer.dims.ndim - lay.ndim + z  # layers are right-aligned in world dims
+            self.viewer.dims.set_point(axis, value * float(lay.scale[z]) + float(lay.translate[z]))
+        self._redraw()
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        """Build the dataset in a worker thread (non-blocking)."""
+        if self.worker is not None:
+            return
+        lay = self.selected_layer()
+        out = self.out_edit.text().strip()
+        if lay is None or not out:
+            msg = "Choose a z-stack layer first." if lay is None else "Choose an output folder for the dataset."
+            self.status_label.show_message(msg, "error")
+            notify("error", msg)
+            return
+        try:
+            from ..stacks.pairs import build_pairs
+        except ImportError:
+            msg = "This installation has no pairs builder (napari_deepr.stacks.pairs); update napari-deepr."
+            self.status_label.show_message(msg, "error")
+            notify("error", msg)
+            return
+        from .. import io
+
+        stack = self.stack()
+        px = float(lay.scale[-1]) if (units_of(lay)[-1] != "pixel" or lay.scale[-1] != 1.0) else None
+        image = io.ImageData(stack, "ZYX", px, self.zstep_spin.value(),
+                             dict(lay.metadata, source_layer=lay.name), lay.name)
+        kwargs = dict(
+            z_step_um=self.zstep_spin.value(),
+            range_um=self.range_spin.value(),
+            patch=self.patch_spin.value(),
+            focus_method=self.method_combo.currentData(),
+            infocus_index=[self.plane_spin.value()] if self.override_check.isChecked() else None,
+            split=self.split_spin.value(),
+            seed=0,
+        )
+        self._cancel = threading.Event()
+        self.summary = None
+        self.summary_label.show_message("")
+        self.status_label.show_message("Building pairs…")
+        self.build_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._pbar = CancelableProgress(total=0, desc=f"Pairs from {lay.name}", cancel_callback=self.cancel)
+        relay, cancel = self._relay, self._cancel
+
+        def job():
+            try:
+                summary = build_pairs([image], Path(out), **kwargs,
+                                      progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)),
+                                      cancel=cancel.is_set)
+            except Cancelled:
+                return ("cancelled", "Cancelled; the partial dataset was not kept.", None)
+            except DeepRError as exc:
+                return ("error", one_sentence(exc), None)
+            except Exception as exc:  # still one sentence for the user, never a silent stop
+                return ("error", f"Building pairs failed ({type(exc).__name__}: {one_sentence(exc)}).", None)
+            return ("done", "", summary)
+
+        self.worker = create_worker(job, _start_thread=False)
+        self.worker.returned.connect(self._on_built)
+        self.worker.errored.connect(
+            lambda exc: self._on_built(("error", f"Building pairs failed ({one_sentence(exc)}).", None)))
+        self.worker.start()
+
+    def cancel(self) -> None:
+        """Ask the build to stop at its next progress check."""
+        if self.worker is not None:
+            self._cancel.set()
+            self.cancel_btn.setEnabled(False)
+            self.status_label.show_message("Cancelling…")
+
+    def _on_progress(self, done: int, total: int, msg: str) -> None:
+        if self._pbar is not None:
+            if total and self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.n = done
+            self._pbar.set_description(msg or "pairs")
+            self._pbar.refresh()
+        self.status_label.show_message(f"{msg or 'Working'} ({done}/{total})")
+
+    def _on_built(self, result) -> None:
+        status, message, summary = result
+        self.worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.build_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+        if status == "done":
+            self.summary = summary
+            message = describe_summary(summary, self.out_edit.text().strip())
+            self.status_label.show_message("Dataset built.", "ok")
+            self.summary_label.show_message(message)
+            notify("info", message)
+        elif status == "cancelled":
+            self.status_label.show_message(message, "warning")
+        else:
+            self.status_label.show_message(message, "error")
+            notify("error", message)
+        self.finished.emit(status, message)
+
+
+def describe_summary(summary, out: str) -> str:
+    """A short human summary of what ``build_pairs`` returned."""
+    if not isinstance(summary, dict):
+        return f"Dataset written to {out}."
+    parts = []
+    for key, label in (("n_pairs", "pairs"), ("pairs", "pairs"), ("n_train", "training"), ("n_val", "validation"),
+                       ("fields", "fields of view"), ("n_fields", "fields of view"), ("patch", "px patches"),
+                       ("range_um", "µm range")):
+        v = summary.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{v:g} {label}")
+    return f"Dataset written to {summary.get('out', out)}: " + (", ".join(parts) if parts else "done") + "."
+
+
+__all__ = ["PairsWidget", "FocusPlot", "describe_summary"]
