@@ -383,3 +383,19 @@ def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp
     assert index["pairs"]
     assert index["z_step_um"] == pytest.approx(0.5)
     assert w.summary is not None and "Dataset written" in w.summary_label.text()
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def test_plugin_widgets_reader_and_writer_through_napari(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    for name in ("Refocus (Deep-R)", "Training pairs (Deep-R)", "Train (Deep-R)"):
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-deepr", name)
+        assert widget is not None
+    stack = (np.arange(4 * 40 * 48) % 997).reshape(4, 40, 48).astype(np.float32)
+    layer = viewer.add_image(stack, name="s", scale=(0.5, 0.325, 0.325), units=("µm", "µm", "µm"))
+    path = tmp_path / "s.tif"
+    viewer.layers.save(str(path), selected=False, plugin="napari-deepr")
+    [opened] = viewer.open(str(path), plugin="napari-deepr")
+    np.testing.assert_array_equal(np.asarray(opened.data), stack)
+    np.testing.assert_allclose(opened.scale, layer.scale)
+    assert all(str(u) in ("micrometer", "µm") for u in opened.units)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSizePolicy,
@@ -180,7 +181,7 @@ class PairsWidget(QWidget):
         self.override_check = QCheckBox("use this plane for every patch")
         self.override_check.setToolTip(
             "Checked when you move the plane: every patch pairs with it. Unchecked: the method picks per patch.")
-        prow.addWidget(MessageLabel("In-focus plane"))
+        prow.addWidget(QLabel("In-focus plane"))
         prow.addWidget(self.plane_spin)
         prow.addWidget(self.override_check, 1)
         root.addLayout(prow)
@@ -304,27 +305,36 @@ class PairsWidget(QWidget):
         if stack is None:
             return
         if self.curve_worker is not None:
-            self.curve_worker.quit()
+            # One computation at a time: rerun with the latest settings when the running one ends.
+            self._curve_pending = True
+            return
+        self._curve_pending = False
         self.status_label.show_message("Computing the focus curve…")
         worker = create_worker(_curve_job, stack, self.measure_combo.currentData(),
                                self.method_combo.currentData(), _start_thread=False)
         worker.returned.connect(lambda res, w=worker: self._on_curve(res, w))
-        worker.errored.connect(lambda exc: self.status_label.show_message(one_sentence(exc), "error"))
+        worker.errored.connect(lambda exc, w=worker: self._on_curve_error(exc, w))
         self.curve_worker = worker
         worker.start()
 
     def _on_curve(self, result, worker) -> None:
-        if worker is not self.curve_worker:
-            return  # an older request finished after a newer one started
         self.curve_worker = None
+        if getattr(self, "_curve_pending", False):
+            self.compute_curve()  # settings changed while this one ran: its result is stale
+            return
         self.curve, self.auto_plane = result
         if not self.override_check.isChecked():
             self.plane_spin.blockSignals(True)
             self.plane_spin.setValue(self.auto_plane)
             self.plane_spin.blockSignals(False)
+            self._show_plane(self.auto_plane)
         self.status_label.show_message("")
         self._redraw()
         self.curve_ready.emit()
+
+    def _on_curve_error(self, exc, worker) -> None:
+        self.curve_worker = None
+        self.status_label.show_message(one_sentence(exc), "error")
 
     def z_um(self) -> np.ndarray:
         """Plane positions in µm relative to the chosen in-focus plane."""
@@ -334,7 +344,10 @@ class PairsWidget(QWidget):
     def _redraw(self) -> None:
         if self.curve is None:
             return
-        z = np.arange(len(self.curve)) * self.zstep_spin.value()
+        lay = self.selected_layer()
+        origin = float(lay.translate[lay.ndim - 3]) if lay is not None else 0.0
+        # World z (as the viewer's slider shows it), so the plot and the viewer agree.
+        z = origin + np.arange(len(self.curve)) * self.zstep_spin.value()
         self.plot.show_curve(z, self.curve, self.plane_spin.value(), self.auto_plane,
                              self.measure_combo.currentData())
 
@@ -344,13 +357,16 @@ class PairsWidget(QWidget):
 
     def _on_plane_spin(self, value: int) -> None:
         self.override_check.setChecked(True)
+        self._show_plane(value)
+        self._redraw()
+
+    def _show_plane(self, value: int) -> None:
         lay = self.selected_layer()
         if lay is not None:
             # Show the chosen plane in the viewer, so the user sees what "in focus" means here.
             z = lay.ndim - 3
             axis = self.viewer.dims.ndim - lay.ndim + z  # layers are right-aligned in world dims
             self.viewer.dims.set_point(axis, value * float(lay.scale[z]) + float(lay.translate[z]))
-        self._redraw()
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:

@@ -635,7 +635,7 @@ class RefocusWidget(QWidget):
             oor = self.viewer.add_labels(
                 mask.astype(np.uint8), name=run.oor_name, colormap=cmap, opacity=0.9,
                 metadata={ROLE_KEY: "out_of_range", "defocus_range_um": [lo, hi]},
-                scale=lay.scale, translate=lay.translate,
+                scale=lay.scale, translate=lay.translate, units=lay.units, axis_labels=lay.axis_labels,
             )
             oor.contour = 2  # an outline keeps the image and DPM beneath readable
             self.viewer.layers.selection.active = run.layer
