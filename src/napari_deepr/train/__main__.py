@@ -1,0 +1,139 @@
+"""Command line of the Deep-R trainer: ``python -m napari_deepr.train DATASET -o MODEL_DIR [...]``.
+
+Prints one JSON object per line on stdout (events ``start``, ``progress``, ``validation``,
+``checkpoint``, ``export``, ``done``, ``error``, ``stopped``); human-readable noise goes to stderr.
+
+Exit codes: 0 when done or stopped (a stop leaves ``MODEL_DIR/checkpoint.pt`` for ``--resume``),
+2 for an unusable dataset or setting (one ``error`` line saying why), 1 for unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's argument parser (also used by ``deepr train``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m napari_deepr.train",
+        description="Train a Deep-R refocusing model (GAN generator + DPM decoder) and export it to ONNX.",
+    )
+    p.add_argument("dataset", help='pairs folder from "deepr pairs", or a JSON file {"synthetic": {...}}')
+    p.add_argument("-o", "--out", required=True, help="model folder to write (checkpoints, previews, ONNX)")
+    b = p.add_argument_group("budget")
+    b.add_argument("--iterations", type=int, default=None, help="GAN iterations (each = g-steps G + d-steps D updates)")
+    b.add_argument("--minutes", type=float, default=None, help="GAN-phase wall-clock budget (whole run, across resumes)")
+    b.add_argument("--dpm-iterations", type=int, default=None, help="DPM-decoder updates (0 = no DPM decoder)")
+    b.add_argument("--dpm-minutes", type=float, default=None, help="DPM-phase wall-clock budget")
+    b.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
+    b.add_argument("--patience", type=int, default=None, help="early stopping after N validations without a better BerHu (0 = off; default 20)")
+    n = p.add_argument_group("network and optimisation")
+    n.add_argument("--base", type=int, default=16, help="generator width at full resolution (16 CPU default, 32 paper-sized)")
+    n.add_argument("--max-channels", type=int, default=512)
+    n.add_argument("--d-base", type=int, default=16, help="discriminator width")
+    n.add_argument("--patch", type=int, default=None, help="training patch side, multiple of 32 (default: dataset's, 256 synthetic)")
+    n.add_argument("--batch", type=int, default=5)
+    n.add_argument("--g-steps", type=int, default=6)
+    n.add_argument("--d-steps", type=int, default=3)
+    n.add_argument("--lr-g", type=float, default=5e-4)
+    n.add_argument("--lr-d", type=float, default=1e-6)
+    n.add_argument("--lr-dpm", type=float, default=1e-4)
+    n.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    n.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    n.add_argument("--no-gan", action="store_true", help="no discriminator: (1 - MS-SSIM) + BerHu only")
+    n.add_argument("--adv-weight", type=float, default=0.1, help="lambda (LSGAN term)")
+    n.add_argument("--msssim-weight", type=float, default=3.0, help="nu (1 - MS-SSIM)")
+    n.add_argument("--berhu-weight", type=float, default=1.0, help="xi (BerHu)")
+    n.add_argument("--balance", choices=("fixed", "auto"), default="fixed",
+                   help="auto: re-balance lambda and nu at each validation so all terms contribute equally")
+    n.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on AVX512-BF16 CPUs and GPUs)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    r.add_argument("--workers", type=int, default=None, help="synthetic-data worker processes (default 1)")
+    r.add_argument("--val-every", type=int, default=None, help="iterations between validations (default 50)")
+    r.add_argument("--val-pairs", type=int, default=48)
+    r.add_argument("--log-every", type=int, default=None, help="iterations between progress lines (default 1)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    c = p.add_argument_group("model card")
+    c.add_argument("--name", default=None, help="model name (default: the folder name)")
+    c.add_argument("--version", default="1.0.0")
+    c.add_argument("--modality", default="widefield fluorescence")
+    c.add_argument("--tile", type=int, default=None, help="inference tile written to the card (default 512)")
+    c.add_argument("--overlap", type=int, default=None, help="inference overlap (default: covers the blur radius, >= 64)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Turn parsed arguments into a :class:`~napari_deepr.train.loop.TrainConfig`."""
+    from .loop import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+    return TrainConfig(
+        dataset=args.dataset, out=args.out, iterations=args.iterations, minutes=args.minutes,
+        dpm_iterations=args.dpm_iterations, dpm_minutes=args.dpm_minutes, device=args.device,
+        base=args.base, max_channels=args.max_channels, d_base=args.d_base, patch=args.patch, batch=args.batch,
+        g_steps=args.g_steps, d_steps=args.d_steps, lr_g=args.lr_g, lr_d=args.lr_d, lr_dpm=args.lr_dpm,
+        lr_schedule=args.lr_schedule, clip=args.clip, gan=not args.no_gan, adv_weight=args.adv_weight,
+        msssim_weight=args.msssim_weight, berhu_weight=args.berhu_weight, balance=args.balance,
+        val_every=args.val_every if args.val_every is not None else d["val_every"].default,
+        val_pairs=args.val_pairs,
+        patience=args.patience if args.patience is not None else d["patience"].default,
+        seed=args.seed, bf16=args.bf16, threads=args.threads,
+        workers=args.workers if args.workers is not None else d["workers"].default,
+        log_every=args.log_every if args.log_every is not None else d["log_every"].default,
+        export=not args.no_export, name=args.name, version=args.version, modality=args.modality,
+        tile=args.tile, overlap=args.overlap,
+    )
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _one_sentence(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return text.splitlines()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trainer; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        from ..errors import DeepRError
+        from .loop import train
+
+        config = config_from_args(args)
+        config.validate()
+        train(config, _emit, resume=args.resume)
+    except DeepRError as exc:
+        _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
+        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # report anything else as one protocol line, details on stderr
+        _emit({"event": "error", "message": f"{type(exc).__name__}: {_one_sentence(exc)}", "kind": type(exc).__name__})
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,883 @@
+"""The Deep-R training loop: GAN phase, DPM-decoder phase, export, with a JSON-lines protocol.
+
+Phases, in order (the phase is saved in the checkpoint, so ``--resume`` continues where it stopped):
+
+1. ``gan`` -- each *iteration* makes ``d_steps`` discriminator updates and ``g_steps`` generator
+   updates (paper: 3 and 6), each on a fresh batch. Generator objective: weighted LSGAN +
+   (1 - MS-SSIM) + BerHu (:mod:`.losses`); with ``gan=False`` only the last two. Adam (5e-4 / 1e-6),
+   gradient-norm clipping (BerHu's quadratic branch diverges without it on sparse bright objects).
+   Every ``val_every`` iterations the validation set is scored (BerHu, SSIM of input and output per
+   defocus bin, RMSE), a preview PNG is written, the best generator by validation BerHu is kept, the
+   resumable checkpoint is refreshed and early stopping is checked (``patience`` validations).
+2. ``dpm`` -- the best generator is frozen; the DPM decoder (the up path on the generator's
+   features) learns the uniform defocus of each pair with an L2 loss (Adam 1e-4).
+3. ``export`` -- final validation table, ``generator.onnx``, ``dpm.onnx``, ``model.json``.
+
+Budgets: ``iterations`` and ``minutes`` bound the GAN phase (whichever ends first; both count the
+whole run across resumes); ``dpm_iterations`` / ``dpm_minutes`` bound the DPM phase (default: a
+quarter of the GAN phase's budget, at least 20 updates). Stopping (SIGINT, SIGTERM or a file
+``MODEL_DIR/STOP``) writes ``MODEL_DIR/checkpoint.pt`` and returns the ``stopped`` status.
+
+Protocol: :func:`train` calls ``emit(dict)`` for every event; ``__main__`` prints them as JSON lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import losses as L
+from .data import DatasetError, Source, bin_of, defocus_bins, open_source
+from .nets import TILE_MULTIPLE, DPMDecoder, Discriminator, Generator, count_parameters
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+STOP_FILE = "STOP"
+FORMAT_VERSION = 1
+
+# Keys a --resume run may change; everything else (architecture, losses, data) comes from the checkpoint.
+RUNTIME_KEYS = ("iterations", "minutes", "dpm_iterations", "dpm_minutes", "device", "threads", "workers",
+                "patience", "val_every", "log_every", "export", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in the checkpoint and in ``model.json``).
+
+    Attributes
+    ----------
+    dataset : str
+        Pairs folder or synthetic-data JSON file.
+    out : str
+        Model folder.
+    iterations, minutes : optional
+        GAN-phase budget (whichever ends first). Neither: the paper's 100 000 iterations.
+    dpm_iterations, dpm_minutes : optional
+        DPM-phase budget. Neither: a quarter of the GAN budget (``g_steps * iterations / 4`` updates
+        or ``minutes / 4``), at least 20 updates. ``dpm_iterations=0`` skips the DPM decoder.
+    device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    base, max_channels, d_base : int
+        Generator width, width cap, discriminator width.
+    patch, batch : int
+        Patch side (multiple of 32; default: stored size, 256 for synthetic) and batch size.
+    g_steps, d_steps : int
+        Generator and discriminator updates per iteration.
+    lr_g, lr_d, lr_dpm : float
+        Adam learning rates.
+    lr_schedule : str
+        ``constant`` (paper) or ``cosine`` (decays to 5 % over the budget).
+    clip : float
+        Gradient-norm clip for every network.
+    gan : bool
+        Use the discriminator and the adversarial term.
+    adv_weight, msssim_weight, berhu_weight : float
+        lambda, nu, xi of the generator loss.
+    balance : str
+        ``fixed`` or ``auto`` (re-balance to equal contributions at each validation).
+    berhu_frac : float
+        BerHu threshold as a fraction of the target std.
+    val_every, val_pairs, patience : int
+        Validation period (iterations), validation set size, early-stopping patience (validations;
+        0 disables).
+    seed : int
+        Seed of weights, sampling and augmentation.
+    bf16 : bool
+        bfloat16 autocast for forward/backward (about 1.5x faster on CPUs with AVX512-BF16).
+    threads : int, optional
+        torch intra-op threads.
+    workers : int
+        Synthetic-data worker processes.
+    log_every : int
+        Iterations between progress events.
+    export : bool
+        Export the model folder at the end.
+    name, version, modality : str
+        Model card fields.
+    tile, overlap : int, optional
+        Model card inference defaults (default: 512 and an overlap covering the blur radius).
+    """
+
+    dataset: str = ""
+    out: str = ""
+    iterations: int | None = None
+    minutes: float | None = None
+    dpm_iterations: int | None = None
+    dpm_minutes: float | None = None
+    device: str = "auto"
+    base: int = 16
+    max_channels: int = 512
+    d_base: int = 16
+    patch: int | None = None
+    batch: int = 5
+    g_steps: int = 6
+    d_steps: int = 3
+    lr_g: float = 5e-4
+    lr_d: float = 1e-6
+    lr_dpm: float = 1e-4
+    lr_schedule: str = "constant"
+    clip: float = 1.0
+    gan: bool = True
+    adv_weight: float = 0.1
+    msssim_weight: float = 3.0
+    berhu_weight: float = 1.0
+    balance: str = "fixed"
+    berhu_frac: float = 0.1
+    val_every: int = 50
+    val_pairs: int = 48
+    patience: int = 20
+    seed: int = 0
+    bf16: bool = False
+    threads: int | None = None
+    workers: int = 1
+    log_every: int = 1
+    export: bool = True
+    name: str | None = None
+    version: str = "1.0.0"
+    modality: str = "widefield fluorescence"
+    tile: int | None = None
+    overlap: int | None = None
+    extra_card: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise :class:`DatasetError`-style ValueErrors for impossible settings (one sentence)."""
+        if self.iterations is not None and self.iterations < 0:
+            raise ValueError("--iterations must be zero or more.")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError("--minutes must be positive.")
+        if self.patch is not None and (self.patch < 32 or self.patch % TILE_MULTIPLE):
+            raise ValueError(f"--patch must be a positive multiple of {TILE_MULTIPLE}.")
+        if self.batch < 1 or self.g_steps < 1 or self.d_steps < 0:
+            raise ValueError("--batch and --g-steps must be at least 1 and --d-steps at least 0.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError("--lr-schedule must be constant or cosine.")
+        if self.balance not in ("fixed", "auto"):
+            raise ValueError("--balance must be fixed or auto.")
+        if self.val_every < 1:
+            raise ValueError("--val-every must be at least 1.")
+
+
+class Stopped(Exception):
+    """Raised inside the loop when a stop was requested; the caller writes the checkpoint."""
+
+
+class _StopWatch:
+    """Signal handlers and the stop file."""
+
+    def __init__(self, out: Path) -> None:
+        self.flag = False
+        self.file = out / STOP_FILE
+        self._old: dict = {}
+
+    def __enter__(self):
+        def handler(signum, frame):  # noqa: ARG001
+            self.flag = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        if not self.flag and self.file.exists():
+            self.flag = True
+        return self.flag
+
+    def clear(self) -> None:
+        if self.file.exists():
+            try:
+                self.file.unlink()
+            except OSError:
+                pass
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DatasetError("CUDA was requested but this PyTorch sees no CUDA GPU; use --device cpu.")
+    if name not in ("cpu", "cuda"):
+        raise DatasetError(f"Unknown device {name!r}; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+def _clean(v: Any) -> Any:
+    """Make a value JSON-safe: NaN/inf become None, numpy scalars become Python numbers."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One training run; use :func:`train` rather than this class directly.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Settings (for ``resume``, the checkpoint's settings win except :data:`RUNTIME_KEYS`).
+    emit : callable
+        Receives every event dict.
+    resume : bool
+        Continue from ``MODEL_DIR/checkpoint.pt``.
+    """
+
+    def __init__(self, config: TrainConfig, emit: Callable[[dict], None], resume: bool = False) -> None:
+        self.emit_raw = emit
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "previews").mkdir(exist_ok=True)
+        self.ckpt_path = self.out / CHECKPOINT
+        self.saved: dict | None = None
+        self.warnings: list[str] = []
+        if resume:
+            if not self.ckpt_path.exists():
+                raise DatasetError(f"There is no checkpoint to resume in {self.out}.")
+            self.saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            base = dict(self.saved["config"])
+            for k in RUNTIME_KEYS:
+                v = getattr(config, k)
+                if v is not None and v != TrainConfig.__dataclass_fields__[k].default:
+                    base[k] = v
+            base["dataset"] = config.dataset
+            base["out"] = config.out
+            config = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+        config.validate()
+        self.cfg = config
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        self.device = _resolve_device(config.device)
+        restart = int(self.saved["restarts"]) + 1 if self.saved else 0
+        self.restarts = restart
+        self.source: Source = open_source(config.dataset, config.patch, seed=config.seed, workers=config.workers,
+                                          val_pairs=config.val_pairs, restart=restart)
+        self.warnings += getattr(self.source, "warnings", [])
+        self.patch = self.source.patch
+        self.range_um = float(self.source.info["range_um"])
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng([config.seed, restart])
+        random.seed(config.seed)
+        self.cl = torch.channels_last
+        self.G = Generator(1, config.base, config.max_channels).to(self.device, memory_format=self.cl)
+        self.D = Discriminator(1, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
+        self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=(0.9, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=(0.9, 0.999))
+        self.opt_dec = torch.optim.Adam(self.Dec.parameters(), lr=config.lr_dpm, betas=(0.9, 0.999))
+        self.weights = L.LossWeights(config.adv_weight, config.msssim_weight, config.berhu_weight, config.balance)
+        self.iteration = 0
+        self.dpm_iteration = 0
+        self.phase = "gan"
+        self.elapsed = {"gan": 0.0, "dpm": 0.0}
+        self.best = {"berhu": math.inf, "iteration": 0, "state": None, "metrics": None}
+        self.best_dpm = {"mae": math.inf, "iteration": 0, "state": None}
+        self.since_best = 0
+        self.history: list[dict] = []
+        self._last_dpm_val = -1
+        self.last_terms: dict = {}
+        if self.saved:
+            self._restore(self.saved)
+        val = self.source.validation()
+        self.val = tuple(np.asarray(a) for a in val)
+        z_step = self.source.info.get("z_step_um")
+        self.bins = defocus_bins(self.range_um, z_step if isinstance(z_step, (int, float)) else None)
+
+    # ------------------------------------------------------------------ helpers
+    def emit(self, event: str, **fields: Any) -> None:
+        self.emit_raw(_clean({"event": event, **fields}))
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
+
+    def _to(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device).contiguous(memory_format=self.cl)
+
+    def _batch(self, n: int | None = None):
+        x, y, z = self.source.sample(self.rng, n or self.cfg.batch)
+        return self._to(x), self._to(y), torch.from_numpy(z).to(self.device)
+
+    def _budget(self) -> tuple[int | None, float | None]:
+        it, mins = self.cfg.iterations, self.cfg.minutes
+        if it is None and mins is None:
+            it = 100_000
+        return it, mins
+
+    def _dpm_budget(self) -> tuple[int | None, float | None]:
+        it, mins = self.cfg.dpm_iterations, self.cfg.dpm_minutes
+        if it is None and mins is None:
+            g_it, g_min = self.cfg.iterations, self.cfg.minutes
+            if g_min is not None:
+                mins = g_min / 4.0
+            if g_it is not None:
+                it = max(20, g_it * self.cfg.g_steps // 4)
+            if g_it is None and g_min is None:
+                it = max(20, self._budget()[0] * self.cfg.g_steps // 4)
+        return it, mins
+
+    def _fraction(self, phase: str) -> float:
+        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        done = self.iteration if phase == "gan" else self.dpm_iteration
+        f = 0.0
+        if it_b:
+            f = max(f, done / it_b)
+        if min_b:
+            f = max(f, self.elapsed[phase] / (60.0 * min_b))
+        return min(f, 1.0)
+
+    def _finished(self, phase: str) -> bool:
+        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        done = self.iteration if phase == "gan" else self.dpm_iteration
+        if it_b is not None and done >= it_b:
+            return True
+        return bool(min_b is not None and self.elapsed[phase] >= 60.0 * min_b)
+
+    def _eta(self, phase: str, rate: float) -> float | None:
+        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        done = self.iteration if phase == "gan" else self.dpm_iteration
+        etas = []
+        if it_b is not None and rate > 0:
+            etas.append((it_b - done) / rate)
+        if min_b is not None:
+            etas.append(60.0 * min_b - self.elapsed[phase])
+        return max(0.0, min(etas)) if etas else None
+
+    def _set_lr(self) -> None:
+        if self.cfg.lr_schedule != "cosine":
+            return
+        f = self._fraction("gan")
+        scale = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * f))
+        for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "config": dataclasses.asdict(self.cfg),
+            "phase": self.phase,
+            "iteration": self.iteration,
+            "dpm_iteration": self.dpm_iteration,
+            "elapsed": dict(self.elapsed),
+            "generator": self.G.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "dpm": self.Dec.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "opt_dpm": self.opt_dec.state_dict(),
+            "weights": dataclasses.asdict(self.weights),
+            "best": self.best,
+            "best_dpm": self.best_dpm,
+            "since_best": self.since_best,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": self.rng.bit_generator.state,
+                "python": random.getstate(),
+            },
+            "restarts": self.restarts,
+            "source": {k: v for k, v in self.source.info.items() if k != "provenance"},
+        }
+
+    def _restore(self, s: dict) -> None:
+        self.G.load_state_dict(s["generator"])
+        self.D.load_state_dict(s["discriminator"])
+        self.Dec.load_state_dict(s["dpm"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_d.load_state_dict(s["opt_d"])
+        self.opt_dec.load_state_dict(s["opt_dpm"])
+        self.phase = s["phase"]
+        self.iteration = int(s["iteration"])
+        self.dpm_iteration = int(s["dpm_iteration"])
+        self.elapsed = dict(s["elapsed"])
+        w = s["weights"]
+        self.weights = L.LossWeights(w["adv"], w["msssim"], w["berhu"], w["balance"], dict(w.get("running", {})))
+        self.best = s["best"]
+        self.best_dpm = s["best_dpm"]
+        self.since_best = int(s["since_best"])
+        self.history = list(s["history"])
+        torch.set_rng_state(s["rng"]["torch"])
+        self.rng.bit_generator.state = s["rng"]["numpy"]
+        random.setstate(s["rng"]["python"])
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """Write the resumable ``checkpoint.pt`` atomically and announce it."""
+        _atomic_save(self._state(), self.ckpt_path)
+        self.emit("checkpoint", path=str(self.ckpt_path), kind="resume", reason=reason, phase=self.phase,
+                  iteration=self.iteration, dpm_iteration=self.dpm_iteration)
+        return self.ckpt_path
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, with_dpm: bool = False) -> dict:
+        """Score the validation set: BerHu, SSIM and RMSE of input and output, per defocus bin.
+
+        Parameters
+        ----------
+        with_dpm : bool
+            Also report the DPM decoder's mean absolute error (µm) per bin.
+
+        Returns
+        -------
+        dict
+            ``berhu``, ``berhu_input``, ``ssim_input``, ``ssim_output``, ``rmse_input``,
+            ``rmse_output`` (means), ``per_z`` (list of per-bin dicts) and the outputs used for the
+            preview under ``_preview``.
+        """
+        self.G.eval()
+        self.Dec.eval()
+        x_all, y_all, z_all = self.val
+        n = len(z_all)
+        rec = {k: np.zeros(n) for k in ("berhu_in", "berhu_out", "ssim_in", "ssim_out", "rmse_in", "rmse_out",
+                                           "dpm_mae")}
+        outputs = np.zeros_like(x_all)
+        bs = max(1, self.cfg.batch * 2)
+        for s in range(0, n, bs):
+            x = self._to(x_all[s:s + bs])
+            y = self._to(y_all[s:s + bs])
+            out, feats = self.G.forward_with_features(x)
+            outputs[s:s + bs] = out.float().cpu().numpy()
+            sl = slice(s, s + len(x))
+            rec["berhu_in"][sl] = L.berhu(x, y, self.cfg.berhu_frac, reduce=False).cpu().numpy()
+            rec["berhu_out"][sl] = L.berhu(out, y, self.cfg.berhu_frac, reduce=False).cpu().numpy()
+            rec["ssim_in"][sl] = L.ssim(x, y).cpu().numpy()
+            rec["ssim_out"][sl] = L.ssim(out, y).cpu().numpy()
+            rec["rmse_in"][sl] = ((x - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
+            rec["rmse_out"][sl] = ((out - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
+            if with_dpm:
+                dpm = self.Dec(*feats).float()
+                z = torch.as_tensor(z_all[sl], device=self.device).view(-1, 1, 1, 1)
+                rec["dpm_mae"][sl] = (dpm - z).abs().flatten(1).mean(1).cpu().numpy()
+        bins = bin_of(z_all, self.bins)
+        per_z = []
+        for b in np.unique(bins):
+            m = bins == b
+            row = {
+                "z_um": float(self.bins[b]),
+                "n": int(m.sum()),
+                "ssim_input": float(rec["ssim_in"][m].mean()),
+                "ssim_output": float(rec["ssim_out"][m].mean()),
+                "rmse_input": float(rec["rmse_in"][m].mean()),
+                "rmse_output": float(rec["rmse_out"][m].mean()),
+                "berhu_input": float(rec["berhu_in"][m].mean()),
+                "berhu_output": float(rec["berhu_out"][m].mean()),
+            }
+            if with_dpm:
+                row["dpm_mae_um"] = float(rec["dpm_mae"][m].mean())
+            per_z.append(row)
+        metrics = {
+            "berhu": float(rec["berhu_out"].mean()),
+            "berhu_input": float(rec["berhu_in"].mean()),
+            "ssim_input": float(rec["ssim_in"].mean()),
+            "ssim_output": float(rec["ssim_out"].mean()),
+            "rmse_input": float(rec["rmse_in"].mean()),
+            "rmse_output": float(rec["rmse_out"].mean()),
+            "n": n,
+            "per_z": per_z,
+        }
+        if with_dpm:
+            metrics["dpm_mae_um"] = float(rec["dpm_mae"].mean())
+        metrics["_preview"] = outputs
+        self.G.train()
+        self.Dec.train()
+        return metrics
+
+    def write_preview(self, outputs: np.ndarray, tag: str) -> str:
+        """Save an input / output / target mosaic of up to 5 validation pairs spread over z."""
+        from PIL import Image, ImageDraw
+
+        x_all, y_all, z_all = self.val
+        order = np.argsort(z_all)
+        pick = order[np.unique(np.linspace(0, len(order) - 1, min(5, len(order))).round().astype(int))]
+        tiles = []
+        for i in pick:
+            tgt = y_all[i, 0]
+            lo, hi = np.percentile(tgt, [0.5, 99.8])
+            hi = hi if hi > lo else lo + 1
+            row = [np.clip((a - lo) / (hi - lo), 0, 1) for a in (x_all[i, 0], outputs[i, 0], tgt)]
+            gap = np.ones((tgt.shape[0], 4))
+            tiles.append(np.concatenate([row[0], gap, row[1], gap, row[2]], axis=1))
+            tiles.append(np.ones((4, tiles[-1].shape[1])))
+        mosaic = (np.concatenate(tiles[:-1], axis=0) * 255).astype(np.uint8)
+        img = Image.fromarray(mosaic).convert("RGB")
+        draw = ImageDraw.Draw(img)
+        p = x_all.shape[-1]
+        for r, i in enumerate(pick):
+            draw.text((3, r * (p + 4) + 2), f"z={float(z_all[i]):+.2f}um", fill=(255, 64, 64))
+        for c, label in enumerate(("input", "output", "target")):
+            draw.text((c * (p + 4) + 3, img.height - 12), label, fill=(64, 160, 255))
+        path = self.out / "previews" / f"{tag}.png"
+        tmp = path.with_name(f".{path.name}.partial.png")
+        img.save(tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+    # ------------------------------------------------------------------ phases
+    def _gan_iteration(self, stop: _StopWatch) -> dict:
+        cfg = self.cfg
+        terms_sum: dict[str, float] = {}
+        if cfg.gan and cfg.d_steps:
+            self.D.requires_grad_(True)
+            for _ in range(cfg.d_steps):
+                x, y, _ = self._batch()
+                with torch.no_grad(), self._autocast():
+                    fake = self.G(x)
+                self.opt_d.zero_grad(set_to_none=True)
+                with self._autocast():
+                    loss_d = L.lsgan_d_loss(self.D(fake.detach()), self.D(y))
+                loss_d.backward()
+                torch.nn.utils.clip_grad_norm_(self.D.parameters(), cfg.clip)
+                self.opt_d.step()
+                terms_sum["d"] = terms_sum.get("d", 0.0) + float(loss_d.detach()) / cfg.d_steps
+                if stop.requested():
+                    raise Stopped
+            self.D.requires_grad_(False)
+        for _ in range(cfg.g_steps):
+            x, y, _ = self._batch()
+            self.opt_g.zero_grad(set_to_none=True)
+            with self._autocast():
+                fake = self.G(x)
+                d_fake = self.D(fake) if cfg.gan else None
+            loss, terms = L.generator_loss(fake, y, self.weights, d_fake, cfg.berhu_frac)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"The generator loss became {float(loss)} at iteration {self.iteration + 1}; "
+                    "lower --lr-g or --clip."
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.G.parameters(), cfg.clip)
+            self.opt_g.step()
+            self.weights.observe(terms)
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.g_steps
+            if stop.requested():
+                raise Stopped
+        return terms_sum
+
+    def _validate_gan(self) -> None:
+        m = self.evaluate()
+        preview = self.write_preview(m.pop("_preview"), f"val_{self.iteration:07d}")
+        improved = m["berhu"] < self.best["berhu"]
+        if improved:
+            self.best = {"berhu": m["berhu"], "iteration": self.iteration,
+                         "state": {k: v.detach().cpu().clone() for k, v in self.G.state_dict().items()},
+                         "metrics": {k: v for k, v in m.items() if k != "per_z"} | {"per_z": m["per_z"]}}
+            self.since_best = 0
+            _atomic_save({"generator": self.best["state"], "iteration": self.iteration, "metrics": m,
+                          "config": dataclasses.asdict(self.cfg)}, self.out / BEST)
+        else:
+            self.since_best += 1
+        rebalanced = self.weights.rebalance()
+        self.history.append({"iteration": self.iteration, "berhu": m["berhu"], "ssim_output": m["ssim_output"],
+                             "ssim_input": m["ssim_input"], "elapsed_s": self.elapsed["gan"]})
+        early = bool(self.cfg.patience and self.since_best >= self.cfg.patience)
+        self.emit("validation", phase="gan", iteration=self.iteration, metrics=m, preview=preview,
+                  best=improved, best_iteration=self.best["iteration"], best_berhu=self.best["berhu"],
+                  weights=self.weights.as_dict() if rebalanced else None, early_stop=early)
+        if improved:
+            self.emit("checkpoint", path=str(self.out / BEST), kind="best", phase="gan", iteration=self.iteration)
+        self.save_checkpoint("validation")
+        if early:
+            self.early_stopped = True
+
+    def run_gan(self, stop: _StopWatch) -> None:
+        cfg = self.cfg
+        self.G.train()
+        self.D.train()
+        self.early_stopped = False
+        rate = 0.0
+        it_b, _ = self._budget()
+        while not self._finished("gan") and not self.early_stopped:
+            self._set_lr()
+            t0 = time.perf_counter()
+            try:
+                terms = self._gan_iteration(stop)
+            finally:
+                self.elapsed["gan"] += time.perf_counter() - t0
+            self.iteration += 1
+            dt = time.perf_counter() - t0
+            rate = 1.0 / dt if rate == 0 else 0.8 * rate + 0.2 / dt
+            self.last_terms = terms
+            if self.iteration % cfg.log_every == 0 or self.iteration == 1:
+                self.emit("progress", phase="gan", iteration=self.iteration, iterations=it_b,
+                          losses=terms, it_s=rate, pairs_s=rate * cfg.batch * (cfg.g_steps + (cfg.d_steps if cfg.gan else 0)),
+                          eta_s=self._eta("gan", rate), elapsed_s=self.elapsed["gan"],
+                          lr_g=self.opt_g.param_groups[0]["lr"])
+            if self.iteration % cfg.val_every == 0:
+                self._validate_gan()
+            if stop.requested():
+                raise Stopped
+        if not self.history or self.history[-1]["iteration"] != self.iteration:
+            self._validate_gan()
+
+    def _load_best_generator(self) -> None:
+        if self.best.get("state") is not None:
+            self.G.load_state_dict(self.best["state"])
+        self.G.eval()
+        self.G.requires_grad_(False)
+
+    def run_dpm(self, stop: _StopWatch) -> None:
+        cfg = self.cfg
+        self._load_best_generator()
+        self.Dec.train()
+        it_b, _ = self._dpm_budget()
+        if it_b == 0:
+            return
+        rate = 0.0
+        scale = max(self.range_um, 1e-3)
+        val_every = max(1, cfg.val_every * cfg.g_steps // 2)
+        while not self._finished("dpm"):
+            t0 = time.perf_counter()
+            x, _, z = self._batch()
+            with torch.no_grad(), self._autocast():
+                _, feats = self.G.forward_with_features(x)
+            self.opt_dec.zero_grad(set_to_none=True)
+            with self._autocast():
+                pred = self.Dec(*feats)
+            target = z.view(-1, 1, 1, 1).float()
+            loss = (((pred.float() - target) / scale) ** 2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.Dec.parameters(), cfg.clip)
+            self.opt_dec.step()
+            self.dpm_iteration += 1
+            dt = time.perf_counter() - t0
+            self.elapsed["dpm"] += dt
+            rate = 1.0 / dt if rate == 0 else 0.8 * rate + 0.2 / dt
+            if self.dpm_iteration % cfg.log_every == 0 or self.dpm_iteration == 1:
+                mae = float((pred.detach().float() - target).abs().mean())
+                self.emit("progress", phase="dpm", iteration=self.dpm_iteration, iterations=it_b,
+                          losses={"l2": float(loss.detach()), "mae_um": mae}, it_s=rate,
+                          eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"])
+            if self.dpm_iteration % val_every == 0:
+                self._validate_dpm()
+            if stop.requested():
+                raise Stopped
+        if self.best_dpm["iteration"] != self.dpm_iteration and self._last_dpm_val != self.dpm_iteration:
+            self._validate_dpm()
+
+    def _validate_dpm(self) -> None:
+        self._last_dpm_val = self.dpm_iteration
+        m = self.evaluate(with_dpm=True)
+        m.pop("_preview")
+        improved = m["dpm_mae_um"] < self.best_dpm["mae"]
+        if improved:
+            self.best_dpm = {"mae": m["dpm_mae_um"], "iteration": self.dpm_iteration,
+                             "state": {k: v.detach().cpu().clone() for k, v in self.Dec.state_dict().items()}}
+        self.emit("validation", phase="dpm", iteration=self.dpm_iteration,
+                  metrics={"dpm_mae_um": m["dpm_mae_um"],
+                           "per_z": [{"z_um": r["z_um"], "n": r["n"], "dpm_mae_um": r["dpm_mae_um"]}
+                                     for r in m["per_z"]]},
+                  best=improved, best_iteration=self.best_dpm["iteration"])
+
+    def card(self, quality: dict, export_dpm: bool) -> dict:
+        """The ``model.json`` content for this run."""
+        import onnx
+        import onnxruntime
+
+        from .. import __version__
+
+        info = self.source.info
+        optics = dict(info.get("optics") or {})
+        px = optics.get("pixel_size_um")
+        na = optics.get("na")
+        tile = self.cfg.tile or 512
+        overlap = self.cfg.overlap
+        if overlap is None:
+            radius_px = 0.0
+            if px and na:
+                n_imm = float(optics.get("immersion_index") or 1.0)
+                s = min(float(na) / n_imm, 0.99)
+                radius_px = self.range_um * s / math.sqrt(1 - s * s) / float(px)
+            overlap = int(max(64, math.ceil(2 * radius_px / 32) * 32))
+        overlap = min(overlap, tile // 2)
+        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("extra_card",)}
+        card = {
+            "name": self.cfg.name or self.out.name,
+            "version": self.cfg.version,
+            "modality": self.cfg.modality,
+            "channels": 1,
+            "pixel_size_um": px,
+            "na": na,
+            "wavelength_um": optics.get("wavelength_um"),
+            "immersion_index": optics.get("immersion_index"),
+            "defocus_range_um": [-self.range_um, self.range_um],
+            "normalization": "zscore_per_plane",
+            "output_scaling": "input_mean_std",
+            "tile_multiple": TILE_MULTIPLE,
+            "min_size": TILE_MULTIPLE,
+            "tile": tile,
+            "overlap": overlap,
+            "dpm_sign": info.get("dpm_sign"),
+            "dpm_sign_meaningful": bool(info.get("dpm_sign_meaningful", False)) and export_dpm,
+            "has_dpm": export_dpm,
+            "architecture": {
+                "generator": "residual U-Net, 5 down + 5 up blocks, LeakyReLU 0.1, global residual",
+                "base": self.cfg.base, "max_channels": self.cfg.max_channels,
+                "parameters": count_parameters(self.G) or sum(p.numel() for p in self.G.parameters()),
+                "features": [f"feat{i}" for i in range(self.G.num_features)],
+            },
+            "provenance": {
+                **(info.get("provenance") or {}),
+                "source_kind": info.get("kind"),
+                "trainer": "python -m napari_deepr.train",
+                "gan_iterations": self.iteration,
+                "best_iteration": self.best["iteration"],
+                "dpm_iterations": self.dpm_iteration,
+                "wall_s": {k: round(v, 1) for k, v in self.elapsed.items()},
+                "device": str(self.device),
+                "threads": torch.get_num_threads(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            "quality": quality,
+            "config": cfg,
+            "versions": {
+                "napari_deepr": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": np.__version__,
+                "python": sys.version.split()[0],
+            },
+        }
+        card.update(self.cfg.extra_card or {})
+        return card
+
+    def run_export(self) -> dict:
+        from .export import export_model
+
+        self._load_best_generator()
+        export_dpm = self.dpm_iteration > 0
+        if export_dpm and self.best_dpm.get("state") is not None:
+            self.Dec.load_state_dict(self.best_dpm["state"])
+        m = self.evaluate(with_dpm=export_dpm)
+        m.pop("_preview")
+        quality = {
+            "dataset": "validation split (held-out fields)" if self.source.info["kind"] == "pairs"
+            else "simulated validation pairs (fixed seed)",
+            "metric_notes": "SSIM: Gaussian 11-px window, data range of the z-scored target; RMSE and BerHu "
+                            "on z-scored images; DPM MAE in µm against the pair's uniform defocus.",
+            "mean": {k: v for k, v in m.items() if k != "per_z"},
+            "per_z": m["per_z"],
+        }
+        card = self.card(quality, export_dpm)
+        with _stdout_to_stderr():
+            res = export_model(self.G, self.Dec if export_dpm else None, self.out, card)
+        return res | {"quality": quality}
+
+    def run(self, stop: _StopWatch) -> dict:
+        cfg = self.cfg
+        self.emit(
+            "start", model_dir=str(self.out), dataset=str(cfg.dataset), source=self.source.info.get("kind"),
+            device=str(self.device), threads=torch.get_num_threads(), patch=self.patch,
+            range_um=self.range_um, phase=self.phase, resumed=self.saved is not None,
+            iteration=self.iteration, dpm_iteration=self.dpm_iteration,
+            parameters={"generator": count_parameters(self.G), "discriminator": count_parameters(self.D),
+                        "dpm": count_parameters(self.Dec)},
+            validation_pairs=int(len(self.val[2])), config=dataclasses.asdict(cfg), warnings=self.warnings,
+        )
+        t_start = time.perf_counter()
+        if self.phase == "gan":
+            self.run_gan(stop)
+            self.phase = "dpm"
+            self.save_checkpoint("phase")
+        if self.phase == "dpm":
+            self.run_dpm(stop)
+            self.phase = "export"
+            self.save_checkpoint("phase")
+        result: dict = {}
+        if self.phase == "export" and cfg.export:
+            t0 = time.perf_counter()
+            res = self.run_export()
+            q = res.pop("quality")
+            self.emit("export", path=str(self.out), wall_s=round(time.perf_counter() - t0, 2), **res, quality=q)
+            result = res
+        self.phase = "done"
+        self.save_checkpoint("done")
+        self.emit("done", model_dir=str(self.out), iterations=self.iteration, dpm_iterations=self.dpm_iteration,
+                  best_iteration=self.best["iteration"], best_val_berhu=self.best["berhu"],
+                  best_metrics={k: v for k, v in (self.best.get("metrics") or {}).items() if k != "per_z"},
+                  wall_s=round(time.perf_counter() - t_start, 1), elapsed_s=self.elapsed)
+        return result
+
+
+class _stdout_to_stderr:
+    """Keep exporter chatter off stdout (stdout carries only the JSON protocol)."""
+
+    def __enter__(self):
+        self._old = sys.stdout
+        sys.stdout = sys.stderr
+
+    def __exit__(self, *exc):
+        sys.stdout = self._old
+
+
+def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = False) -> str:
+    """Run (or resume) a training run to the end or until stopped.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        Settings.
+    emit : callable
+        Receives each protocol event as a dict.
+    resume : bool
+        Continue from ``MODEL_DIR/checkpoint.pt``.
+
+    Returns
+    -------
+    str
+        ``"done"`` or ``"stopped"``.
+
+    Raises
+    ------
+    DatasetError, ValueError
+        For unusable datasets or settings (the CLI turns them into exit code 2).
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _StopWatch(out) as stop:
+        stop.clear()
+        trainer = Trainer(config, emit, resume=resume)
+        try:
+            trainer.run(stop)
+        except Stopped:
+            trainer.save_checkpoint("stopped")
+            stop.clear()
+            trainer.emit("stopped", checkpoint=str(trainer.ckpt_path), phase=trainer.phase,
+                         iteration=trainer.iteration, dpm_iteration=trainer.dpm_iteration)
+            return "stopped"
+        finally:
+            trainer.source.close()
+    return "done"
