@@ -146,11 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=40, help="training iterations for the training shot")
     p.add_argument("--only", nargs="*", choices=("refocus", "pairs", "training"))
     args = p.parse_args(argv)
-    from qtpy.QtWidgets import QApplication
-
     import napari  # noqa: F401  (creates the Qt application napari expects)
-
     from napari._qt.qt_event_loop import get_qapp
+    from qtpy.QtWidgets import QApplication
 
     app = get_qapp()
     assert isinstance(app, QApplication)

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from onnx_builders import DPM_BIAS, DPM_GAIN, reference_output  # noqa: E402
+from onnx_builders import DPM_BIAS, DPM_GAIN, reference_output
 
 
 def _sample(shape=(256, 256), seed=0):
@@ -209,7 +209,7 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
     from napari_deepr._widgets import _common
     from napari_deepr._widgets.refocus import RefocusWidget
 
-    monkeypatch.setattr("napari_deepr._widgets.refocus.list_models", lambda: [])
+    monkeypatch.setattr("napari_deepr._widgets.refocus.list_models", list)
     monkeypatch.setattr(_common, "_session_models", [])
     viewer = make_napari_viewer()
     w = RefocusWidget(viewer)
@@ -347,7 +347,7 @@ def _pairs_widget(qtbot, viewer, stack):
 def test_pairs_widget_focus_curve_and_moving_the_plane(make_napari_viewer, qtbot, sim_stack):
     from napari_deepr.science.focus import focus_curve
 
-    stack, z = sim_stack
+    stack, _z = sim_stack
     viewer = make_napari_viewer()
     w = _pairs_widget(qtbot, viewer, stack)
     assert w.zstep_spin.value() == pytest.approx(0.5)
@@ -367,7 +367,7 @@ def test_pairs_widget_focus_curve_and_moving_the_plane(make_napari_viewer, qtbot
 
 def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp_path):
     pytest.importorskip("napari_deepr.stacks.pairs", reason="build_pairs is not in this checkout yet")
-    stack, z = sim_stack
+    stack, _z = sim_stack
     viewer = make_napari_viewer()
     w = _pairs_widget(qtbot, viewer, stack)
     out = tmp_path / "dataset"
@@ -389,7 +389,7 @@ def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp
 def test_plugin_widgets_reader_and_writer_through_napari(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     for name in ("Refocus (Deep-R)", "Training pairs (Deep-R)", "Train (Deep-R)"):
-        dock, widget = viewer.window.add_plugin_dock_widget("napari-deepr", name)
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-deepr", name)
         assert widget is not None
     stack = (np.arange(4 * 40 * 48) % 997).reshape(4, 40, 48).astype(np.float32)
     layer = viewer.add_image(stack, name="s", scale=(0.5, 0.325, 0.325), units=("µm", "µm", "µm"))

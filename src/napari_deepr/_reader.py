@@ -93,4 +93,4 @@ def read_layers(path: str | os.PathLike | list) -> list[tuple]:
     return out
 
 
-__all__ = ["get_reader", "read_layers", "image_to_layer_data"]
+__all__ = ["get_reader", "image_to_layer_data", "read_layers"]

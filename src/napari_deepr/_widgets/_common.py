@@ -9,6 +9,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from napari.utils import cancelable_progress
@@ -23,7 +24,7 @@ MICRON_UNITS = {"µm", "um", "micrometer", "micrometre", "micron", "μm"}
 #: widgets list these beside the installed models, so "Use this model" in the training widget and a
 #: folder chosen in one refocus widget show up everywhere.
 _session_models: list[Path] = []
-_model_listeners: "weakref.WeakSet" = weakref.WeakSet()
+_model_listeners: weakref.WeakSet = weakref.WeakSet()
 
 
 def session_models() -> list[Path]:
@@ -132,7 +133,7 @@ def notify(kind: str, message: str) -> None:
 class MessageLabel(QLabel):
     """A word-wrapped label for status, warnings and errors, coloured by severity."""
 
-    COLORS = {"info": "", "ok": "#6ecf6e", "warning": "#f0b429", "error": "#ff6b6b"}
+    COLORS: ClassVar[dict[str, str]] = {"info": "", "ok": "#6ecf6e", "warning": "#f0b429", "error": "#ff6b6b"}
 
     def __init__(self, text: str = "", parent=None):
         super().__init__(text, parent)
@@ -197,7 +198,7 @@ def safe_call(fn: Callable, *args, label: MessageLabel | None = None, what: str 
         return fn(*args)
     except (DeepRError, ValueError, OSError) as exc:
         msg = one_sentence(exc)
-    except Exception as exc:  # anything else is still reported as one sentence, not swallowed
+    except Exception as exc:  # noqa: BLE001 - anything else is still reported as one sentence, not swallowed
         msg = f"{what} failed ({type(exc).__name__}: {one_sentence(exc)})."
     if label is not None:
         label.show_message(msg, "error")

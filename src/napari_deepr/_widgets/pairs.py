@@ -393,15 +393,15 @@ class PairsWidget(QWidget):
         px = float(lay.scale[-1]) if (units_of(lay)[-1] != "pixel" or lay.scale[-1] != 1.0) else None
         image = io.ImageData(stack, "ZYX", px, self.zstep_spin.value(),
                              dict(lay.metadata, source_layer=lay.name), lay.name)
-        kwargs = dict(
-            z_step_um=self.zstep_spin.value(),
-            range_um=self.range_spin.value(),
-            patch=self.patch_spin.value(),
-            focus_method=self.method_combo.currentData(),
-            infocus_index=[self.plane_spin.value()] if self.override_check.isChecked() else None,
-            split=self.split_spin.value(),
-            seed=0,
-        )
+        kwargs = {
+            "z_step_um": self.zstep_spin.value(),
+            "range_um": self.range_spin.value(),
+            "patch": self.patch_spin.value(),
+            "focus_method": self.method_combo.currentData(),
+            "infocus_index": [self.plane_spin.value()] if self.override_check.isChecked() else None,
+            "split": self.split_spin.value(),
+            "seed": 0,
+        }
         self._cancel = threading.Event()
         self.summary = None
         self.summary_label.show_message("")
@@ -420,7 +420,7 @@ class PairsWidget(QWidget):
                 return ("cancelled", "Cancelled; the partial dataset was not kept.", None)
             except DeepRError as exc:
                 return ("error", one_sentence(exc), None)
-            except Exception as exc:  # still one sentence for the user, never a silent stop
+            except Exception as exc:  # noqa: BLE001 - still one sentence for the user, never a silent stop
                 return ("error", f"Building pairs failed ({type(exc).__name__}: {one_sentence(exc)}).", None)
             return ("done", "", summary)
 
@@ -482,4 +482,4 @@ def describe_summary(summary, out: str) -> str:
     return f"Dataset written to {summary.get('out', out)}: " + (", ".join(parts) if parts else "done") + "."
 
 
-__all__ = ["PairsWidget", "FocusPlot", "describe_summary"]
+__all__ = ["FocusPlot", "PairsWidget", "describe_summary"]

@@ -99,17 +99,16 @@ def _refocus_steps(data, model, axes, settings: dict, cancel: threading.Event):
         job.warnings.extend(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
     except DeepRError as exc:
         return ("error", one_sentence(exc), None)
-    except Exception as exc:  # an unexpected failure still reaches the user as one sentence
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure still reaches the user as one sentence
         return ("error", f"Refocus could not start ({type(exc).__name__}: {one_sentence(exc)}).", None)
     yield job
     try:
-        for step in job.steps(cancel):
-            yield step
+        yield from job.steps(cancel)
     except Cancelled:
         return ("cancelled", f"Cancelled after {job.done} of {job.total} tiles; finished rows are kept.", job)
     except DeepRError as exc:
         return ("error", one_sentence(exc), job)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one sentence for the user
         return ("error", f"Refocus failed ({type(exc).__name__}: {one_sentence(exc)}).", job)
     return ("done", "", job)
 
@@ -426,13 +425,13 @@ class RefocusWidget(QWidget):
         suffix = f" [plane {','.join(map(str, plane))}]" if plane is not None else ""
         self._run = _Run(layer, lead, plane, want_dpm, f"{name} refocused{suffix}",
                          f"{name} DPM (µm){suffix}", f"{name} DPM out of range{suffix}")
-        settings = dict(
-            dpm=want_dpm,
-            tile=self.tile_spin.value(),
-            overlap=self.overlap_spin.value(),
-            batch=self.batch_spin.value(),
-            providers=self.provider_combo.currentData(),
-        )
+        settings = {
+            "dpm": want_dpm,
+            "tile": self.tile_spin.value(),
+            "overlap": self.overlap_spin.value(),
+            "batch": self.batch_spin.value(),
+            "providers": self.provider_combo.currentData(),
+        }
         self._cancel = threading.Event()
         self.job = None
         self._dpm_display = None

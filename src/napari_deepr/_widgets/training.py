@@ -55,7 +55,7 @@ def format_seconds(s: float | None) -> str:
     """``1 h 02 min``, ``6 min 20 s`` or ``12 s``."""
     if s is None or not math.isfinite(s):
         return "?"
-    s = int(round(s))
+    s = round(s)
     if s >= 3600:
         return f"{s // 3600} h {s % 3600 // 60:02d} min"
     if s >= 60:
@@ -533,14 +533,14 @@ class TrainingWidget(QWidget):
         if not list(_common._model_listeners):
             try:
                 self.viewer.window.add_plugin_dock_widget("napari-deepr", "Refocus (Deep-R)")
-            except Exception:  # plugin not registered (e.g. run from a script): dock the class directly
+            except Exception:  # noqa: BLE001 - plugin not registered (e.g. run from a script): dock the class directly
                 from .refocus import RefocusWidget
 
                 self.viewer.window.add_dock_widget(RefocusWidget(self.viewer), name="Refocus (Deep-R)")
         register_model(self.model_dir, select=True)
         self.message.show_message(f"{self.model_dir.name} is now chosen in the Refocus widget.", "ok")
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         """Ask a running trainer to checkpoint and stop when the widget closes."""
         if self.process is not None and self.model_dir is not None:
             try:
@@ -550,4 +550,4 @@ class TrainingWidget(QWidget):
         super().closeEvent(event)
 
 
-__all__ = ["TrainingWidget", "LossPlot", "format_seconds", "torch_available"]
+__all__ = ["LossPlot", "TrainingWidget", "format_seconds", "torch_available"]
