@@ -1,0 +1,421 @@
+"""Training pairs from axial z-stacks (the Deep-R data protocol), stored as a documented dataset.
+
+Protocol (paper, Methods): register the planes of each stack, pick the in-focus plane for each
+non-overlapping square crop (default: highest SSIM to the wavelet extended-depth-of-field image,
+which follows tilt and field curvature), pair every plane within ``±range_um`` of that plane with
+it, record the defocus in micrometres, and split the fields of view 0.85 / 0.15 into training and
+validation sets -- by field, never by patch, so no field contributes to both.
+
+On-disk format (``format`` = ``"napari-deepr-pairs"``, ``version`` = 1)::
+
+    DATASET/
+      index.json
+      patches/c000000.tif  c000001.tif  ...
+
+``patches/cNNNNNN.tif`` holds one crop: a float32 ``(K, P, P)`` TIFF of the *registered* planes
+of that crop within ``±range_um`` of its in-focus plane, in stack order. The in-focus plane is
+one of them (``target`` in the crop record), so each pair is ``(planes[k], planes[target])``.
+Files are uncompressed and contiguous, so readers can memory-map them.
+
+``index.json``:
+
+* ``format``, ``version``, ``created``, ``patch``, ``range_um``, ``z_step_um`` (a number, or
+  ``"per-field"`` when the stacks differ), ``focus_method``, ``seed``,
+* ``optics`` -- ``pixel_size_um`` (when the stacks agree) and anything given by the caller,
+* ``z_sign`` -- ``"positive = planes after the in-focus plane in stack order"``,
+* ``fields`` -- one record per field of view (one stack, or one position of a multi-position
+  file): ``id``, ``source``, ``series``, ``name``, ``shape``, ``z_step_um``, ``pixel_size_um``,
+  ``split`` (``"train"``/``"val"``), ``registration_shifts_px`` (per plane ``[dy, dx]``),
+  ``crops`` (crop ids),
+* ``crops`` -- ``id``, ``file``, ``field``, ``y``, ``x`` (top-left corner in the field),
+  ``infocus_plane`` (index in the stack), ``planes`` (stack indices stored in the file),
+  ``z_um`` (defocus of each stored plane), ``target`` (position of the in-focus plane in the file),
+  ``split``,
+* ``pairs`` -- ``crop``, ``plane`` (position in the crop file), ``z_um``, ``split``,
+* ``summary`` -- counts: ``pairs``, ``train_pairs``, ``val_pairs``, ``fields``,
+  ``train_fields``, ``val_fields``, ``crops``, ``pairs_per_z`` (defocus in µm rounded to 0.01 ->
+  count), and ``warnings``.
+
+Defocus sign: ``z_um = (plane - infocus_plane) * z_step_um``; whether positive ``z`` means the
+focal plane above or below the sample depends on the acquisition order of the stacks.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import Cancelled, DeepRError
+
+FORMAT = "napari-deepr-pairs"
+VERSION = 1
+Z_SIGN = "positive = planes after the in-focus plane in stack order"
+
+
+class PairsError(DeepRError):
+    """A stack or setting that cannot give training pairs, explained in one sentence."""
+
+
+@dataclass
+class _Field:
+    data: np.ndarray
+    name: str
+    source: str
+    series: int
+    z_step_um: float
+    pixel_size_um: float | None
+
+
+def _load_fields(stacks: Sequence[Any], z_step_um: float | None) -> list[_Field]:
+    """Read every stack (paths, folders, arrays or ImageData) as fields of view."""
+    from ..io import ImageData, read_stacks
+
+    fields: list[_Field] = []
+    for i, item in enumerate(stacks):
+        if isinstance(item, (str, os.PathLike)):
+            images = read_stacks(item)
+            source = str(item)
+        elif isinstance(item, ImageData):
+            images = [item]
+            source = item.metadata.get("source", item.name or f"stack {i}")
+        else:
+            arr = np.asarray(item)
+            if arr.ndim != 3:
+                raise PairsError(f"Array stack {i} has shape {arr.shape}; a (Z, Y, X) stack is needed.")
+            images = [ImageData(arr, "ZYX", None, None, {}, f"array{i}")]
+            source = f"array {i}"
+        for s, img in enumerate(images):
+            data = np.asarray(img.data)
+            if data.ndim != 3:
+                raise PairsError(f"{img.name or source} is not a (Z, Y, X) stack (shape {data.shape}).")
+            name = img.name or Path(source).stem
+            if data.shape[0] < 2:
+                raise PairsError(f"{name} has only one plane; a z-stack with several planes is needed.")
+            dz = z_step_um if z_step_um is not None else img.z_step_um
+            if dz is None or not dz > 0:
+                raise PairsError(f"{name} does not record its z-step; pass z_step_um (--z-step) in micrometres.")
+            fields.append(_Field(data, name, source, s, float(dz), img.pixel_size_um))
+    if not fields:
+        raise PairsError("No z-stacks were given.")
+    return fields
+
+
+def _split_fields(n: int, split: float, seed: int) -> list[str]:
+    """Assign ``"train"``/``"val"`` per field: ``round(n * (1 - split))`` validation fields, at least one
+    when there are two or more fields, never all of them."""
+    if not 0 < split <= 1:
+        raise PairsError(f"split must be in (0, 1], got {split}.")
+    n_val = int(round(n * (1 - split)))
+    if n >= 2 and split < 1:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    order = np.random.default_rng(seed).permutation(n)
+    labels = ["train"] * n
+    for i in order[:n_val]:
+        labels[int(i)] = "val"
+    return labels
+
+
+def _check(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("Building training pairs was cancelled.")
+
+
+def build_pairs(
+    stacks: Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    z_step_um: float | None = None,
+    range_um: float = 5.0,
+    patch: int = 256,
+    focus_method: str = "ssim_edof",
+    infocus_index: int | None = None,
+    split: float = 0.85,
+    seed: int = 0,
+    register: bool = True,
+    optics: dict | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Build a training-pairs dataset from z-stacks.
+
+    Parameters
+    ----------
+    stacks : sequence
+        Paths (TIFF, OME-TIFF, ImageJ hyperstacks, zarr, folders of stacks; every position of a
+        multi-position file is its own field), :class:`~napari_deepr.io.ImageData` or ``(Z, Y, X)``
+        arrays.
+    out_dir : path
+        Dataset folder to create (an existing pairs dataset there is replaced).
+    z_step_um : float, optional
+        Axial step; overrides the files' calibration and is required when a stack has none.
+    range_um : float
+        Pair every plane within ``±range_um`` of the in-focus plane.
+    patch : int
+        Side of the non-overlapping square crops (leftover borders are dropped).
+    focus_method : str
+        In-focus selection per crop (see :func:`napari_deepr.stacks.infocus.select_in_focus`).
+    infocus_index : int, optional
+        Manual override: this plane is in focus for every crop of every stack.
+    split : float
+        Fraction of fields of view used for training; the rest validate.
+    seed : int
+        Seed of the field split.
+    register : bool
+        Register the planes of each stack (translation, sub-pixel) before cropping.
+    optics : dict, optional
+        Optics to record (``na``, ``wavelength_um``, ``immersion_index``, ``pixel_size_um``...).
+    progress : callable, optional
+        ``progress(fraction, message)``.
+    cancel : callable, optional
+        Returns True to abandon the build (raises :class:`~napari_deepr.errors.Cancelled`;
+        nothing is left behind).
+
+    Returns
+    -------
+    dict
+        The ``summary`` of ``index.json`` plus ``out_dir``.
+
+    Raises
+    ------
+    PairsError
+        One-plane stacks, unknown z-step, a range wider than a stack, crops larger than a field.
+    """
+    from .infocus import FOCUS_METHODS, select_in_focus
+    from .register import register_stack
+
+    if focus_method not in FOCUS_METHODS:
+        raise PairsError(f"Unknown focus method {focus_method!r}; choose one of {', '.join(FOCUS_METHODS)}.")
+    if not range_um > 0:
+        raise PairsError(f"The defocus range must be positive, got {range_um} µm.")
+    if patch < 32 or patch % 32:
+        raise PairsError(f"The patch size must be a multiple of 32 px, got {patch}.")
+    fields = _load_fields(stacks, z_step_um)
+    for f in fields:
+        extent = (f.data.shape[0] - 1) * f.z_step_um
+        if 2 * range_um > extent + 1e-6:
+            raise PairsError(
+                f"The range ±{range_um:g} µm is wider than {f.name}, which spans {extent:g} µm "
+                f"({f.data.shape[0]} planes × {f.z_step_um:g} µm); use a range of at most {extent / 2:g} µm."
+            )
+        if min(f.data.shape[1:]) < patch:
+            raise PairsError(
+                f"{f.name} ({f.data.shape[1]}×{f.data.shape[2]} px) is smaller than one {patch}-px patch; use a smaller --patch."
+            )
+        if infocus_index is not None and not 0 <= infocus_index < f.data.shape[0]:
+            raise PairsError(f"The in-focus index {infocus_index} is outside the {f.data.shape[0]} planes of {f.name}.")
+    labels = _split_fields(len(fields), split, seed)
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "index.json").exists():
+        raise PairsError(f"{out} exists and is not a pairs dataset; choose an empty or new folder.")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    (tmp / "patches").mkdir(parents=True)
+    crops: list[dict] = []
+    pairs: list[dict] = []
+    field_records: list[dict] = []
+    try:
+        for fi, f in enumerate(fields):
+            _check(cancel)
+            if progress:
+                progress(fi / len(fields), f"registering {f.name}")
+            stack = np.asarray(f.data, dtype=np.float32)
+            shifts = np.zeros((stack.shape[0], 2))
+            if register:
+                stack, shifts = register_stack(stack)
+            _check(cancel)
+            if progress:
+                progress((fi + 0.4) / len(fields), f"finding the in-focus plane of {f.name}")
+            if infocus_index is not None:
+                ny, nx = stack.shape[1] // patch, stack.shape[2] // patch
+                focus = np.full((ny, nx), int(infocus_index))
+            else:
+                focus = np.asarray(select_in_focus(stack, method=focus_method, crop=patch)).reshape(
+                    stack.shape[1] // patch, stack.shape[2] // patch
+                )
+            half = int(np.floor(range_um / f.z_step_um + 1e-6))
+            ids = []
+            for i in range(focus.shape[0]):
+                for j in range(focus.shape[1]):
+                    _check(cancel)
+                    k0 = int(focus[i, j])
+                    planes = list(range(max(0, k0 - half), min(stack.shape[0], k0 + half + 1)))
+                    y0, x0 = i * patch, j * patch
+                    block = np.ascontiguousarray(stack[planes, y0:y0 + patch, x0:x0 + patch], dtype=np.float32)
+                    cid = len(crops)
+                    name = f"patches/c{cid:06d}.tif"
+                    _write_tiff(tmp / name, block)
+                    zs = [round((k - k0) * f.z_step_um, 6) for k in planes]
+                    crops.append({
+                        "id": cid, "file": name, "field": fi, "y": y0, "x": x0, "infocus_plane": k0,
+                        "planes": planes, "z_um": zs, "target": planes.index(k0), "split": labels[fi],
+                    })
+                    for pos, z in enumerate(zs):
+                        pairs.append({"crop": cid, "plane": pos, "z_um": z, "split": labels[fi]})
+                    ids.append(cid)
+            field_records.append({
+                "id": fi, "source": f.source, "series": f.series, "name": f.name,
+                "shape": list(stack.shape), "z_step_um": f.z_step_um, "pixel_size_um": f.pixel_size_um,
+                "split": labels[fi], "registration_shifts_px": np.round(shifts, 4).tolist(), "crops": ids,
+                "infocus_planes": focus.tolist(),
+            })
+        steps = {f.z_step_um for f in fields}
+        pxs = {f.pixel_size_um for f in fields}
+        rec_optics = dict(optics or {})
+        if len(pxs) == 1 and None not in pxs:
+            rec_optics.setdefault("pixel_size_um", pxs.pop())
+        summary = _summary(field_records, crops, pairs)
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "patch": int(patch),
+            "range_um": float(range_um),
+            "z_step_um": steps.pop() if len(steps) == 1 else "per-field",
+            "focus_method": "manual" if infocus_index is not None else focus_method,
+            "registered": bool(register),
+            "seed": int(seed),
+            "split_fraction": float(split),
+            "optics": rec_optics,
+            "z_sign": Z_SIGN,
+            "z_sign_meaningful": True,
+            "fields": field_records,
+            "crops": crops,
+            "pairs": pairs,
+            "summary": summary,
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        _check(cancel)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        progress(1.0, f"wrote {summary['pairs']} pairs")
+    return dict(summary, out_dir=str(out))
+
+
+def _write_tiff(path: Path, block: np.ndarray) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, block, contiguous=True, metadata={"axes": "ZYX"})
+
+
+def _summary(fields: list[dict], crops: list[dict], pairs: list[dict]) -> dict:
+    per_z = Counter(f"{p['z_um']:.2f}" for p in pairs)
+    warnings = []
+    if not any(f["split"] == "val" for f in fields):
+        warnings.append("Only one field of view: there is no validation field.")
+    return {
+        "pairs": len(pairs),
+        "train_pairs": sum(p["split"] == "train" for p in pairs),
+        "val_pairs": sum(p["split"] == "val" for p in pairs),
+        "fields": len(fields),
+        "train_fields": sum(f["split"] == "train" for f in fields),
+        "val_fields": sum(f["split"] == "val" for f in fields),
+        "crops": len(crops),
+        "pairs_per_z": dict(sorted(per_z.items(), key=lambda kv: float(kv[0]))),
+        "warnings": warnings,
+    }
+
+
+class Pairs:
+    """Reader of a pairs dataset (see the module docstring for the format).
+
+    Attributes
+    ----------
+    root : Path
+        The dataset folder.
+    index : dict
+        The parsed ``index.json``.
+    crops, pairs : list of dict
+        Shortcuts to ``index["crops"]`` and ``index["pairs"]``.
+    patch : int
+        Crop side.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        path = self.root / "index.json"
+        if not path.is_file():
+            raise PairsError(f"{self.root} holds no index.json, so it is not a pairs dataset.")
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PairsError(f"{path} is not valid JSON ({exc}).") from exc
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise PairsError(f"{path} is not a napari-deepr pairs index.")
+        if int(index.get("version", 0)) > VERSION:
+            raise PairsError(f"{path} has format version {index.get('version')}; this napari-deepr reads up to {VERSION}.")
+        for key in ("patch", "range_um", "crops", "pairs"):
+            if key not in index:
+                raise PairsError(f"{path} lacks the field {key!r}.")
+        self.index = index
+        self.crops = index["crops"]
+        self.pairs = index["pairs"]
+        self.patch = int(index["patch"])
+        self._cache: dict[int, np.ndarray] = {}
+        missing = [c["file"] for c in self.crops if not (self.root / c["file"]).is_file()]
+        if missing:
+            raise PairsError(f"{len(missing)} patch file(s) of {self.root.name} are missing, e.g. {missing[0]}.")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def pair_ids(self, split: str | None = None) -> list[int]:
+        """Indices of the pairs in ``split`` (``"train"``, ``"val"`` or None for all)."""
+        return [i for i, p in enumerate(self.pairs) if split is None or p["split"] == split]
+
+    def crop_array(self, cid: int) -> np.ndarray:
+        """The ``(K, P, P)`` float32 planes of crop ``cid`` (memory-mapped when possible)."""
+        arr = self._cache.get(cid)
+        if arr is None:
+            import tifffile
+
+            path = self.root / self.crops[cid]["file"]
+            try:
+                arr = tifffile.memmap(path, mode="r")
+            except ValueError:
+                arr = tifffile.imread(path)
+            if arr.ndim == 2:
+                arr = arr[None]
+            self._cache[cid] = arr
+        return arr
+
+    def pair(self, pid: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(defocused, in_focus, z_um)`` of pair ``pid`` as float32 ``(P, P)`` arrays."""
+        p = self.pairs[pid]
+        crop = self.crops[p["crop"]]
+        arr = self.crop_array(p["crop"])
+        return (np.asarray(arr[p["plane"]], np.float32), np.asarray(arr[crop["target"]], np.float32),
+                float(p["z_um"]))
+
+    def fields(self, split: str | None = None) -> set[int]:
+        """Field ids with pairs in ``split``."""
+        return {self.crops[p["crop"]]["field"] for p in self.pairs if split is None or p["split"] == split}
+
+
+def load_pairs(out_dir: str | os.PathLike) -> Pairs:
+    """Open a dataset written by :func:`build_pairs`.
+
+    Raises
+    ------
+    PairsError
+        When the folder is not a readable pairs dataset.
+    """
+    return Pairs(out_dir)

@@ -1,0 +1,118 @@
+"""Training pairs from z-stacks: local in-focus selection, field split, refusals, on-disk format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_deepr.optics.simulate import simulate_stack, tilt_dpm
+from napari_deepr.optics.specimens import make_specimen
+from napari_deepr.stacks.pairs import PairsError, build_pairs, load_pairs
+
+Z = np.arange(-3.0, 3.01, 0.5)  # 13 planes, 0.5 µm apart
+PX = 0.325
+
+
+def _stack(seed: int, shape=(128, 128), offset: np.ndarray | None = None) -> np.ndarray:
+    obj = make_specimen("tissue", shape, PX, seed)
+    st, _, _ = simulate_stack(obj, Z, dpm_offset=offset, rng=seed)
+    return st
+
+
+def test_tilted_stack_picks_local_focus(tmp_path):
+    """Along a tilt the in-focus plane of each crop follows the local height of the sample."""
+    shape = (256, 64)
+    # 4.5 µm of height change from the top to the bottom row: crops 64 px apart differ by ~1.1 µm.
+    angle = float(np.degrees(np.arctan(4.5 / (shape[0] * PX))))
+    offset = tilt_dpm(shape, PX, angle)
+    st = _stack(1, shape, offset)
+    summary = build_pairs([st], tmp_path / "ds", z_step_um=0.5, range_um=2.0, patch=64)
+    ds = load_pairs(tmp_path / "ds")
+    assert summary["crops"] == 4
+    got, expected = [], []
+    for crop in ds.crops:
+        centre = offset[crop["y"] + 32, crop["x"] + 32]
+        # In focus where the stage defocus cancels the local height: Z + height = 0.
+        expected.append(int(np.argmin(np.abs(Z + centre))))
+        got.append(crop["infocus_plane"])
+    assert np.all(np.abs(np.array(got) - np.array(expected)) <= 1), (got, expected)
+    # The focus moves monotonically down the tilt, spanning several planes.
+    assert got[0] - got[-1] >= 4
+    # Every stored pair's defocus is measured from its crop's own in-focus plane.
+    for crop in ds.crops:
+        assert crop["z_um"][crop["target"]] == 0.0
+        assert np.allclose(np.diff(crop["z_um"]), 0.5)
+        assert max(abs(z) for z in crop["z_um"]) <= 2.0 + 1e-9
+
+
+def test_pairs_format_roundtrip(tmp_path):
+    st = _stack(2)
+    summary = build_pairs([st], tmp_path / "ds", z_step_um=0.5, range_um=1.0, patch=64, register=False,
+                          infocus_index=6)
+    ds = load_pairs(tmp_path / "ds")
+    index = json.loads((tmp_path / "ds" / "index.json").read_text())
+    assert index["format"] == "napari-deepr-pairs" and index["version"] == 1
+    assert index["focus_method"] == "manual"
+    # 4 crops x 5 planes (-1 .. +1 µm around plane 6)
+    assert summary["crops"] == 4 and summary["pairs"] == 20 == len(ds)
+    assert summary["pairs_per_z"] == {"-1.00": 4, "-0.50": 4, "0.00": 4, "0.50": 4, "1.00": 4}
+    for pid in range(len(ds)):
+        x, y, z = ds.pair(pid)
+        crop = ds.crops[ds.pairs[pid]["crop"]]
+        sl = np.s_[crop["y"]:crop["y"] + 64, crop["x"]:crop["x"] + 64]
+        plane = crop["planes"][ds.pairs[pid]["plane"]]
+        np.testing.assert_array_equal(x, st[plane][sl].astype(np.float32))
+        np.testing.assert_array_equal(y, st[6][sl].astype(np.float32))
+        assert z == pytest.approx((plane - 6) * 0.5)
+    # patch files are plain float32 ZYX TIFFs
+    arr = tifffile.imread(tmp_path / "ds" / ds.crops[0]["file"])
+    assert arr.dtype == np.float32 and arr.shape == (5, 64, 64)
+
+
+def test_field_split_never_leaks(tmp_path):
+    stacks = [_stack(s, (64, 128)) for s in range(7)]
+    summary = build_pairs(stacks, tmp_path / "ds", z_step_um=0.5, range_um=1.0, patch=64, split=0.7, seed=3,
+                          register=False, focus_method="nvar")
+    ds = load_pairs(tmp_path / "ds")
+    train, val = ds.fields("train"), ds.fields("val")
+    assert train and val and not (train & val)
+    assert len(val) == round(7 * 0.3) == summary["val_fields"]
+    for p in ds.pairs:
+        crop = ds.crops[p["crop"]]
+        assert p["split"] == crop["split"] == ds.index["fields"][crop["field"]]["split"]
+    # the split depends on the seed only
+    build_pairs(stacks, tmp_path / "ds2", z_step_um=0.5, range_um=1.0, patch=64, split=0.7, seed=3,
+                register=False, focus_method="nvar")
+    assert load_pairs(tmp_path / "ds2").fields("val") == val
+
+
+def test_reads_calibrated_tiff_and_folder(tmp_path):
+    folder = tmp_path / "stacks"
+    folder.mkdir()
+    for s in range(2):
+        tifffile.imwrite(folder / f"s{s}.tif", _stack(s, (64, 64)), imagej=True,
+                         resolution=(1 / PX, 1 / PX), metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"})
+    summary = build_pairs([folder], tmp_path / "ds", range_um=1.5, patch=64)
+    ds = load_pairs(tmp_path / "ds")
+    assert summary["fields"] == 2 and summary["train_fields"] == 1 and summary["val_fields"] == 1
+    assert ds.index["z_step_um"] == pytest.approx(0.5)
+    assert ds.index["optics"]["pixel_size_um"] == pytest.approx(PX, rel=1e-3)
+
+
+def test_refusals(tmp_path):
+    st = _stack(0, (64, 64))
+    with pytest.raises(PairsError, match="only one plane"):
+        build_pairs([st[:1]], tmp_path / "a", z_step_um=0.5, patch=64)
+    with pytest.raises(PairsError, match="z-step"):
+        build_pairs([st], tmp_path / "b", patch=64)
+    with pytest.raises(PairsError, match="wider than"):
+        build_pairs([st], tmp_path / "c", z_step_um=0.5, range_um=3.5, patch=64)
+    with pytest.raises(PairsError, match="smaller than one"):
+        build_pairs([st], tmp_path / "d", z_step_um=0.5, range_um=1.0, patch=96)
+    with pytest.raises(PairsError, match="not a pairs dataset"):
+        load_pairs(tmp_path)
+    # nothing half-written is left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
