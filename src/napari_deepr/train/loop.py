@@ -289,7 +289,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng([config.seed, restart])
         random.seed(config.seed)
-        self.cl = torch.channels_last
+        # channels_last pays off only with bf16 autocast: measured on a 2-core AVX-512 CPU (base 16,
+        # 256 px, batch 5) one fp32 generator step takes 1.4 s NCHW but 6.9 s channels_last, while
+        # bf16 takes 0.98 s NCHW and 0.74 s channels_last.
+        self.cl = torch.channels_last if config.bf16 else torch.contiguous_format
         self.G = Generator(1, config.base, config.max_channels).to(self.device, memory_format=self.cl)
         self.D = Discriminator(1, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
         self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
@@ -684,7 +687,7 @@ class Trainer:
                 self._validate_dpm()
             if stop.requested():
                 raise Stopped
-        if self.best_dpm["iteration"] != self.dpm_iteration and self._last_dpm_val != self.dpm_iteration:
+        if self._last_dpm_val != self.dpm_iteration:
             self._validate_dpm()
 
     def _validate_dpm(self) -> None:

@@ -1,0 +1,286 @@
+"""The Deep-R trainer: networks, losses, data sources, the JSON-lines CLI, stop/resume and ONNX export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+pytest.importorskip("pytorch_msssim")
+
+from napari_deepr.optics.simulate import simulate_stack  # noqa: E402
+from napari_deepr.optics.specimens import make_specimen  # noqa: E402
+from napari_deepr.stacks.pairs import build_pairs  # noqa: E402
+from napari_deepr.train import losses as L  # noqa: E402
+from napari_deepr.train.__main__ import main  # noqa: E402
+from napari_deepr.train.data import DatasetError, SyntheticSource, d4, open_source  # noqa: E402
+from napari_deepr.train.nets import DPMDecoder, Discriminator, Generator, count_parameters  # noqa: E402
+
+Z = np.arange(-2.0, 2.01, 0.5)
+TINY = ["--base", "4", "--d-base", "4", "--batch", "2", "--g-steps", "2", "--d-steps", "1", "--threads", "2",
+        "--lr-g", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Pairs from three simulated 128x128 tissue z-stacks (±2 µm, 0.5 µm steps), 64-px patches."""
+    root = tmp_path_factory.mktemp("train")
+    stacks = []
+    for seed in range(3):
+        obj = make_specimen("tissue", (128, 128), 0.325, seed)
+        st, _, _ = simulate_stack(obj, Z, rng=seed, photons=800)
+        stacks.append(st)
+    build_pairs(stacks, root / "pairs", z_step_um=0.5, range_um=2.0, patch=64, register=False,
+                focus_method="nvar", optics={"na": 0.75, "wavelength_um": 0.55})
+    return root / "pairs"
+
+
+def _run(argv, capsys, on_event=None):
+    """Run the trainer in-process; return (exit code, parsed JSON events)."""
+    if on_event is None:
+        rc = main(argv)
+        lines = capsys.readouterr().out.splitlines()
+    else:
+        import napari_deepr.train.__main__ as cli
+
+        events_seen = []
+
+        def emit(ev):
+            events_seen.append(ev)
+            sys.stdout.write(json.dumps(ev) + "\n")
+            on_event(ev)
+
+        old = cli._emit
+        cli._emit = emit
+        try:
+            rc = main(argv)
+        finally:
+            cli._emit = old
+        lines = capsys.readouterr().out.splitlines()
+    events = [json.loads(line) for line in lines]  # every stdout line is one JSON object
+    return rc, events
+
+
+# ------------------------------------------------------------------------------------ networks
+def test_generator_contract():
+    g = Generator(base=16)
+    assert 7.5e6 < count_parameters(g) < 8.5e6  # the CPU default (paper-sized base 32: ~31 M)
+    small = Generator(base=4)
+    x = torch.randn(2, 1, 64, 96)
+    out, feats = small.forward_with_features(x)
+    assert out.shape == x.shape
+    assert [tuple(f.shape) for f in feats] == [(2, 4 * 2**i, 64 >> i, 96 >> i) for i in range(6)]
+    # an untrained generator is the identity (zero-initialised output conv + global residual)
+    assert torch.equal(out, x) and torch.equal(small(x), x)
+    dec = DPMDecoder(small.chans, range_um=5.0)
+    assert dec(*feats).shape == (2, 1, 64, 96)
+    d = Discriminator(base=4)
+    assert d(x).shape == (2,)
+
+
+# ------------------------------------------------------------------------------------ losses
+def test_berhu_matches_definition():
+    target = torch.randn(3, 1, 32, 32)
+    pred = target + torch.randn_like(target) * 0.3
+    c = 0.1 * target.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    d = (pred - target).abs()
+    expected = torch.where(d <= c, d, (d**2 + c**2) / (2 * c)).mean()
+    assert float(L.berhu(pred, target)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(L.berhu(target, target)) == 0.0
+
+
+def test_msssim_scales_and_data_range():
+    assert L.msssim_config(256) == (11, L.TF_MSSSIM_WEIGHTS)
+    assert L.msssim_config(128) == (7, L.TF_MSSSIM_WEIGHTS)
+    win, w = L.msssim_config(64)
+    assert win == 7 and len(w) == 4 and sum(w) == pytest.approx(1.0)
+    y = torch.randn(2, 1, 64, 64)
+    x = y + 0.5 * torch.randn_like(y)
+    v = L.ms_ssim(x, y)
+    assert torch.allclose(L.ms_ssim(y, y), torch.ones(2))
+    assert torch.all(v < 0.99) and torch.all(v > 0)
+    # the data range is the target's own: a common rescaling leaves MS-SSIM unchanged
+    assert torch.allclose(L.ms_ssim(x * 7.0, y * 7.0), v, atol=1e-5)
+    # gradients stay finite even for an anti-correlated prediction (clamped terms)
+    p = (-y).clone().requires_grad_(True)
+    (1 - L.ms_ssim(p, y).mean()).backward()
+    assert torch.isfinite(p.grad).all()
+
+
+def test_lsgan_losses():
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    assert float(L.lsgan_d_loss(zeros, ones)) == 0.0  # perfect critic
+    assert float(L.lsgan_g_loss(ones)) == 0.0  # fooled critic
+    assert float(L.lsgan_d_loss(0.5 * ones, 0.5 * ones)) == pytest.approx(0.5)
+    w = L.LossWeights(balance="auto")
+    w.observe({"berhu": 0.5, "msssim": 0.1, "adv": 0.25})
+    assert w.rebalance()
+    assert w.msssim * 0.1 == pytest.approx(0.5) and w.adv * 0.25 == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------ data
+def test_d4_group():
+    a = np.arange(12.0).reshape(3, 4)
+    outs = {d4(a, k).tobytes() + bytes(d4(a, k).shape) for k in range(8)}
+    assert len(outs) == 8
+
+
+def test_pairs_source(dataset):
+    src = open_source(dataset, 64, seed=1)
+    x, y, z = src.sample(np.random.default_rng(0), 4)
+    assert x.shape == y.shape == (4, 1, 64, 64) and x.dtype == np.float32
+    # per-image z-scoring: input and target each by their own statistics
+    assert np.allclose(x.mean(axis=(1, 2, 3)), 0, atol=1e-4) and np.allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3)
+    assert np.allclose(y.std(axis=(1, 2, 3)), 1, atol=1e-3)
+    assert np.all(np.abs(z) <= 2.0)
+    vx, vy, vz = src.validation()
+    assert len(vz) > 0 and src.info["range_um"] == 2.0
+    assert src.info["optics"]["na"] == 0.75
+
+
+def test_synthetic_source(tmp_path):
+    spec = {"z_range_um": [-3, 3], "specimen_kinds": ["tissue"], "validation_pairs": 5}
+    src = SyntheticSource(spec, 64, seed=0, workers=1, buffer=16)
+    try:
+        x, y, z = src.sample(np.random.default_rng(0), 3)
+        assert x.shape == (3, 1, 64, 64) and np.all(np.abs(z) <= 3.0)
+        vx, vy, vz = src.validation()
+        np.testing.assert_allclose(vz, np.linspace(-3, 3, 5), atol=0.051)  # spread evenly over z
+        assert src.info["optics"]["pixel_size_um"] == 0.325
+    finally:
+        src.close()
+    assert not src._procs
+
+
+def test_bad_datasets_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"something": 1}')
+    with pytest.raises(DatasetError):
+        open_source(tmp_path / "missing", 64)
+    with pytest.raises(DatasetError, match="index.json"):
+        open_source(tmp_path / "empty", 64)
+    with pytest.raises(DatasetError, match="synthetic"):
+        open_source(bad_json, 64)
+    rc, events = _run([str(tmp_path / "empty"), "-o", str(tmp_path / "m")], capsys)
+    assert rc == 2 and [e["event"] for e in events] == ["error"]
+    assert events[0]["message"].endswith(".") and "\n" not in events[0]["message"]
+
+
+# ------------------------------------------------------------------------------------ training
+@pytest.mark.slow
+def test_train_export_refocus(dataset, tmp_path, capsys):
+    """A tiny model trains on pairs from simulated stacks, improves, exports, and the engine runs it."""
+    out = tmp_path / "model"
+    rc, events = _run([str(dataset), "-o", str(out), "--iterations", "40", "--val-every", "20",
+                       "--dpm-iterations", "30", "--val-pairs", "12", "--name", "tiny", *TINY], capsys)
+    assert rc == 0, events[-1]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert {"progress", "validation", "checkpoint", "export"} <= set(kinds)
+    prog = [e for e in events if e["event"] == "progress" and e["phase"] == "gan"]
+    assert [e["iteration"] for e in prog] == list(range(1, 41))
+    assert {"berhu", "msssim", "adv", "d", "total"} <= set(prog[0]["losses"])
+    assert prog[0]["it_s"] > 0 and prog[-1]["eta_s"] == 0
+    val = [e for e in events if e["event"] == "validation" and e["phase"] == "gan"]
+    # the generator starts as the identity, so validation BerHu starts at the input's; it must fall
+    first, last = val[0]["metrics"], val[-1]["metrics"]
+    assert last["berhu"] < 0.95 * last["berhu_input"]
+    assert Path(val[0]["preview"]).is_file()
+    per_z = last["per_z"]
+    assert [r["z_um"] for r in per_z] == sorted(r["z_um"] for r in per_z)
+    dpm_val = [e for e in events if e["event"] == "validation" and e["phase"] == "dpm"]
+    assert dpm_val and dpm_val[-1]["metrics"]["dpm_mae_um"] < 1.0  # uniform |z| <= 2 µm: mean |z| = 1.1
+    exp = next(e for e in events if e["event"] == "export")
+    assert exp["max_abs_error"]["generator"] < 1e-4 and exp["max_abs_error"]["dpm"] < 1e-4
+    assert first["berhu_input"] == pytest.approx(last["berhu_input"])
+
+    # the model folder follows docs/ARCHITECTURE.md and loads in the engine
+    card = json.loads((out / "model.json").read_text())
+    assert card["name"] == "tiny" and card["defocus_range_um"] == [-2.0, 2.0]
+    assert card["normalization"] == "zscore_per_plane" and card["tile_multiple"] == 32
+    assert card["na"] == 0.75 and card["pixel_size_um"] is None  # arrays carry no pixel size
+    assert card["quality"]["per_z"] and "torch" in card["versions"]
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(out / "generator.onnx"))
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["deepr.defocus_range_um"]) == [-2.0, 2.0]
+    gen = ort.InferenceSession(str(out / "generator.onnx"), providers=["CPUExecutionProvider"])
+    dpm = ort.InferenceSession(str(out / "dpm.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in gen.get_outputs()] == ["output"] + [f"feat{i}" for i in range(6)]
+    assert [i.name for i in dpm.get_inputs()] == [f"feat{i}" for i in range(6)]
+
+    from napari_deepr.engine.model import load_model
+
+    model = load_model(out)
+    assert model.has_dpm and model.feature_names == tuple(f"feat{i}" for i in range(6))
+    # ORT on a new image matches the trained torch generator (best checkpoint)
+    best = torch.load(out / "best.pt", weights_only=False)
+    g = Generator(base=4)
+    g.load_state_dict(best["generator"])
+    x = np.random.default_rng(5).standard_normal((1, 1, 96, 128)).astype(np.float32)
+    ort_out = gen.run(["output"], {"input": x})[0]
+    with torch.no_grad():
+        ref = g(torch.from_numpy(x)).numpy()
+    assert np.abs(ort_out - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_stop_file_and_resume(dataset, tmp_path, capsys):
+    out = tmp_path / "model"
+    args = [str(dataset), "-o", str(out), "--iterations", "6", "--val-every", "100", "--dpm-iterations", "2",
+            "--val-pairs", "4", "--no-export", *TINY]
+
+    def stop_at_3(ev):
+        if ev["event"] == "progress" and ev["phase"] == "gan" and ev["iteration"] == 3:
+            (out / "STOP").write_text("")
+
+    rc, events = _run(args, capsys, on_event=stop_at_3)
+    assert rc == 0 and events[-1]["event"] == "stopped" and events[-1]["iteration"] == 3
+    assert (out / "checkpoint.pt").is_file() and not (out / "STOP").exists()
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["iteration"] == 3 and ck["phase"] == "gan" and "opt_g" in ck and "rng" in ck
+
+    rc, events = _run([*args, "--resume"], capsys)
+    assert rc == 0
+    start = events[0]
+    assert start["event"] == "start" and start["resumed"] and start["iteration"] == 3
+    gan_its = [e["iteration"] for e in events if e["event"] == "progress" and e["phase"] == "gan"]
+    assert gan_its == [4, 5, 6]
+    assert events[-1]["event"] == "done" and events[-1]["iterations"] == 6
+
+
+@pytest.mark.slow
+def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
+    """The real command: JSON lines on stdout, SIGTERM stops cleanly with a resumable checkpoint."""
+    out = tmp_path / "model"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_deepr.train", str(dataset), "-o", str(out), "--iterations", "100000",
+         "--val-every", "1000", "--val-pairs", "4", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "progress" and events[-1]["iteration"] == 2:
+                proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0
+    assert events[0]["event"] == "start" and events[-1]["event"] == "stopped"
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["iteration"] == events[-1]["iteration"] >= 2
