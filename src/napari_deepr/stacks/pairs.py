@@ -22,7 +22,8 @@ Files are uncompressed and contiguous, so readers can memory-map them.
 * ``format``, ``version``, ``created``, ``patch``, ``range_um``, ``z_step_um`` (a number, or
   ``"per-field"`` when the stacks differ), ``focus_method``, ``seed``,
 * ``optics`` -- ``pixel_size_um`` (when the stacks agree) and anything given by the caller,
-* ``z_sign`` -- ``"positive = planes after the in-focus plane in stack order"``,
+* ``z_sign`` -- ``"positive = planes after the in-focus plane in stack order"``, and
+  ``z_sign_meaningful`` -- whether the optics make +z and -z look different,
 * ``fields`` -- one record per field of view (one stack, or one position of a multi-position
   file): ``id``, ``source``, ``series``, ``name``, ``shape``, ``z_step_um``, ``pixel_size_um``,
   ``split`` (``"train"``/``"val"``), ``registration_shifts_px`` (per plane ``[dy, dx]``),
@@ -147,6 +148,7 @@ def build_pairs(
     seed: int = 0,
     register: bool = True,
     optics: dict | None = None,
+    z_sign_meaningful: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> dict:
@@ -178,6 +180,10 @@ def build_pairs(
         Register the planes of each stack (translation, sub-pixel) before cropping.
     optics : dict, optional
         Optics to record (``na``, ``wavelength_um``, ``immersion_index``, ``pixel_size_um``...).
+    z_sign_meaningful : bool
+        Whether planes above and below focus look different with these optics (true for most real
+        microscopes, whose aberrations make them asymmetric). The trainer's DPM decoder learns
+        signed defocus when true and ``|defocus|`` otherwise (``--dpm-target auto``).
     progress : callable, optional
         ``progress(fraction, message)``.
     cancel : callable, optional
@@ -291,7 +297,7 @@ def build_pairs(
             "split_fraction": float(split),
             "optics": rec_optics,
             "z_sign": Z_SIGN,
-            "z_sign_meaningful": True,
+            "z_sign_meaningful": bool(z_sign_meaningful),
             "fields": field_records,
             "crops": crops,
             "pairs": pairs,

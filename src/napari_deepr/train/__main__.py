@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--minutes", type=float, default=None, help="GAN-phase wall-clock budget (whole run, across resumes)")
     b.add_argument("--dpm-iterations", type=int, default=None, help="DPM-decoder updates (0 = no DPM decoder)")
     b.add_argument("--dpm-minutes", type=float, default=None, help="DPM-phase wall-clock budget")
+    b.add_argument("--dpm-target", choices=("auto", "signed", "magnitude"), default="auto",
+                   help="DPM learns signed defocus or its magnitude (auto: signed only when the optics are asymmetric)")
     b.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
     b.add_argument("--patience", type=int, default=None, help="early stopping after N validations without a better BerHu (0 = off; default 20)")
     n = p.add_argument_group("network and optimisation")
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         lr_schedule=args.lr_schedule, clip=args.clip, gan=not args.no_gan, adv_weight=args.adv_weight,
         msssim_weight=args.msssim_weight, berhu_weight=args.berhu_weight, balance=args.balance,
         val_every=args.val_every if args.val_every is not None else d["val_every"].default,
-        val_pairs=args.val_pairs,
+        val_pairs=args.val_pairs, dpm_target=args.dpm_target,
         patience=args.patience if args.patience is not None else d["patience"].default,
         seed=args.seed, bf16=args.bf16, threads=args.threads,
         workers=args.workers if args.workers is not None else d["workers"].default,

@@ -89,6 +89,11 @@ class TrainConfig:
         ``fixed`` or ``auto`` (re-balance to equal contributions at each validation).
     berhu_frac : float
         BerHu threshold as a fraction of the target std.
+    dpm_target : str
+        ``signed`` (defocus with its sign), ``magnitude`` (``|defocus|``) or ``auto``: signed only
+        when the data source says the optics make +z and -z differ (aberrated simulator optics;
+        pairs datasets record ``z_sign_meaningful``). With symmetric optics a signed target cannot
+        be learned -- the best prediction is 0 -- so the decoder learns the magnitude instead.
     val_every, val_pairs, patience : int
         Validation period (iterations), validation set size, early-stopping patience (validations;
         0 disables).
@@ -138,6 +143,7 @@ class TrainConfig:
     val_every: int = 50
     val_pairs: int = 48
     patience: int = 20
+    dpm_target: str = "auto"
     seed: int = 0
     bf16: bool = False
     threads: int | None = None
@@ -165,6 +171,8 @@ class TrainConfig:
             raise ValueError("--lr-schedule must be constant or cosine.")
         if self.balance not in ("fixed", "auto"):
             raise ValueError("--balance must be fixed or auto.")
+        if self.dpm_target not in ("auto", "signed", "magnitude"):
+            raise ValueError("--dpm-target must be auto, signed or magnitude.")
         if self.val_every < 1:
             raise ValueError("--val-every must be at least 1.")
 
@@ -481,7 +489,7 @@ class Trainer:
             rec["rmse_out"][sl] = ((out - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
             if with_dpm:
                 dpm = self.Dec(*feats).float()
-                z = torch.as_tensor(z_all[sl], device=self.device).view(-1, 1, 1, 1)
+                z = self._dpm_target(torch.as_tensor(z_all[sl], device=self.device))
                 rec["dpm_mae"][sl] = (dpm - z).abs().flatten(1).mean(1).cpu().numpy()
         bins = bin_of(z_all, self.bins)
         per_z = []
@@ -645,6 +653,18 @@ class Trainer:
         if not self.history or self.history[-1]["iteration"] != self.iteration:
             self._validate_gan()
 
+    @property
+    def dpm_signed(self) -> bool:
+        """Whether the DPM decoder learns signed defocus (else its magnitude)."""
+        mode = self.cfg.dpm_target
+        if mode == "auto":
+            return bool(self.source.info.get("dpm_sign_meaningful", False))
+        return mode == "signed"
+
+    def _dpm_target(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.float().view(-1, 1, 1, 1)
+        return z if self.dpm_signed else z.abs()
+
     def _load_best_generator(self) -> None:
         if self.best.get("state") is not None:
             self.G.load_state_dict(self.best["state"])
@@ -669,7 +689,7 @@ class Trainer:
             self.opt_dec.zero_grad(set_to_none=True)
             with self._autocast():
                 pred = self.Dec(*feats)
-            target = z.view(-1, 1, 1, 1).float()
+            target = self._dpm_target(z)
             loss = (((pred.float() - target) / scale) ** 2).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.Dec.parameters(), cfg.clip)
@@ -742,8 +762,10 @@ class Trainer:
             "min_size": TILE_MULTIPLE,
             "tile": tile,
             "overlap": overlap,
-            "dpm_sign": info.get("dpm_sign"),
-            "dpm_sign_meaningful": bool(info.get("dpm_sign_meaningful", False)) and export_dpm,
+            "dpm_sign": info.get("dpm_sign") if self.dpm_signed else
+            "magnitude only: the DPM is |defocus| in µm (these optics make +z and -z look alike)",
+            "dpm_sign_meaningful": self.dpm_signed and export_dpm,
+            "dpm_target": "signed" if self.dpm_signed else "magnitude",
             "has_dpm": export_dpm,
             "architecture": {
                 "generator": "residual U-Net, 5 down + 5 up blocks, LeakyReLU 0.1, global residual",
