@@ -16,13 +16,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 pytest.importorskip("pytorch_msssim")
 
-from napari_deepr.optics.simulate import simulate_stack  # noqa: E402
-from napari_deepr.optics.specimens import make_specimen  # noqa: E402
-from napari_deepr.stacks.pairs import build_pairs  # noqa: E402
-from napari_deepr.train import losses as L  # noqa: E402
-from napari_deepr.train.__main__ import main  # noqa: E402
-from napari_deepr.train.data import DatasetError, SyntheticSource, d4, open_source  # noqa: E402
-from napari_deepr.train.nets import DPMDecoder, Discriminator, Generator, count_parameters  # noqa: E402
+from napari_deepr.optics.simulate import simulate_stack
+from napari_deepr.optics.specimens import make_specimen
+from napari_deepr.stacks.pairs import build_pairs
+from napari_deepr.train import losses as L
+from napari_deepr.train.__main__ import main
+from napari_deepr.train.data import DatasetError, SyntheticSource, d4, open_source
+from napari_deepr.train.nets import (
+    Discriminator,
+    DPMDecoder,
+    Generator,
+    count_parameters,
+)
 
 Z = np.arange(-2.0, 2.01, 0.5)
 TINY = ["--base", "4", "--d-base", "4", "--batch", "2", "--g-steps", "2", "--d-steps", "1", "--threads", "2",
@@ -141,7 +146,7 @@ def test_pairs_source(dataset):
     assert np.allclose(x.mean(axis=(1, 2, 3)), 0, atol=1e-4) and np.allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3)
     assert np.allclose(y.std(axis=(1, 2, 3)), 1, atol=1e-3)
     assert np.all(np.abs(z) <= 2.0)
-    vx, vy, vz = src.validation()
+    _, _, vz = src.validation()
     assert len(vz) > 0 and src.info["range_um"] == 2.0
     assert src.info["optics"]["na"] == 0.75
 
@@ -150,9 +155,9 @@ def test_synthetic_source(tmp_path):
     spec = {"z_range_um": [-3, 3], "specimen_kinds": ["tissue"], "validation_pairs": 5}
     src = SyntheticSource(spec, 64, seed=0, workers=1, buffer=16)
     try:
-        x, y, z = src.sample(np.random.default_rng(0), 3)
+        x, _, z = src.sample(np.random.default_rng(0), 3)
         assert x.shape == (3, 1, 64, 64) and np.all(np.abs(z) <= 3.0)
-        vx, vy, vz = src.validation()
+        _, _, vz = src.validation()
         np.testing.assert_allclose(vz, np.linspace(-3, 3, 5), atol=0.051)  # spread evenly over z
         assert src.info["optics"]["pixel_size_um"] == 0.325
     finally:
@@ -265,6 +270,12 @@ def test_stop_file_and_resume(dataset, tmp_path, capsys):
     gan_its = [e["iteration"] for e in events if e["event"] == "progress" and e["phase"] == "gan"]
     assert gan_its == [4, 5, 6]
     assert events[-1]["event"] == "done" and events[-1]["iterations"] == 6
+
+    # a finished run can train a fresh DPM decoder on its generator
+    rc, events = _run([*args, "--redo-dpm", "--dpm-iterations", "3"], capsys)
+    assert rc == 0 and events[0]["phase"] == "dpm" and events[0]["iteration"] == 6
+    dpm_its = [e["iteration"] for e in events if e["event"] == "progress"]
+    assert dpm_its == [1, 2, 3] and events[-1]["dpm_iterations"] == 3
 
 
 @pytest.mark.slow

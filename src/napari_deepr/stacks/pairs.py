@@ -118,7 +118,7 @@ def _split_fields(n: int, split: float, seed: int) -> list[str]:
     when there are two or more fields, never all of them."""
     if not 0 < split <= 1:
         raise PairsError(f"split must be in (0, 1], got {split}.")
-    n_val = int(round(n * (1 - split)))
+    n_val = round(n * (1 - split))
     if n >= 2 and split < 1:
         n_val = min(max(n_val, 1), n - 1)
     else:

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dpm-target", choices=("auto", "signed", "magnitude"), default="auto",
                    help="DPM learns signed defocus or its magnitude (auto: signed only when the optics are asymmetric)")
     b.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
+    b.add_argument("--redo-dpm", action="store_true",
+                   help="resume a finished run, train a fresh DPM decoder (new --lr-dpm/--dpm-target/budget) and re-export")
     b.add_argument("--patience", type=int, default=None, help="early stopping after N validations without a better BerHu (0 = off; default 20)")
     n = p.add_argument_group("network and optimisation")
     n.add_argument("--base", type=int, default=16, help="generator width at full resolution (16 CPU default, 32 paper-sized)")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     n.add_argument("--no-gan", action="store_true", help="no discriminator: (1 - MS-SSIM) + BerHu only")
     n.add_argument("--adv-weight", type=float, default=0.1, help="lambda (LSGAN term)")
-    n.add_argument("--msssim-weight", type=float, default=3.0, help="nu (1 - MS-SSIM)")
+    n.add_argument("--msssim-weight", type=float, default=5.0, help="nu (1 - MS-SSIM)")
     n.add_argument("--berhu-weight", type=float, default=1.0, help="xi (BerHu)")
     n.add_argument("--balance", choices=("fixed", "auto"), default="fixed",
                    help="auto: re-balance lambda and nu at each validation so all terms contribute equally")
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default=None, help="model name (default: the folder name)")
     c.add_argument("--version", default="1.0.0")
     c.add_argument("--modality", default="widefield fluorescence")
-    c.add_argument("--tile", type=int, default=None, help="inference tile written to the card (default 512)")
-    c.add_argument("--overlap", type=int, default=None, help="inference overlap (default: covers the blur radius, >= 64)")
+    c.add_argument("--tile", type=int, default=None, help="inference tile written to the card (default 1024)")
+    c.add_argument("--overlap", type=int, default=None, help="inference overlap (default: twice the blur radius, >= 96)")
     return p
 
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = config_from_args(args)
         config.validate()
-        train(config, _emit, resume=args.resume)
+        train(config, _emit, resume=args.resume, redo_dpm=args.redo_dpm)
     except DeepRError as exc:
         _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
         return EXIT_BAD_INPUT
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
         traceback.print_exc(file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # report anything else as one protocol line, details on stderr
+    except Exception as exc:  # noqa: BLE001 - the one-line protocol boundary; details go to stderr
         _emit({"event": "error", "message": f"{type(exc).__name__}: {_one_sentence(exc)}", "kind": type(exc).__name__})
         traceback.print_exc(file=sys.stderr)
         return EXIT_FAILED

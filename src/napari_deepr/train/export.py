@@ -47,7 +47,7 @@ class _GeneratorGraph(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, input: torch.Tensor):  # noqa: A002 - the ONNX input is called "input"
+    def forward(self, input: torch.Tensor):
         out, feats = self.generator.forward_with_features(input)
         return (out, *feats)
 

@@ -14,7 +14,8 @@ Phases, in order (the phase is saved in the checkpoint, so ``--resume`` continue
 3. ``export`` -- final validation table, ``generator.onnx``, ``dpm.onnx``, ``model.json``.
 
 Budgets: ``iterations`` and ``minutes`` bound the GAN phase (whichever ends first; both count the
-whole run across resumes); ``dpm_iterations`` / ``dpm_minutes`` bound the DPM phase (default: a
+whole run across resumes; minutes are wall-clock including validations, checked after each
+iteration, so a run overshoots by at most one iteration and the phase's final validation); ``dpm_iterations`` / ``dpm_minutes`` bound the DPM phase (default: a
 quarter of the GAN phase's budget, at least 20 updates). Stopping (SIGINT, SIGTERM or a file
 ``MODEL_DIR/STOP``) writes ``MODEL_DIR/checkpoint.pt`` and returns the ``stopped`` status.
 
@@ -40,7 +41,7 @@ import torch
 
 from . import losses as L
 from .data import DatasetError, Source, bin_of, defocus_bins, open_source
-from .nets import TILE_MULTIPLE, DPMDecoder, Discriminator, Generator, count_parameters
+from .nets import TILE_MULTIPLE, Discriminator, DPMDecoder, Generator, count_parameters
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -49,7 +50,8 @@ FORMAT_VERSION = 1
 
 # Keys a --resume run may change; everything else (architecture, losses, data) comes from the checkpoint.
 RUNTIME_KEYS = ("iterations", "minutes", "dpm_iterations", "dpm_minutes", "device", "threads", "workers",
-                "patience", "val_every", "log_every", "export", "bf16")
+                "patience", "val_every", "log_every", "export", "bf16", "lr_dpm", "dpm_target", "name", "version",
+                "modality", "tile", "overlap")
 
 
 @dataclass
@@ -112,7 +114,8 @@ class TrainConfig:
     name, version, modality : str
         Model card fields.
     tile, overlap : int, optional
-        Model card inference defaults (default: 512 and an overlap covering the blur radius).
+        Model card inference defaults (default: 1024, and an overlap of at least 96 px that covers
+        twice the geometric blur radius at the edge of the defocus range).
     """
 
     dataset: str = ""
@@ -136,7 +139,7 @@ class TrainConfig:
     clip: float = 1.0
     gan: bool = True
     adv_weight: float = 0.1
-    msssim_weight: float = 3.0
+    msssim_weight: float = 5.0
     berhu_weight: float = 1.0
     balance: str = "fixed"
     berhu_frac: float = 0.1
@@ -190,7 +193,7 @@ class _StopWatch:
         self._old: dict = {}
 
     def __enter__(self):
-        def handler(signum, frame):  # noqa: ARG001
+        def handler(signum, frame):
             self.flag = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -260,9 +263,13 @@ class Trainer:
         Receives every event dict.
     resume : bool
         Continue from ``MODEL_DIR/checkpoint.pt``.
+    redo_dpm : bool
+        With ``resume``: keep the trained generator but train a fresh DPM decoder (new
+        ``--lr-dpm``, ``--dpm-target`` and DPM budget), then export again.
     """
 
-    def __init__(self, config: TrainConfig, emit: Callable[[dict], None], resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, emit: Callable[[dict], None], resume: bool = False,
+                 redo_dpm: bool = False) -> None:
         self.emit_raw = emit
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +327,19 @@ class Trainer:
         self.last_terms: dict = {}
         if self.saved:
             self._restore(self.saved)
+            if redo_dpm:
+                if self.phase == "gan":
+                    raise DatasetError("The generator has not finished training, so there is no DPM phase to redo yet.")
+                torch.manual_seed(config.seed + 1)
+                self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
+                self.opt_dec = torch.optim.Adam(self.Dec.parameters(), lr=config.lr_dpm, betas=(0.9, 0.999))
+                self.phase = "dpm"
+                self.dpm_iteration = 0
+                self.elapsed["dpm"] = 0.0
+                self.best_dpm = {"mae": math.inf, "iteration": 0, "state": None}
+            else:
+                for group in self.opt_dec.param_groups:
+                    group["lr"] = config.lr_dpm
         val = self.source.validation()
         self.val = tuple(np.asarray(a) for a in val)
         z_step = self.source.info.get("z_step_um")
@@ -647,11 +667,19 @@ class Trainer:
                           eta_s=self._eta("gan", rate), elapsed_s=self.elapsed["gan"],
                           lr_g=self.opt_g.param_groups[0]["lr"])
             if self.iteration % cfg.val_every == 0:
-                self._validate_gan()
+                self._timed(self._validate_gan, "gan")
             if stop.requested():
                 raise Stopped
         if not self.history or self.history[-1]["iteration"] != self.iteration:
-            self._validate_gan()
+            self._timed(self._validate_gan, "gan")
+
+    def _timed(self, fn: Callable[[], None], phase: str) -> None:
+        """Run ``fn`` and count its wall time in the phase's budget (``--minutes`` is wall-clock)."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        finally:
+            self.elapsed[phase] += time.perf_counter() - t0
 
     @property
     def dpm_signed(self) -> bool:
@@ -704,11 +732,11 @@ class Trainer:
                           losses={"l2": float(loss.detach()), "mae_um": mae}, it_s=rate,
                           eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"])
             if self.dpm_iteration % val_every == 0:
-                self._validate_dpm()
+                self._timed(self._validate_dpm, "dpm")
             if stop.requested():
                 raise Stopped
         if self._last_dpm_val != self.dpm_iteration:
-            self._validate_dpm()
+            self._timed(self._validate_dpm, "dpm")
 
     def _validate_dpm(self) -> None:
         self._last_dpm_val = self.dpm_iteration
@@ -735,7 +763,7 @@ class Trainer:
         optics = dict(info.get("optics") or {})
         px = optics.get("pixel_size_um")
         na = optics.get("na")
-        tile = self.cfg.tile or 512
+        tile = self.cfg.tile or 1024
         overlap = self.cfg.overlap
         if overlap is None:
             radius_px = 0.0
@@ -743,7 +771,7 @@ class Trainer:
                 n_imm = float(optics.get("immersion_index") or 1.0)
                 s = min(float(na) / n_imm, 0.99)
                 radius_px = self.range_um * s / math.sqrt(1 - s * s) / float(px)
-            overlap = int(max(64, math.ceil(2 * radius_px / 32) * 32))
+            overlap = int(max(96, math.ceil(2 * radius_px / 32) * 32))
         overlap = min(overlap, tile // 2)
         cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("extra_card",)}
         card = {
@@ -830,7 +858,7 @@ class Trainer:
             iteration=self.iteration, dpm_iteration=self.dpm_iteration,
             parameters={"generator": count_parameters(self.G), "discriminator": count_parameters(self.D),
                         "dpm": count_parameters(self.Dec)},
-            validation_pairs=int(len(self.val[2])), config=dataclasses.asdict(cfg), warnings=self.warnings,
+            validation_pairs=len(self.val[2]), config=dataclasses.asdict(cfg), warnings=self.warnings,
         )
         t_start = time.perf_counter()
         if self.phase == "gan":
@@ -868,7 +896,7 @@ class _stdout_to_stderr:
         sys.stdout = self._old
 
 
-def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = False) -> str:
+def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = False, redo_dpm: bool = False) -> str:
     """Run (or resume) a training run to the end or until stopped.
 
     Parameters
@@ -879,6 +907,8 @@ def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = Fals
         Receives each protocol event as a dict.
     resume : bool
         Continue from ``MODEL_DIR/checkpoint.pt``.
+    redo_dpm : bool
+        With ``resume``: train a fresh DPM decoder on the finished generator and export again.
 
     Returns
     -------
@@ -894,7 +924,7 @@ def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     with _StopWatch(out) as stop:
         stop.clear()
-        trainer = Trainer(config, emit, resume=resume)
+        trainer = Trainer(config, emit, resume=resume or redo_dpm, redo_dpm=redo_dpm)
         try:
             trainer.run(stop)
         except Stopped:

@@ -24,6 +24,7 @@ per megapixel, > 1 MP/s with onnxruntime on 2 cores); the paper-sized network is
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -293,7 +294,7 @@ class Discriminator(nn.Module):
         super().__init__()
         chans = widths(base, max_channels, levels=4)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, chans[0], 3, padding=1), nn.LeakyReLU(SLOPE)]
-        for cin, cout in zip(chans[:-1], chans[1:]):
+        for cin, cout in itertools.pairwise(chans):
             layers += [
                 nn.Conv2d(cin, cout, 3, stride=2, padding=1),
                 nn.LeakyReLU(SLOPE),
