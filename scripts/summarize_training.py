@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Summarize a trainer JSON-lines log (iterations, wall time, device, final validation) as JSON.
+
+    python scripts/summarize_training.py train_log.jsonl > training_summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def summarize(lines) -> dict:
+    """Fold the trainer's events into the facts a model card needs."""
+    out: dict = {"validations": 0}
+    last_val = best_val = None
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        ev = json.loads(line)
+        kind = ev.get("event")
+        if kind == "start" and "config" not in out:
+            out.update(device=ev.get("device"), threads=ev.get("threads"), parameters=ev.get("parameters"),
+                       config=ev.get("config"), patch=ev.get("patch"), range_um=ev.get("range_um"))
+        elif kind == "progress":
+            key = "dpm_iterations" if ev.get("phase") == "dpm" else "iterations"
+            out[key] = ev.get("iteration")
+            out[f"{ev.get('phase')}_elapsed_s"] = ev.get("elapsed_s")
+            out[f"{ev.get('phase')}_pairs_per_s"] = ev.get("pairs_s")
+        elif kind == "validation":
+            out["validations"] += 1
+            last_val = ev
+            if ev.get("best"):
+                best_val = ev
+        elif kind in ("export", "done", "error", "stopped"):
+            out[kind] = {k: v for k, v in ev.items() if k != "event"}
+    out["last_validation"] = last_val
+    out["best_validation"] = best_val
+    return out
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(json.dumps(summarize(f), indent=1))
