@@ -1,0 +1,24 @@
+"""`deepr bench` produces consistent numbers (no timing assertions: speed lives in benchmarks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_deepr.bench import format_table, onnx_flops_per_pixel, run_bench
+
+
+def test_flop_count_of_tiny_model(tiny_model):
+    # One 3x3 conv (1->1 channel) for the output and one for feat0: 2 * 2 * 9 FLOPs per pixel.
+    assert onnx_flops_per_pixel(tiny_model / "generator.onnx", size=64) == pytest.approx(36.0)
+
+
+def test_bench_reports_engine_and_raw(tiny_model):
+    res = run_bench(tiny_model, sizes=[128], repeats=1, threads=1, torch_eager=True, baselines=False)
+    row = res["sizes"]["128"]
+    assert row["engine_mp_s"] > 0 and row["raw_untiled_mp_s"] > 0
+    assert row["engine_s_per_mm2"] == pytest.approx(res["mp_per_mm2"] / row["engine_mp_s"])
+    assert np.isclose(row["engine_vs_raw"], row["raw_untiled_s"] / row["engine_s"])
+    # The tiny test model was not exported by the trainer, so PyTorch eager says why it is absent.
+    assert "torch_eager_s" in row or "torch_eager_unavailable" in res
+    assert "engine/raw" in format_table(res)
