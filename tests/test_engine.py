@@ -109,6 +109,11 @@ def test_axis_plan_covers_and_weights_partition():
             total[s + 100 : s + 100 + plan.tile] += axis_weights(plan, k)
         inner = total[100 : 100 + length]
         assert inner.min() > 0.99 and inner.max() < 1.01
+    # Fewest tiles, each shrunk to the smallest multiple of 32 that covers: little reflected work.
+    plan = plan_axis(4096, 2048, 96, 32, halo=16)
+    assert plan.n == 3 and plan.tile == 1440 and plan.tile % 32 == 0 and (plan.tile - 96) % 32 == 0
+    assert plan.starts[-1] + plan.tile >= 4096 + 16
+    assert plan_axis(512, 2048, 96, 32, halo=16).tile == 544
 
 
 # -- refocus numbers --------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class ModelCard:
     min_size: int = 32
     tile: int = 1024
     overlap: int = 96
+    halo: int = 16
     dpm_sign: str = "positive = the focal plane lies above the sample"
     dpm_sign_meaningful: bool = False
     provenance: dict = field(default_factory=dict)
@@ -64,7 +65,7 @@ class ModelCard:
                 r = (-abs(float(r)), abs(float(r)))
             known["defocus_range_um"] = (float(r[0]), float(r[1]))
         card = cls(**known, extra=extra)
-        for name in ("tile_multiple", "min_size", "tile", "overlap", "channels"):
+        for name in ("tile_multiple", "min_size", "tile", "overlap", "halo", "channels"):
             setattr(card, name, int(getattr(card, name)))
         return card
 

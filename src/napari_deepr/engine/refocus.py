@@ -128,6 +128,7 @@ class RefocusJob:
         planes: list[tuple[int, ...]] | None = None,
         tile_rows: tuple[int, int] | None = None,
         norm: dict | None = None,
+        halo: int | None = None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -162,8 +163,9 @@ class RefocusJob:
             raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
         self.want_dpm = dpm
         self.tile, self.overlap = tile, overlap
-        self.plan_y = plan_axis(h, tile, overlap, mult)
-        self.plan_x = plan_axis(w, tile, overlap, mult)
+        halo = card.halo if halo is None else int(halo)
+        self.plan_y = plan_axis(h, tile, overlap, mult, halo)
+        self.plan_x = plan_axis(w, tile, overlap, mult, halo)
         self.providers = resolve_providers(providers)
         self.threads = threads
         self.batch = int(batch) if batch else (4 if self.providers[0] != "CPUExecutionProvider" else 1)

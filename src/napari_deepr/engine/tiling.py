@@ -1,7 +1,7 @@
 """Overlapping tiles over one image plane, reflection at the borders, and blending weights.
 
-Coordinates: a plane of length ``L`` along an axis is conceptually reflected by a halo of
-``overlap // 2`` pixels on both sides, so border pixels see real-looking context instead of the
+Coordinates: a plane of length ``L`` along an axis is conceptually reflected by a halo of a few
+pixels on both sides (the model card's ``halo``), so border pixels see real-looking context instead of the
 network's zero padding. Tiles live in those padded coordinates (they may start below 0 and end past
 ``L``); pixels outside ``[0, L)`` are read by reflection, never stored.
 
@@ -39,7 +39,7 @@ class AxisPlan:
         return len(self.starts)
 
 
-def plan_axis(length: int, tile: int, overlap: int, multiple: int) -> AxisPlan:
+def plan_axis(length: int, tile: int, overlap: int, multiple: int, halo: int | None = None) -> AxisPlan:
     """Tile starts along one axis.
 
     Parameters
@@ -49,23 +49,27 @@ def plan_axis(length: int, tile: int, overlap: int, multiple: int) -> AxisPlan:
     tile : int
         Largest tile (a multiple of ``multiple``).
     overlap : int
-        Overlap between neighbouring tiles; also twice the reflected halo at the borders.
+        Overlap between neighbouring tiles.
     multiple : int
         The network's size multiple (32 for five 2× poolings).
+    halo : int, optional
+        Reflected context added at the image borders (default ``overlap // 2``).
+
+    Notes
+    -----
+    The fewest tiles that cover the image are used, each shrunk to the smallest multiple of
+    ``multiple`` that still covers it, so little work is spent on reflected pixels. With an overlap
+    that is a multiple of ``multiple`` the stride is one too, and every tile sees the same pooling
+    grid as an untiled run.
     """
-    halo = overlap // 2
+    halo = overlap // 2 if halo is None else int(halo)
     padded = length + 2 * halo
     if padded <= tile:
-        # One tile covers everything: use the smallest valid size, extra pixels come from reflection.
         return AxisPlan(length, round_up(padded, multiple), (-halo,), halo)
-    stride = tile - overlap
-    # Starts stay on the grid -halo + k*stride, so with a stride that is a multiple of the network's
-    # size multiple every tile sees the same pooling grid as an untiled run; the last tile may reach
-    # further into the reflected border instead of being shifted off-grid.
-    starts = [-halo]
-    while starts[-1] + tile < length + halo:
-        starts.append(starts[-1] + stride)
-    return AxisPlan(length, tile, tuple(starts), halo)
+    n = -(-(padded - overlap) // (tile - overlap))
+    size = round_up(-(-(padded + (n - 1) * overlap) // n), multiple)
+    stride = size - overlap
+    return AxisPlan(length, size, tuple(-halo + k * stride for k in range(n)), halo)
 
 
 def axis_weights(plan: AxisPlan, k: int) -> np.ndarray:
