@@ -18,10 +18,13 @@ if [ "$need_apt" = 1 ]; then
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+pip_install() {  # quiet, minus the local-index notices some machines print for every package
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+pip_install --upgrade pip
 # torch first and pinned: an open range would pull a multi-GB CUDA build on a machine without torch.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[all]"
+pip_install torch==2.13.0
+pip_install -e ".[all]"
 
 export QT_API=pyqt6
 exec .venv/bin/python -m pytest "$@"

@@ -248,3 +248,10 @@ def test_out_of_range_mask():
     m = out_of_range_mask(dpm, (-5, 5))
     assert m.tolist() == [[True, False, False], [False, True, True]]
     assert not out_of_range_mask(dpm, 5, margin_um=1.5)[0, 0]
+
+
+def test_precision_int8_needs_a_variant(tiny_model):
+    with pytest.raises(InputError, match="no int8 variant"):
+        napari_deepr.refocus(np.ones((64, 64)), tiny_model, precision="int8")
+    with pytest.raises(InputError, match="Unknown precision"):
+        napari_deepr.refocus(np.ones((64, 64)), tiny_model, precision="fp4")

@@ -74,7 +74,7 @@ def cmd_refocus(args) -> int:
         return 0
     job = RefocusJob(
         img, args.model, dpm=bool(args.dpm), tile=args.tile, overlap=args.overlap, batch=args.batch,
-        providers=args.provider, axes=args.axes, threads=args.threads,
+        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision,
     )
     stop = _cancel_on_sigint()
     job.run(None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"), stop)
@@ -196,6 +196,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# -- quantize -------------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from .engine.quantize import calibration_tiles, quality_delta, quantize_generator
+
+    path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
+    q = quality_delta(args.model)
+    q["path"] = str(path)
+    q["acceptable"] = q["delta"] >= -0.01
+    print(json.dumps(q))
+    return 0
+
+
 # -- demo (the README's main job) -------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -225,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", action="append", help="cpu, cuda, tensorrt, directml, coreml, openvino (repeatable)")
     r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
     r.add_argument("--threads", type=int)
+    r.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="int8: the model's quantized variant (CPU speed)")
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
     r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -274,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", help="write the results as JSON here")
 
+    qz = sub.add_parser("quantize", help="write an int8 (static QDQ) variant of a model and measure its SSIM cost")
+    qz.add_argument("model")
+    qz.add_argument("--calibration-tiles", type=int, default=24)
+
     d = sub.add_parser("demo", help="refocus the bundled tilted sample: image, DPM and comparison PNG")
     d.add_argument("-o", "--output", default="deepr_quickstart")
     d.add_argument("--model", default="default")
@@ -298,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": cmd_pairs,
             "bench": cmd_bench,
             "demo": cmd_demo,
+            "quantize": cmd_quantize,
         }[args.command](args)
     except Cancelled:
         print("deepr: cancelled; nothing was written.", file=sys.stderr)

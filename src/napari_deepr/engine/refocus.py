@@ -129,6 +129,7 @@ class RefocusJob:
         tile_rows: tuple[int, int] | None = None,
         norm: dict | None = None,
         halo: int | None = None,
+        precision: str = "fp32",
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -171,7 +172,9 @@ class RefocusJob:
         self.batch = int(batch) if batch else (4 if self.providers[0] != "CPUExecutionProvider" else 1)
         if self.batch < 1:
             raise InputError("Batch must be at least 1.")
-        self.session, self.provider = get_session(self.model.generator_path, self.providers, threads)
+        self.precision = precision
+        self.generator_path = self._generator_path(precision)
+        self.session, self.provider = get_session(self.generator_path, self.providers, threads)
         self.dpm_session = None
         if dpm:
             self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads)
@@ -236,6 +239,18 @@ class RefocusJob:
         target[tuple(idx)] = np.transpose(data, [src.index(a) for a in order])
 
     # -- the run -----------------------------------------------------------------------------------
+    def _generator_path(self, precision: str):
+        if precision == "fp32":
+            return self.model.generator_path
+        if precision == "int8":
+            p = self.model.root / "generator.int8.onnx"
+            if not p.is_file():
+                raise InputError(
+                    f"Model {self.model.name} has no int8 variant; create it with 'deepr quantize {self.model.name}'."
+                )
+            return p
+        raise InputError(f"Unknown precision '{precision}'; use fp32 or int8.")
+
     def _check_stats(self, p, mean, std):
         """Refuse NaN/inf planes; constant planes are passed through unchanged (std would be 0)."""
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
@@ -259,7 +274,7 @@ class RefocusJob:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.warnings.append(msg)
             self.providers = ["CPUExecutionProvider"]
-            self.session, self.provider = get_session(self.model.generator_path, self.providers, self.threads)
+            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads)
             if self.want_dpm:
                 self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads)
             return self._run_network(x)
@@ -369,6 +384,7 @@ def refocus(
     out=None,
     dpm_out=None,
     threads: int | None = None,
+    precision: str = "fp32",
 ):
     """Refocus a defocused image (2-D, stacks, channels, RGB; numpy, dask or zarr).
 
@@ -396,6 +412,9 @@ def refocus(
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
+    precision : {"fp32", "int8"}
+        ``int8`` runs the model's static-QDQ variant (``generator.int8.onnx``, see
+        :mod:`napari_deepr.engine.quantize`): faster on CPU, quality measured in its card.
 
     Returns
     -------
@@ -405,7 +424,7 @@ def refocus(
     """
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, dpm_out=dpm_out, threads=threads,
+        out=out, dpm_out=dpm_out, threads=threads, precision=precision,
     )
     for msg in job.warnings:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
