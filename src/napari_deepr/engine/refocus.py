@@ -154,7 +154,7 @@ class RefocusJob:
                 f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
             )
         mult = card.tile_multiple
-        tile = int(tile) if tile else card.tile
+        tile = int(tile) if tile else auto_tile(card, batch or 1)
         overlap = card.overlap if overlap is None else int(overlap)
         if tile <= 0 or tile % mult:
             raise InputError(f"Tile size {tile} is not a positive multiple of {mult}, which this model needs.")
@@ -435,6 +435,33 @@ def refocus(
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+# Peak activation memory of a base-16 five-level U-Net in onnxruntime, bytes per input pixel: an
+# estimate (about five live full-resolution tensors of 16-32 channels plus the deeper levels).
+BYTES_PER_TILE_PIXEL = 600
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process (Linux ``MemAvailable``; 4 GiB if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25) -> int:
+    """The card's tile, shrunk (in multiples of the model's size multiple) to fit a quarter of free memory."""
+    tile = card.tile
+    budget = available_memory() * budget_fraction
+    while tile > 4 * card.tile_multiple and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget:
+        tile = max(4 * card.tile_multiple, (tile // 2) // card.tile_multiple * card.tile_multiple)
+    return tile
+
+
+
 def plane_stats(view, block_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of a ``(C, Y, X)`` plane, read block by block.
 
