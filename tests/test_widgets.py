@@ -155,7 +155,7 @@ def _slow_steps(monkeypatch, delay):
 
 
 def test_refocus_cancel_keeps_partial_output(make_napari_viewer, qtbot, tiny_model, monkeypatch):
-    _slow_steps(monkeypatch, 0.03)
+    _slow_steps(monkeypatch, 0.1)
     viewer = make_napari_viewer()
     img = _sample((640, 256))
     viewer.add_image(img, name="big")

@@ -162,8 +162,8 @@ def cmd_pairs(args) -> int:
 
 
 def _text_progress(label: str):
-    def show(done, total, message=""):
-        sys.stderr.write(f"{label}: {done}/{total} {message}\n")
+    def show(fraction, message=""):
+        sys.stderr.write(f"{label}: {100 * fraction:5.1f}% {message}\n")
         sys.stderr.flush()
 
     return show

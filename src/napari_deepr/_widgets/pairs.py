@@ -414,7 +414,7 @@ class PairsWidget(QWidget):
         def job():
             try:
                 summary = build_pairs([image], Path(out), **kwargs,
-                                      progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)),
+                                      progress=lambda f, m="": relay.progress.emit(int(round(1000 * f)), 1000, str(m)),
                                       cancel=cancel.is_set)
             except Cancelled:
                 return ("cancelled", "Cancelled; the partial dataset was not kept.", None)
@@ -438,13 +438,14 @@ class PairsWidget(QWidget):
             self.status_label.show_message("Cancelling…")
 
     def _on_progress(self, done: int, total: int, msg: str) -> None:
-        if self._pbar is not None:
-            if total and self._pbar.total != total:
-                self._pbar.total = total
-            self._pbar.n = done
-            self._pbar.set_description(msg or "pairs")
-            self._pbar.refresh()
-        self.status_label.show_message(f"{msg or 'Working'} ({done}/{total})")
+        pbar = self._pbar  # may be closed re-entrantly while napari's progress updates the dock
+        if pbar is not None:
+            if total and pbar.total != total:
+                pbar.total = total
+            pbar.n = done
+            pbar.set_description(msg or "pairs")
+            pbar.refresh()
+        self.status_label.show_message(f"{msg or 'Working'} ({100 * done / max(total, 1):.0f}%)")
 
     def _on_built(self, result) -> None:
         status, message, summary = result
