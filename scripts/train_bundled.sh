@@ -25,6 +25,4 @@ open(os.path.join(work, "args.txt"), "w").write(" ".join(c["trainer_args"]))
 PY
 .venv/bin/python -m napari_deepr.train "$WORK/synthetic.json" -o "$WORK/model" --name deepr-fluo-20x $(cat "$WORK/args.txt") \
   | tee "$WORK/train_log.jsonl"
-for f in generator.onnx dpm.onnx model.json; do cp "$WORK/model/$f" models/deepr-fluo-20x/; done
-.venv/bin/python scripts/summarize_training.py "$WORK/train_log.jsonl" > models/deepr-fluo-20x/training_summary.json
-echo "copied the model into models/deepr-fluo-20x; now run: .venv/bin/python scripts/evaluate_model.py models/deepr-fluo-20x"
+scripts/finish_bundled.sh "$WORK"

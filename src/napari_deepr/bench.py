@@ -140,6 +140,12 @@ def run_bench(
 
         t_engine = _timeit(engine, repeats)
         row["engine_s"] = t_engine
+        for prec in variants:
+            if prec == "int8" and (m.root / "generator.int8.onnx").is_file():
+                row["engine_int8_s"] = _timeit(
+                    lambda: RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads, precision="int8").run(),
+                    repeats,
+                )
         x = img.astype(np.float32)
         x = (x - x.mean()) / x.std()
         pad = round_up(size, m.card.tile_multiple) - size
@@ -148,6 +154,9 @@ def run_bench(
         row["raw_untiled_s"] = t_raw
         if torch_runner is not None:
             row["torch_eager_s"] = _timeit(lambda: torch_runner(x), max(1, repeats - 1) if size > 2048 else repeats)
+            if "bf16" in variants:
+                fast = type(torch_runner)(m, threads=threads, channels_last=True, bf16=True)
+                row["torch_eager_bf16_s"] = _timeit(lambda: fast(x), max(1, repeats - 1) if size > 2048 else repeats)
         for name, t in list(row.items()):
             if name.endswith("_s"):
                 key = name[:-2]
@@ -199,7 +208,7 @@ def format_table(result: dict) -> str:
         f"{'size':>6} {'what':<14} {'MP/s':>7} {'s/mm²':>7}",
     ]
     for size, row in result["sizes"].items():
-        for key in ("engine", "raw_untiled", "torch_eager"):
+        for key in ("engine", "engine_int8", "raw_untiled", "torch_eager", "torch_eager_bf16"):
             if f"{key}_mp_s" in row:
                 lines.append(f"{size:>6} {key:<14} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
         extra = f"engine/raw {row['engine_vs_raw']:.2f}"

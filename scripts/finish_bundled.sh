@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Second half of scripts/train_bundled.sh: install a finished training run as the bundled model,
+# then measure it (model card table and figure), make its int8 variant and refresh the docs.
+#   scripts/finish_bundled.sh WORK_DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/deepr-fluo-20x-train}
+M=models/deepr-fluo-20x
+for f in generator.onnx dpm.onnx model.json; do cp "$WORK/model/$f" "$M/"; done
+# CPU-friendly tiling: few large tiles (the engine shrinks them when memory is short).
+.venv/bin/python - "$M/model.json" <<'PY'
+import json, sys
+p = sys.argv[1]; c = json.load(open(p))
+c.update(tile=2048, overlap=96, halo=16)
+json.dump(c, open(p, "w"), indent=1)
+PY
+.venv/bin/python scripts/summarize_training.py "$WORK/train_log.jsonl" > "$M/training_summary.json"
+.venv/bin/python scripts/evaluate_model.py "$M"
+.venv/bin/deepr quantize "$M" | tee "$M/int8_quality.json"
+.venv/bin/deepr demo -o deepr_quickstart
+cp deepr_quickstart/tilted_comparison.png docs/quickstart_comparison.png
