@@ -15,7 +15,7 @@ from .engine.model import load_model
 from .engine.refocus import RefocusJob
 
 
-def tilted_sample(size: int = 512, seed: int = 2021, tilt_deg: float = 1.5, center_um: float = 2.0, optics=None):
+def tilted_sample(size: int = 512, seed: int = 2021, tilt_deg: float = 1.5, center_um: float = 2.5, optics=None):
     """A physically simulated tilted fluorescence field (tissue-like), its DPM and in-focus truth.
 
     The defocus rises along +y by ``tan(tilt)·pixel_size`` per row (δz ≈ 4.36 µm over 512 px at
@@ -36,6 +36,19 @@ def tilted_sample(size: int = 512, seed: int = 2021, tilt_deg: float = 1.5, cent
     image = defocus_map(obj, dpm, optics, photons=800.0, rng=rng)
     truth = defocus_map(obj, np.zeros_like(dpm), optics, noise=False).astype(np.float32)
     return image, dpm, truth, optics
+
+
+def model_optics(m):
+    """The optics a model was trained for (from its card's provenance), defaulting to 20×/0.75."""
+    from .optics.psf import Optics
+
+    fields = dict(m.card.provenance.get("optics") or m.card.extra.get("optics") or {})
+    base = Optics.from_dict(fields) if fields else Optics()
+    return base.replace(
+        na=m.card.na or base.na,
+        wavelength_um=m.card.wavelength_um or base.wavelength_um,
+        pixel_size_um=m.card.pixel_size_um or base.pixel_size_um,
+    )
 
 
 def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, defocus_range_um, title=""):
@@ -95,7 +108,7 @@ def run_demo(out_dir="deepr_quickstart", model="default", provider=None) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = load_model(model)
-    image, dpm_true, truth, optics = tilted_sample()
+    image, dpm_true, truth, optics = tilted_sample(optics=model_optics(m))
     job = RefocusJob(image, m, dpm=m.has_dpm, providers=provider)
     job.run()
     px = optics.pixel_size_um
