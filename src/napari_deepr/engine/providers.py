@@ -92,6 +92,9 @@ def _session_options(threads: int | None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # The arena keeps the high-water mark of every tile shape for the process's lifetime; without it
+    # activations are freed as the graph runs, which keeps whole-slide runs bounded by one tile.
+    so.enable_cpu_mem_arena = os.environ.get("DEEPR_ORT_ARENA", "0") == "1"
     return so
 
 
