@@ -19,6 +19,7 @@ target's), as in the paper. Validation pairs are z-scored but not augmented.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import json
 import multiprocessing as mp
@@ -86,7 +87,7 @@ def bin_of(z_um: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.abs(z - centres.reshape(1, -1)).argmin(axis=1)
 
 
-class Source:
+class Source(abc.ABC):
     """Interface of a training data source.
 
     Attributes
@@ -101,13 +102,13 @@ class Source:
     info: dict
     patch: int
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``n`` augmented, z-scored training pairs ``(x [n,1,P,P], y [n,1,P,P], z_um [n])``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return the fixed validation pairs ``(x, y, z_um)`` (z-scored, not augmented)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release workers and files."""
