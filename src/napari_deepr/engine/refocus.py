@@ -426,10 +426,8 @@ def refocus(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, precision=precision,
     )
-    for msg in job.warnings:
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     result = job.run(progress, cancel)
-    for msg in job.warnings:
+    for msg in job.warnings:  # construction and run warnings, each once
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
 
