@@ -120,6 +120,25 @@ def test_msssim_scales_and_data_range():
     assert torch.isfinite(p.grad).all()
 
 
+def test_structure_weight_matches_engine_mask():
+    """The DPM loss weight (torch) and the scoring mask (numpy) apply one rule; flat background is out."""
+    from napari_deepr.engine.dpm import structure_mask
+
+    rng = np.random.default_rng(3)
+    img = np.zeros((96, 96))
+    img[30:50, 20:44] = rng.normal(size=(20, 24)) + 3.0  # a textured object on empty background
+    img += 0.01 * rng.normal(size=img.shape)
+    mask = structure_mask(img)
+    w = L.structure_weight(torch.from_numpy(img)[None, None].float(), floor=0.1)[0, 0].numpy()
+    assert mask[40, 30] and not mask[85, 85] and not mask[5, 90]
+    assert np.mean((w > 0.5) == mask) > 0.99
+    assert np.allclose(w[~mask & (w < 0.5)], 0.1) and np.allclose(w[w > 0.5], 1.0)
+    err = torch.ones(1, 1, 96, 96)
+    err[..., ~torch.from_numpy(mask)] = 5.0
+    got = float(L.weighted_mean(err, torch.from_numpy(mask)[None, None].float()))
+    assert got == pytest.approx(1.0)
+
+
 def test_lsgan_losses():
     ones, zeros = torch.ones(4), torch.zeros(4)
     assert float(L.lsgan_d_loss(zeros, ones)) == 0.0  # perfect critic

@@ -145,6 +145,11 @@ def run_bench(
         def engine():
             RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads).run()
 
+        plan = RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads)
+        row["tiles"] = plan.plan_y.n * plan.plan_x.n
+        # Pixels the network actually processes (tiles incl. overlap and border padding) per image pixel.
+        row["tile_area_ratio"] = plan.plan_y.n * plan.plan_x.n * plan.plan_y.tile * plan.plan_x.tile / (size * size)
+
         t_engine = _timeit(engine, repeats)
         row["engine_s"] = t_engine
         for prec in variants:
@@ -170,6 +175,9 @@ def run_bench(
                 row[f"{key}_mp_s"] = mp / t
                 row[f"{key}_s_per_mm2"] = mp_per_mm2 / (mp / t)
         row["engine_vs_raw"] = t_raw / t_engine
+        # DESIGN.md's tiling overhead: tiled time ÷ (untiled time × area ratio); 1 = no cost beyond the extra pixels.
+        raw_area = x.shape[-1] * x.shape[-2] / (size * size)
+        row["tiling_overhead"] = t_engine / (t_raw / raw_area * row["tile_area_ratio"])
         if "torch_eager_s" in row:
             row["engine_vs_torch"] = row["torch_eager_s"] / t_engine
         row["engine_fraction_of_floor"] = row["engine_mp_s"] / floor_mps if floor_mps == floor_mps else None
@@ -223,6 +231,7 @@ def format_table(result: dict) -> str:
             extra += f", engine/torch {row['engine_vs_torch']:.2f}"
         if row.get("engine_fraction_of_floor"):
             extra += f", {100 * row['engine_fraction_of_floor']:.0f}% of floor"
+        extra += f", {row['tiles']} tile(s), tiling overhead {row['tiling_overhead']:.2f}"
         extra += f", peak RSS {row['peak_rss_mb']:.0f} MB"
         if "rl100_s_per_mp" in row:
             extra += f"; RL-100 {row['rl100_s_per_mp']:.2f} s/MP, Brent {row['brent_evaluations']} images"

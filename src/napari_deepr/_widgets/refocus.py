@@ -185,9 +185,11 @@ class RefocusWidget(QWidget):
         self.batch_spin.setRange(1, 64)
         self.batch_spin.setValue(1)
         self.batch_spin.setToolTip("Tiles per network call (more uses more memory; helps on GPUs).")
-        for lab, w in (("tile", self.tile_spin), ("overlap", self.overlap_spin), ("batch", self.batch_spin)):
+        for lab, w, digits in (("tile", self.tile_spin, 4), ("overlap", self.overlap_spin, 4), ("batch", self.batch_spin, 2)):
+            # Room for the widest value plus the arrows, so "2048" is never clipped.
+            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 28)
             tiles.addWidget(QLabel(lab))
-            tiles.addWidget(w)
+            tiles.addWidget(w, 1)
         bform.addRow(tiles)
         self.dpm_check = QCheckBox("Compute DPM (defocus map, µm)")
         self.dpm_check.setChecked(True)
@@ -608,20 +610,34 @@ class RefocusWidget(QWidget):
             idx = (0,) * run.lead if run.plane is not None else self._current_plane(lay, run.lead, dpm.shape)
             plane2d = dpm[idx]
         else:
+            idx = ()
             plane2d = dpm
+        # Fit only where the refocused image has structure: the DPM of empty background is a guess.
+        image2d = None
+        out_layer = getattr(self, "_out_layer", None)
+        if out_layer is not None and out_layer in self.viewer.layers:
+            image2d = np.asarray(out_layer.data[idx] if idx else out_layer.data, dtype=np.float32)
+            if image2d.ndim == 3 and out_layer.rgb:
+                image2d = image2d.mean(axis=-1)
         px = layer_pixel_size_um(run.layer) or card.pixel_size_um
         note = "" if layer_pixel_size_um(run.layer) else " (pixel size from the model card)"
         if not px:
             px, note = 1.0, " (no pixel size known: tilt per pixel)"
         try:
-            fit = fit_plane(plane2d, px, defocus_range_um=card.defocus_range_um)
+            fit = fit_plane(plane2d, px, defocus_range_um=card.defocus_range_um, image=image2d)
         except ValueError as exc:
             self.readout_label.show_message(one_sentence(exc), "error")
             return
         self.fit = fit
+        magnitude = card.dpm_magnitude
+        # A |defocus| map that reaches ~0 means the sample crosses focus there: the map folds into a V.
+        crosses = magnitude and float(np.nanpercentile(plane2d, 5)) < 0.5
+        fold = (" · this model maps |defocus| only and the sample reaches focus here, so the map folds "
+                "into a V and the tilt reads low") if crosses else ""
         self.readout_label.show_message(
-            f"Mean defocus {fit.mean_um:+.2f} µm · tilt {fit.tilt_deg:.2f}° towards {fit.direction_deg:.0f}° "
-            f"· residual {fit.residual_um:.2f} µm{note}"
+            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · tilt {fit.tilt_deg:.2f}° "
+            f"towards {fit.direction_deg:.0f}° · residual {fit.residual_um:.2f} µm{note}{fold}",
+            "warning" if crosses else "info",
         )
         lay.metadata["plane_fit"] = fit.to_dict()
         mask = out_of_range_mask(dpm, card.defocus_range_um)

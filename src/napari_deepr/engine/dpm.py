@@ -1,4 +1,5 @@
-"""Defocus-map (DPM) post-processing: plane fit (mean defocus, tilt angle and direction), range mask."""
+"""Defocus-map (DPM) post-processing: plane fit (mean defocus, tilt angle and direction), range and
+structure masks."""
 
 from __future__ import annotations
 
@@ -48,6 +49,46 @@ class PlaneFit:
         )
 
 
+STRUCTURE_WINDOW_PX = 15
+STRUCTURE_THRESHOLD = 0.25
+
+
+def structure_mask(image: np.ndarray, window_px: int = STRUCTURE_WINDOW_PX,
+                   threshold: float = STRUCTURE_THRESHOLD) -> np.ndarray:
+    """Pixels where the image has structure, so that their defocus is observable at all.
+
+    The defocus of empty background cannot be measured from its blur: a DPM there is a guess. This
+    mask keeps pixels whose local standard deviation (over ``window_px``) exceeds ``threshold`` times
+    the plane's own standard deviation.
+
+    Parameters
+    ----------
+    image : ndarray
+        One 2-D plane (in-focus ground truth for scoring, or the input image for a plane fit).
+    window_px : int
+        Side of the square window, pixels (about the blur diameter at the edge of the range).
+    threshold : float
+        Local/global standard-deviation ratio that counts as structure.
+
+    Returns
+    -------
+    ndarray of bool
+        Same shape as ``image``.
+    """
+    from scipy.ndimage import uniform_filter
+
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"structure_mask takes one 2-D plane, not an array of shape {a.shape}.")
+    sd = a.std()
+    if not np.isfinite(sd) or sd == 0:
+        return np.zeros(a.shape, dtype=bool)
+    a = (a - a.mean()) / sd
+    m1 = uniform_filter(a, window_px, mode="reflect")
+    m2 = uniform_filter(a * a, window_px, mode="reflect")
+    return np.sqrt(np.clip(m2 - m1 * m1, 0, None)) > threshold
+
+
 def out_of_range_mask(dpm: np.ndarray, defocus_range_um, margin_um: float = 0.0) -> np.ndarray:
     """Pixels whose defocus lies outside the model's trained range (plus an optional margin).
 
@@ -65,7 +106,8 @@ def out_of_range_mask(dpm: np.ndarray, defocus_range_um, margin_um: float = 0.0)
     return (d < lo - margin_um) | (d > hi + margin_um) | ~np.isfinite(d)
 
 
-def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None = None, defocus_range_um=None) -> PlaneFit:
+def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None = None, defocus_range_um=None,
+              image: np.ndarray | None = None) -> PlaneFit:
     """Fit a plane to a 2-D DPM and report mean defocus, tilt angle and direction.
 
     Parameters
@@ -78,6 +120,10 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
         Pixels to use (e.g. where the sample has signal); all finite pixels by default.
     defocus_range_um : (float, float), optional
         When given, also report the out-of-range fraction.
+    image : ndarray, shape (Y, X), optional
+        The (refocused) image the DPM belongs to: only pixels where it has structure
+        (:func:`structure_mask`) are fitted, since the defocus of empty background is a guess. Ignored
+        when fewer than 5 % of the pixels qualify.
     """
     d = np.asarray(dpm, dtype=np.float64)
     if d.ndim != 2:
@@ -86,6 +132,10 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
         raise ValueError("fit_plane needs a positive pixel size in µm to turn slopes into an angle.")
     yy, xx = np.mgrid[0 : d.shape[0], 0 : d.shape[1]].astype(np.float64)
     use = np.isfinite(d) if mask is None else (np.asarray(mask, bool) & np.isfinite(d))
+    if image is not None and np.shape(image) == d.shape:
+        sm = structure_mask(image) & use
+        if sm.mean() >= 0.05:
+            use = sm
     if use.sum() < 3:
         raise ValueError("fit_plane needs at least 3 usable DPM pixels.")
     x = (xx[use] - xx[use].mean()) * pixel_size_um

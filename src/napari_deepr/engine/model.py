@@ -52,6 +52,11 @@ class ModelCard:
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def dpm_magnitude(self) -> bool:
+        """Whether the DPM decoder reports |defocus| (``"dpm_target": "magnitude"``) rather than signed defocus."""
+        return str(self.extra.get("dpm_target", "signed")) == "magnitude"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         """Build a card from ``model.json`` content, keeping unknown keys in ``extra``."""

@@ -64,7 +64,9 @@ def plan_axis(length: int, tile: int, overlap: int, multiple: int, halo: int | N
     """
     halo = overlap // 2 if halo is None else int(halo)
     padded = length + 2 * halo
-    if padded <= tile:
+    # One tile when the image fits, even if its border halo pushes it a little past the tile size:
+    # a 2048² image with 2048 tiles runs as one 2080² pass, not four overlapping ones.
+    if padded <= tile or (length <= tile and round_up(padded, multiple) - tile <= 2 * halo):
         return AxisPlan(length, round_up(padded, multiple), (-halo,), halo)
     n = -(-(padded - overlap) // (tile - overlap))
     size = round_up(-(-(padded + (n - 1) * overlap) // n), multiple)

@@ -510,7 +510,9 @@ class Trainer:
             if with_dpm:
                 dpm = self.Dec(*feats).float()
                 z = self._dpm_target(torch.as_tensor(z_all[sl], device=self.device))
-                rec["dpm_mae"][sl] = (dpm - z).abs().flatten(1).mean(1).cpu().numpy()
+                # Scored where the in-focus target has structure (same rule as the training weight).
+                mask = (L.structure_weight(y, floor=0.0) > 0).float()
+                rec["dpm_mae"][sl] = L.weighted_mean((dpm - z).abs(), mask, reduce=False).cpu().numpy()
         bins = bin_of(z_all, self.bins)
         per_z = []
         for b in np.unique(bins):
@@ -711,14 +713,15 @@ class Trainer:
         val_every = max(1, cfg.val_every * cfg.g_steps // 2)
         while not self._finished("dpm"):
             t0 = time.perf_counter()
-            x, _, z = self._batch()
+            x, y, z = self._batch()
             with torch.no_grad(), self._autocast():
                 _, feats = self.G.forward_with_features(x)
+            weight = L.structure_weight(y)
             self.opt_dec.zero_grad(set_to_none=True)
             with self._autocast():
                 pred = self.Dec(*feats)
             target = self._dpm_target(z)
-            loss = (((pred.float() - target) / scale) ** 2).mean()
+            loss = L.weighted_mean(((pred.float() - target) / scale) ** 2, weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.Dec.parameters(), cfg.clip)
             self.opt_dec.step()
@@ -727,7 +730,7 @@ class Trainer:
             self.elapsed["dpm"] += dt
             rate = 1.0 / dt if rate == 0 else 0.8 * rate + 0.2 / dt
             if self.dpm_iteration % cfg.log_every == 0 or self.dpm_iteration == 1:
-                mae = float((pred.detach().float() - target).abs().mean())
+                mae = float(L.weighted_mean((pred.detach().float() - target).abs(), weight))
                 self.emit("progress", phase="dpm", iteration=self.dpm_iteration, iterations=it_b,
                           losses={"l2": float(loss.detach()), "mae_um": mae}, it_s=rate,
                           eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"])

@@ -200,6 +200,42 @@ def berhu(pred: torch.Tensor, target: torch.Tensor, frac: float = 0.1, reduce: b
     return loss.mean() if reduce else loss.flatten(1).mean(1)
 
 
+def structure_weight(target: torch.Tensor, window_px: int = 15, threshold: float = 0.25,
+                     floor: float = 0.1) -> torch.Tensor:
+    """Per-pixel weight of the DPM loss: 1 where the in-focus target has structure, ``floor`` elsewhere.
+
+    Same rule as :func:`napari_deepr.engine.dpm.structure_mask` (local standard deviation over
+    ``window_px`` above ``threshold`` times the sample's own): the defocus of empty background is
+    not observable, and an L2 loss there only pulls the decoder towards the mean defocus.
+
+    Parameters
+    ----------
+    target : Tensor
+        In-focus targets ``[N, C, H, W]``.
+
+    Returns
+    -------
+    Tensor
+        ``[N, 1, H, W]`` weights in ``[floor, 1]``.
+    """
+    t = target.detach().float().mean(1, keepdim=True)
+    t = (t - t.mean((2, 3), keepdim=True)) / t.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    pad = window_px // 2
+    tp = torch.nn.functional.pad(t, (pad, pad, pad, pad), mode="reflect")
+    m1 = torch.nn.functional.avg_pool2d(tp, window_px, stride=1)
+    m2 = torch.nn.functional.avg_pool2d(tp * tp, window_px, stride=1)
+    sd = (m2 - m1 * m1).clamp_min(0).sqrt()
+    return floor + (1.0 - floor) * (sd > threshold).float()
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """Weighted mean over all pixels (``reduce``) or per sample ``[N]``."""
+    w = weight.expand_as(values)
+    if reduce:
+        return (values * w).sum() / w.sum().clamp_min(1e-12)
+    return (values * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
+
+
 def lsgan_d_loss(d_fake: torch.Tensor, d_real: torch.Tensor) -> torch.Tensor:
     """Least-squares discriminator loss ``mean(D(G(x))**2) + mean((1 - D(y))**2)``."""
     return (d_fake.float() ** 2).mean() + ((1 - d_real.float()) ** 2).mean()
