@@ -74,13 +74,10 @@ def main(argv=None) -> int:
     t_default = _time(lambda: s_default.run(names, feed), args.repeats)
     s1 = _session(gen, threads=1)
     row("onnxruntime intra-op threads", "1 thread", "2 threads", _time(lambda: s1.run(names, feed), args.repeats), t_default, 1024)
-    del s1
     sb = _session(gen, level="basic")
     row("graph optimisation", "basic", "all (fusions)", _time(lambda: sb.run(names, feed), args.repeats), t_default, 1024)
-    del sb
     sa = _session(gen, arena=True)
     row("CPU memory arena", "arena on", "arena off", _time(lambda: sa.run(names, feed), args.repeats), t_default, 1024)
-    del sa
 
     def engine(img, **kw):
         return lambda: RefocusJob(img, m, providers="cpu", **kw).run()
