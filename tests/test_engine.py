@@ -11,7 +11,7 @@ import pytest
 from onnx_builders import BLUR, DPM_BIAS, DPM_GAIN, make_dpm, make_generator, make_model_folder, reference_output
 
 import napari_deepr
-from napari_deepr.engine.dpm import fit_plane, out_of_range_mask, row_profile
+from napari_deepr.engine.dpm import fit_plane, out_of_range_mask, row_profile, structure_mask
 from napari_deepr.engine.model import ModelCard, load_model
 from napari_deepr.engine.refocus import RefocusJob
 from napari_deepr.engine.tiling import axis_weights, plan_axis
@@ -241,6 +241,33 @@ def test_fit_plane_recovers_known_tilt():
     assert np.ptp(dpm) == pytest.approx(4.36, abs=0.02)  # the paper's δz over 512 px
     prof = row_profile(dpm)
     assert np.allclose(np.diff(prof), slope * px)
+
+
+def test_fit_plane_ignores_background_when_given_the_image():
+    """Where the field is empty the DPM is a guess; fitting only structured pixels recovers the tilt."""
+    px = 0.325
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:256, 0:256]
+    slope = np.tan(np.radians(1.5))
+    dpm = 2.5 + slope * (yy - 127.5) * px
+    image = np.zeros((256, 256))
+    image[:, 64:192] = rng.normal(size=(256, 128))  # textured band; flat background either side
+    mask = structure_mask(image)
+    assert mask[:, 80:176].all() and not mask[:, :40].any() and not mask[:, 216:].any()
+    guessed = np.where(mask, dpm, 2.5 + rng.normal(0, 1.0, dpm.shape) - 0.02 * (yy - 127.5))
+    assert abs(fit_plane(guessed, px).tilt_deg - 1.5) > 0.5
+    fit = fit_plane(guessed, px, image=image)
+    assert fit.tilt_deg == pytest.approx(1.5, abs=0.05)
+    assert fit.mean_um == pytest.approx(2.5, abs=0.05)
+    # An image without enough structure falls back to all pixels instead of failing.
+    assert fit_plane(dpm, px, image=np.zeros((256, 256))).tilt_deg == pytest.approx(1.5, abs=0.01)
+
+
+def test_single_tile_when_only_the_halo_overflows():
+    one = plan_axis(2048, 2048, 96, 32, 16)
+    assert one.n == 1 and one.tile == 2080 and one.starts == (-16,)
+    many = plan_axis(2100, 2048, 96, 32, 16)
+    assert many.n == 2 and many.tile <= 2048
 
 
 def test_out_of_range_mask():
