@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from onnx_builders import DPM_BIAS, DPM_GAIN, reference_output
+from onnx_builders import DPM_BIAS, DPM_GAIN, make_model_folder, reference_output
 
 
 def _sample(shape=(256, 256), seed=0):
@@ -69,6 +69,20 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     assert abs(float(dpm.data.mean()) - DPM_BIAS) < 0.2 * DPM_GAIN
     assert "Mean defocus" in w.readout_label.text() and "tilt" in w.readout_label.text()
     assert w.provider_label.text().startswith("Provider used: <b>cpu")
+
+
+def test_refocus_readout_warns_when_a_magnitude_dpm_folds(make_napari_viewer, qtbot, tmp_path):
+    """A |defocus| model whose map reaches ~0 (the field crosses focus) gets a warning in the readout."""
+    model = make_model_folder(tmp_path, "magnitude", dpm_target="magnitude")
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample(), name="cells", scale=(0.325, 0.325))
+    w = _refocus_widget(viewer, model)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    dpm = viewer.layers["cells DPM (µm)"].data
+    assert np.percentile(dpm, 5) < 0.5  # the tiny decoder's map reaches focus somewhere
+    text = w.readout_label.text()
+    assert "Mean |defocus|" in text and "folds into a V" in text
 
 
 def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):
