@@ -129,6 +129,29 @@ def test_refocus_stack_current_plane_and_all_planes_dask(make_napari_viewer, qtb
     assert viewer.layers["stack DPM (µm)"].data.shape == stack.shape
 
 
+def test_refocus_large_result_goes_to_disk(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    """A result larger than the free-memory budget is written to zarr and shown from disk, same values."""
+    import zarr
+
+    from napari_deepr._widgets import refocus as wmod
+
+    monkeypatch.setattr(wmod, "DISK_RESULT_FRACTION", 0.0)
+    viewer = make_napari_viewer()
+    stack = np.stack([_sample((128, 160), seed=s) for s in range(3)])
+    viewer.add_image(stack, name="stack", scale=(0.5, 0.325, 0.325))
+    w = _refocus_widget(viewer, tiny_model)
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("all"))
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    out = viewer.layers["stack refocused"].data
+    dpm = viewer.layers["stack DPM (µm)"].data
+    assert isinstance(out, zarr.Array) and isinstance(dpm, zarr.Array)
+    assert out.shape == stack.shape and dpm.shape == stack.shape
+    for z in range(3):
+        np.testing.assert_allclose(out[z], reference_output(stack[z]), rtol=1e-4, atol=1e-2)
+    assert "tilt" in w.readout_label.text()  # the plane fit reads its plane from disk
+
+
 def test_refocus_rgb(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     rgb = np.stack([_sample((128, 128), seed=s) for s in range(3)], axis=-1).clip(0, 255).astype(np.uint8)

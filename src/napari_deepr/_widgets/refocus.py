@@ -8,6 +8,7 @@ sentence.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from qtpy.QtWidgets import (
 from ..engine.dpm import fit_plane, out_of_range_mask
 from ..engine.model import list_models, load_model
 from ..engine.providers import available_providers
-from ..engine.refocus import RefocusJob
+from ..engine.refocus import RefocusJob, available_memory, result_shapes
 from ..errors import Cancelled, DeepRError
 from ._common import (
     CancelableProgress,
@@ -75,6 +76,46 @@ def layer_axes(layer, data) -> str:
 def layer_data(layer):
     """The full-resolution array of an image layer (level 0 of a multiscale pyramid)."""
     return layer.data[0] if layer.multiscale else layer.data
+
+
+# Results bigger than this fraction of free memory are written to a zarr store on disk and shown
+# from there, so refocusing a whole large stack never runs napari out of memory.
+DISK_RESULT_FRACTION = 0.25
+
+
+def _disk_results(out_shape, dpm_shape, want_dpm: bool, axes: str):
+    """Zarr arrays (in a new temporary folder) for a result too large for memory, else ``None``."""
+    import zarr
+
+    need = 4 * (int(np.prod(out_shape)) + (int(np.prod(dpm_shape)) if want_dpm else 0))
+    if need <= DISK_RESULT_FRACTION * available_memory():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="napari-deepr-"))
+
+    def chunks(shape, letters):
+        # One plane, a band of rows and the full width: the engine writes whole tile rows.
+        return tuple(1 if a not in "YXS" else (min(n, 512) if a == "Y" else n) for a, n in zip(letters, shape, strict=True))
+
+    dpm_axes = axes
+    if len(dpm_shape) != len(out_shape):  # the joint channel axis (S or C) has no DPM of its own
+        i = next(i for i, a in enumerate(axes) if a in "SC" and out_shape[:i] + out_shape[i + 1:] == tuple(dpm_shape))
+        dpm_axes = axes[:i] + axes[i + 1:]
+    out = zarr.open_array(str(folder / "refocused.zarr"), mode="w", shape=out_shape, chunks=chunks(out_shape, axes),
+                          dtype="float32", fill_value=0.0)
+    dpm = None
+    if want_dpm:
+        dpm = zarr.open_array(str(folder / "dpm_um.zarr"), mode="w", shape=dpm_shape,
+                              chunks=chunks(dpm_shape, dpm_axes), dtype="float32", fill_value=0.0)
+    return folder, out, dpm
+
+
+def _lazy(a):
+    """numpy arrays as they are; zarr/dask-backed results as dask arrays (computed piece by piece)."""
+    if isinstance(a, np.ndarray):
+        return a
+    import dask.array as da
+
+    return a if isinstance(a, da.Array) else da.from_array(a, chunks=getattr(a, "chunks", "auto"))
 
 
 @dataclass
@@ -434,13 +475,23 @@ class RefocusWidget(QWidget):
             "batch": self.batch_spin.value(),
             "providers": self.provider_combo.currentData(),
         }
+        disk_note = ""
+        if plane is None:
+            try:
+                disk = _disk_results(*result_shapes(data.shape, axes, model.card.channels), want_dpm, axes)
+            except DeepRError as exc:
+                self.status_label.show_message(one_sentence(exc), "error")
+                return
+            if disk is not None:
+                folder, settings["out"], settings["dpm_out"] = disk
+                disk_note = f" (result larger than a quarter of free memory: written to {folder})"
         self._cancel = threading.Event()
         self.job = None
         self._dpm_display = None
         self._fit_source = None
         for w in (self.readout_label, self.range_label, self.provider_label):
             w.show_message("")
-        self.status_label.show_message(f"Starting {model.name} on {name}…")
+        self.status_label.show_message(f"Starting {model.name} on {name}…{disk_note}")
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         self.worker = create_worker(_refocus_steps, data, model, axes, settings, self._cancel,
@@ -508,8 +559,11 @@ class RefocusWidget(QWidget):
             dpm = job.dpm
             if dpm.ndim == job.output.ndim and layer.rgb:
                 # One-channel model on RGB: each colour has its DPM; show their mean (one surface).
-                self._dpm_display = dpm.mean(axis=-1)
-                dpm = self._dpm_display
+                if isinstance(dpm, np.ndarray):
+                    self._dpm_display = dpm.mean(axis=-1)
+                    dpm = self._dpm_display
+                else:  # on disk: a lazy mean, recomputed for the plane on screen
+                    dpm = _lazy(dpm).mean(axis=-1)
             # napari's scale of an RGB layer already excludes the colour axis, so the geometry fits.
             dgeo = dict(geo)
             lim = float(max(abs(card.defocus_range_um[0]), abs(card.defocus_range_um[1])))
@@ -605,13 +659,13 @@ class RefocusWidget(QWidget):
         if run is None or lay is None or lay not in self.viewer.layers or self.job is None:
             return
         card = self.job.model.card
-        dpm = np.asarray(lay.data)
+        dpm = _lazy(lay.data)
         if run.lead:
             idx = (0,) * run.lead if run.plane is not None else self._current_plane(lay, run.lead, dpm.shape)
-            plane2d = dpm[idx]
+            plane2d = np.asarray(dpm[idx])
         else:
             idx = ()
-            plane2d = dpm
+            plane2d = np.asarray(dpm)
         # Fit only where the refocused image has structure: the DPM of empty background is a guess.
         image2d = None
         out_layer = getattr(self, "_out_layer", None)
@@ -640,7 +694,7 @@ class RefocusWidget(QWidget):
             "warning" if crosses else "info",
         )
         lay.metadata["plane_fit"] = fit.to_dict()
-        mask = out_of_range_mask(dpm, card.defocus_range_um)
+        mask = out_of_range_mask(dpm, card.defocus_range_um)  # lazy (dask) when the DPM is on disk
         frac = float(mask.mean())
         if name_in(self.viewer, run.oor_name):
             self.viewer.layers.remove(run.oor_name)

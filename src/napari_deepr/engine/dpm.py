@@ -102,7 +102,9 @@ def out_of_range_mask(dpm: np.ndarray, defocus_range_um, margin_um: float = 0.0)
         Tolerance added on both ends before a pixel counts as out of range.
     """
     lo, hi = _range(defocus_range_um)
-    d = np.asarray(dpm)
+    # Arrays that implement ufuncs themselves (numpy, dask) stay as they are, so a DPM on disk is
+    # masked lazily; anything else becomes numpy.
+    d = dpm if hasattr(dpm, "__array_ufunc__") else np.asarray(dpm)
     return (d < lo - margin_um) | (d > hi + margin_um) | ~np.isfinite(d)
 
 

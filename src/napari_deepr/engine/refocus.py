@@ -63,6 +63,17 @@ class _Layout:
     x: int
 
 
+def result_shapes(shape, axes: str, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the refocused image and of its DPM for an input of ``shape`` with ``axes``.
+
+    The refocused image keeps the input's shape; the DPM drops a channel axis that is fed to the
+    network jointly (one defocus per pixel), and keeps every other axis.
+    """
+    shape = tuple(int(v) for v in shape)
+    lay = _layout(shape, axes, channels)
+    return shape, tuple(v for i, v in enumerate(shape) if i != lay.channel_axis)
+
+
 def _layout(shape, axes: str, channels: int) -> _Layout:
     axes = axes.upper()
     if len(axes) != len(shape):
@@ -179,7 +190,7 @@ class RefocusJob:
         if dpm:
             self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads)
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
-        self.dpm_shape = tuple(s for i, s in enumerate(self.shape) if i != self.layout.channel_axis)
+        self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
         if dpm:
             self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
@@ -532,4 +543,4 @@ def megapixels(shape, axes: str) -> float:
     return math.prod(s for s, a in zip(shape, axes, strict=True) if a not in "CS") / 1e6
 
 
-__all__ = ["refocus", "RefocusJob", "Progress", "guess_axes", "megapixels"]
+__all__ = ["Progress", "RefocusJob", "guess_axes", "megapixels", "refocus", "result_shapes"]
