@@ -263,6 +263,22 @@ def test_fit_plane_ignores_background_when_given_the_image():
     assert fit_plane(dpm, px, image=np.zeros((256, 256))).tilt_deg == pytest.approx(1.5, abs=0.01)
 
 
+def test_memory_arena_on_by_default_and_off_for_whole_slides(tiny_model, monkeypatch):
+    from napari_deepr.engine.model import load_model
+    from napari_deepr.engine.providers import get_session
+
+    m = load_model(tiny_model)
+    on, _ = get_session(m.generator_path, ["CPUExecutionProvider"], 1)
+    off, _ = get_session(m.generator_path, ["CPUExecutionProvider"], 1, arena=False)
+    assert on is not off
+    assert on.get_session_options().enable_cpu_mem_arena and not off.get_session_options().enable_cpu_mem_arena
+    monkeypatch.setenv("DEEPR_ORT_ARENA", "0")
+    assert get_session(m.generator_path, ["CPUExecutionProvider"], 1)[0] is off
+    img = np.random.default_rng(0).poisson(50, (96, 160)).astype(np.float32)
+    job = RefocusJob(img, tiny_model, threads=1, memory_arena=False)
+    assert not job.session.get_session_options().enable_cpu_mem_arena
+
+
 def test_single_tile_when_only_the_halo_overflows():
     one = plan_axis(2048, 2048, 96, 32, 16)
     assert one.n == 1 and one.tile == 2080 and one.starts == (-16,)

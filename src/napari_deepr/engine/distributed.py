@@ -54,7 +54,7 @@ def refocus_strip(source, model_path, axes, plane, tile_rows, norm, dpm, tile, o
     out = _StripSink(data.shape)
     job = RefocusJob(
         data, model_path, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, threads=threads, planes=[plane], tile_rows=tile_rows, norm={plane: norm},
+        out=out, threads=threads, planes=[plane], tile_rows=tile_rows, norm={plane: norm}, memory_arena=False,
     )
     if dpm:
         job.dpm = _StripSink(job.dpm_shape)
@@ -107,7 +107,7 @@ def refocus_lazy(
         image = image.data
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, dpm_out=dpm_out, threads=threads,
+        out=out, dpm_out=dpm_out, threads=threads, memory_arena=False,  # resident memory bounded by one tile
     )
     if scheduler is None:
         job.run(progress)

@@ -83,7 +83,18 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None) -> li
     return out
 
 
-def _session_options(threads: int | None):
+def default_arena() -> bool:
+    """Whether sessions keep onnxruntime's CPU memory arena (``$DEEPR_ORT_ARENA``, default on).
+
+    With the arena, tile activations are reused between calls: 1.5× faster on CPU
+    (``benchmarks/speed_changes.py``), but the process keeps the largest tile's activations until its
+    sessions are cleared. Out-of-core and cluster runs turn it off, so their resident memory stays
+    bounded by the tile being processed.
+    """
+    return os.environ.get("DEEPR_ORT_ARENA", "1") != "0"
+
+
+def _session_options(threads: int | None, arena: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -92,13 +103,11 @@ def _session_options(threads: int | None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    # The arena keeps the high-water mark of every tile shape for the process's lifetime; without it
-    # activations are freed as the graph runs, which keeps whole-slide runs bounded by one tile.
-    so.enable_cpu_mem_arena = os.environ.get("DEEPR_ORT_ARENA", "0") == "1"
+    so.enable_cpu_mem_arena = arena
     return so
 
 
-def get_session(path: str | Path, providers: list[str], threads: int | None = None):
+def get_session(path: str | Path, providers: list[str], threads: int | None = None, arena: bool | None = None):
     """One cached InferenceSession per (file, providers, threads); falls back to CPU if creation fails.
 
     Returns
@@ -111,12 +120,13 @@ def get_session(path: str | Path, providers: list[str], threads: int | None = No
 
     path = Path(path)
     st = path.stat()
-    key = (str(path), st.st_mtime_ns, tuple(providers), threads)
+    arena = default_arena() if arena is None else bool(arena)
+    key = (str(path), st.st_mtime_ns, tuple(providers), threads, arena)
     with _lock:
         sess = _sessions.get(key)
         if sess is None:
             try:
-                sess = ort.InferenceSession(str(path), _session_options(threads), providers=list(providers))
+                sess = ort.InferenceSession(str(path), _session_options(threads, arena), providers=list(providers))
             except Exception as exc:
                 if providers != ["CPUExecutionProvider"]:
                     warnings.warn(
@@ -124,7 +134,7 @@ def get_session(path: str | Path, providers: list[str], threads: int | None = No
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                    return get_session(path, ["CPUExecutionProvider"], threads)
+                    return get_session(path, ["CPUExecutionProvider"], threads, arena)
                 raise ModelError(f"onnxruntime could not load {path.name}: {_first_line(exc)}") from exc
             _sessions[key] = sess
     return sess, SHORT_NAMES.get(sess.get_providers()[0], sess.get_providers()[0])

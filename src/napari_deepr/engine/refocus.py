@@ -120,6 +120,9 @@ class RefocusJob:
         Axis letters of ``image`` (guessed if omitted).
     out, dpm_out : array-like, optional
         Preallocated outputs (numpy, zarr, memmap) of the input's shape; written band by band.
+    memory_arena : bool, optional
+        Keep onnxruntime's CPU memory arena (default :func:`~napari_deepr.engine.providers.default_arena`,
+        on): faster; off bounds resident memory by the tile in flight (used for whole slides).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class RefocusJob:
         norm: dict | None = None,
         halo: int | None = None,
         precision: str = "fp32",
+        memory_arena: bool | None = None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -185,10 +189,11 @@ class RefocusJob:
             raise InputError("Batch must be at least 1.")
         self.precision = precision
         self.generator_path = self._generator_path(precision)
-        self.session, self.provider = get_session(self.generator_path, self.providers, threads)
+        self.arena = memory_arena
+        self.session, self.provider = get_session(self.generator_path, self.providers, threads, memory_arena)
         self.dpm_session = None
         if dpm:
-            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads)
+            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads, memory_arena)
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
@@ -285,9 +290,9 @@ class RefocusJob:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.warnings.append(msg)
             self.providers = ["CPUExecutionProvider"]
-            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads)
+            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena)
             if self.want_dpm:
-                self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads)
+                self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads, self.arena)
             return self._run_network(x)
         out = res[0]
         dpm = None
