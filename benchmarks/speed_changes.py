@@ -29,7 +29,7 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _session(path, threads=2, level="all", arena=False):
+def _session(path, threads=2, level="all", arena=True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     row("onnxruntime intra-op threads", "1 thread", "2 threads", _time(lambda: s1.run(names, feed), args.repeats), t_default, 1024)
     sb = _session(gen, level="basic")
     row("graph optimisation", "basic", "all (fusions)", _time(lambda: sb.run(names, feed), args.repeats), t_default, 1024)
-    sa = _session(gen, arena=True)
-    row("CPU memory arena", "arena on", "arena off", _time(lambda: sa.run(names, feed), args.repeats), t_default, 1024)
+    sa = _session(gen, arena=False)
+    row("CPU memory arena", "arena off", "arena on", _time(lambda: sa.run(names, feed), args.repeats), t_default, 1024)
 
     def engine(img, **kw):
         return lambda: RefocusJob(img, m, providers="cpu", **kw).run()
