@@ -228,7 +228,7 @@ class RefocusWidget(QWidget):
         self.batch_spin.setToolTip("Tiles per network call (more uses more memory; helps on GPUs).")
         for lab, w, digits in (("tile", self.tile_spin, 4), ("overlap", self.overlap_spin, 4), ("batch", self.batch_spin, 2)):
             # Room for the widest value plus the arrows, so "2048" is never clipped.
-            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 28)
+            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 56)  # napari puts - and + on both sides
             tiles.addWidget(QLabel(lab))
             tiles.addWidget(w, 1)
         bform.addRow(tiles)
