@@ -20,6 +20,7 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -228,7 +229,11 @@ class RefocusWidget(QWidget):
         self.batch_spin.setToolTip("Tiles per network call (more uses more memory; helps on GPUs).")
         for lab, w, digits in (("tile", self.tile_spin, 4), ("overlap", self.overlap_spin, 4), ("batch", self.batch_spin, 2)):
             # Room for the widest value plus the arrows, so "2048" is never clipped.
-            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 56)  # napari puts - and + on both sides
+            if digits > 2:
+                # napari's style puts - and + on both sides and clips four digits ("2048"): type, scroll or
+                # use the arrow keys instead.
+                w.setButtonSymbols(QAbstractSpinBox.ButtonSymbols.NoButtons)
+            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 16)
             tiles.addWidget(QLabel(lab))
             tiles.addWidget(w, 1)
         bform.addRow(tiles)
