@@ -12,21 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _session(path, threads=2, level="all", arena=True):
@@ -49,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
+    from napari_deepr.bench import _timeit as _time
     from napari_deepr.bench import bench_image
     from napari_deepr.engine.model import load_model
     from napari_deepr.engine.refocus import RefocusJob
