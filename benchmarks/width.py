@@ -11,9 +11,7 @@ megapixel (from the ONNX graph), parameters and MP/s.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +25,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
     import torch
 
-    from napari_deepr.bench import onnx_flops_per_pixel
+    from napari_deepr.bench import _timeit, onnx_flops_per_pixel
+    from napari_deepr.engine.providers import get_session
     from napari_deepr.train.export import _dims, _export, _GeneratorGraph, feature_names
     from napari_deepr.train.nets import Generator, count_parameters
 
@@ -45,19 +43,9 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 _export(_GeneratorGraph(g), (torch.zeros(2, 1, 64, 96),), path, ["input"], ["output", *feature_names()],
                         {"input": {0: batch, 2: 32 * h, 3: 32 * w}})
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = args.threads
-            so.inter_op_num_threads = 1
-            so.enable_cpu_mem_arena = False
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            sess.run(["output"], {"input": x})
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                sess.run(["output"], {"input": x})
-                ts.append(time.perf_counter() - t0)
-            mps = args.size**2 / 1e6 / statistics.median(ts)
+            # The engine's own session options; arena off as in the README's recorded numbers.
+            sess, _ = get_session(path, ["CPUExecutionProvider"], args.threads, arena=False)
+            mps = args.size**2 / 1e6 / _timeit(lambda: sess.run(["output"], {"input": x}), args.repeats)
             gflop = onnx_flops_per_pixel(path) * 1e6 / 1e9
             print(f"{spec:>9} {count_parameters(g) / 1e6:8.2f}M {gflop:9.1f} {mps:6.2f}", flush=True)
     return 0

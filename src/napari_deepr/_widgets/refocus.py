@@ -228,7 +228,6 @@ class RefocusWidget(QWidget):
         self.batch_spin.setValue(1)
         self.batch_spin.setToolTip("Tiles per network call (more uses more memory; helps on GPUs).")
         for lab, w, digits in (("tile", self.tile_spin, 4), ("overlap", self.overlap_spin, 4), ("batch", self.batch_spin, 2)):
-            # Room for the widest value plus the arrows, so "2048" is never clipped.
             if digits > 2:
                 # napari's style puts - and + on both sides and clips four digits ("2048"): type, scroll or
                 # use the arrow keys instead.
