@@ -196,12 +196,53 @@ def _cells(shape, px, rng):
     return 0.5 * np.clip(cyto, 0, None) + 0.6 * organelles + 0.7 * _nuclei(shape, px, rng, 0.5)
 
 
+def _cytoplasm(shape, px, rng, cell_diameter_um: tuple = (15.0, 35.0)):
+    # a confluent monolayer with a cytoplasmic stain: Voronoi cell bodies, each a smooth dome (projected
+    # thickness) with a dark unstained nucleus, faint reticular texture and slightly brighter membranes
+    h, w = shape
+    d = rng.uniform(*cell_diameter_um) / px
+    n = max(2, rng.poisson(h * w / (0.8 * d * d)))
+    seeds = rng.uniform([0, 0], shape, size=(n, 2))
+    seed_img = _seed_image(shape, seeds)
+    _, (iy, ix) = ndimage.distance_transform_edt(seed_img == 0, return_indices=True)
+    owner = seed_img[iy, ix]
+    bright = rng.uniform(0.4, 1.0, n + 1)
+    # distance to the nearest boundary: where the owning seed changes
+    boundary = np.zeros(shape, bool)
+    boundary[:-1] |= owner[:-1] != owner[1:]
+    boundary[:, :-1] |= owner[:, :-1] != owner[:, 1:]
+    to_edge = ndimage.distance_transform_edt(~boundary)
+    dome = np.sqrt(np.clip(to_edge / (0.35 * d), 0, 1))
+    reticulum = 1 + 0.3 * bandpass_noise(shape, rng, 0.4 / px, 2.0 / px)
+    membrane = 0.4 * np.exp(-((to_edge * px / 0.3) ** 2))
+    img = bright[owner] * (dome * reticulum + membrane)
+    # nucleus: an unstained ellipse near each seed
+    nuc = np.zeros(shape)
+    r = 0.22 * d
+    yy, xx = np.ogrid[0:h, 0:w]
+    for cy, cx in seeds + rng.normal(0, 0.1 * d, seeds.shape):
+        e = rng.uniform(0.7, 1.0)
+        nuc = np.maximum(nuc, np.clip(1 - np.hypot((yy - cy) / (r * e), (xx - cx) / r), 0, 1) * 4)
+    img *= 1 - 0.85 * np.clip(nuc, 0, 1)
+    return np.clip(img, 0, None)
+
+
+def _seed_image(shape, seeds) -> np.ndarray:
+    """Label image with seed ``k`` at its pixel as ``k + 1`` (0 elsewhere)."""
+    lab = np.zeros(shape, np.int32)
+    iy = np.clip(seeds[:, 0].astype(int), 0, shape[0] - 1)
+    ix = np.clip(seeds[:, 1].astype(int), 0, shape[1] - 1)
+    lab[iy, ix] = np.arange(1, len(seeds) + 1)
+    return lab
+
+
 _GENERATORS: dict[str, Callable] = {
     "beads": _beads,
     "filaments": _filaments,
     "nuclei": _nuclei,
     "tissue": _tissue,
     "cells": _cells,
+    "cytoplasm": _cytoplasm,
     "mixed": _mixed,
 }
 
