@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second half of scripts/train_bundled.sh: install a finished training run as the bundled model,
-# then measure it (model card table and figure), make its int8 variant and refresh the docs.
+# then measure it (model card table and figure), make its int8 variant, measure int8 and bf16, refresh the docs.
 #   scripts/finish_bundled.sh WORK_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,10 @@ json.dump(c, open(p, "w"), indent=1)
 PY
 .venv/bin/python scripts/summarize_training.py "$WORK/train_log.jsonl" > "$M/training_summary.json"
 .venv/bin/python scripts/evaluate_model.py "$M"
-.venv/bin/deepr quantize "$M" | tee "$M/int8_quality.json"
+.venv/bin/deepr quantize "$M" --json "$M/int8_quality.json"
+# bf16 runs through onnxruntime-openvino (scripts/use_openvino.sh); skipped where it is not installed.
+if .venv/bin/python -c "import onnxruntime as o, sys; sys.exit('OpenVINOExecutionProvider' not in o.get_available_providers())"; then
+  .venv/bin/deepr quantize "$M" --precision bf16 --json "$M/bf16_quality.json"
+fi
 .venv/bin/deepr demo -o deepr_quickstart
 cp deepr_quickstart/tilted_comparison.png docs/quickstart_comparison.png

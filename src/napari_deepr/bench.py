@@ -18,10 +18,15 @@ import time
 import numpy as np
 
 from .engine.model import load_model
-from .engine.providers import default_threads, get_session, resolve_providers
+from .engine.providers import (
+    default_threads,
+    get_session,
+    require_bf16,
+    resolve_providers,
+)
 from .engine.refocus import RefocusJob
 from .engine.tiling import round_up
-
+from .errors import InputError
 
 # PyTorch eager keeps every activation of a 4096² pass alive at once (well over 20 GB for base 16),
 # so it is timed only up to this size; onnxruntime reuses its buffers and runs 4096² untiled.
@@ -153,9 +158,18 @@ def run_bench(
         t_engine = _timeit(engine, repeats)
         row["engine_s"] = t_engine
         for prec in variants:
-            if prec == "int8" and (m.root / "generator.int8.onnx").is_file():
-                row["engine_int8_s"] = _timeit(
-                    lambda: RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads, precision="int8").run(),
+            if prec == "int8" and not (m.root / "generator.int8.onnx").is_file():
+                result.setdefault("variants_unavailable", {})[prec] = "no generator.int8.onnx (run 'deepr quantize')"
+                continue
+            if prec == "bf16":
+                try:
+                    require_bf16()
+                except InputError as exc:
+                    result.setdefault("variants_unavailable", {})[prec] = str(exc)
+                    continue
+            if prec in ("int8", "bf16"):
+                row[f"engine_{prec}_s"] = _timeit(
+                    lambda prec=prec: RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads, precision=prec).run(),
                     repeats,
                 )
         x = img.astype(np.float32)
@@ -223,7 +237,7 @@ def format_table(result: dict) -> str:
         f"{'size':>6} {'what':<14} {'MP/s':>7} {'s/mm²':>7}",
     ]
     for size, row in result["sizes"].items():
-        for key in ("engine", "engine_int8", "raw_untiled", "torch_eager", "torch_eager_bf16"):
+        for key in ("engine", "engine_bf16", "engine_int8", "raw_untiled", "torch_eager", "torch_eager_bf16"):
             if f"{key}_mp_s" in row:
                 lines.append(f"{size:>6} {key:<14} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
         extra = f"engine/raw {row['engine_vs_raw']:.2f}"

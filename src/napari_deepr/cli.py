@@ -68,7 +68,7 @@ def cmd_refocus(args) -> int:
         info = refocus_file(
             img, out_path, model=args.model, dpm_path=args.dpm, tile=args.tile, overlap=args.overlap,
             batch=args.batch, providers=args.provider, scheduler=args.scheduler, threads=args.threads,
-            progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
+            precision=args.precision, progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
         )
         print(json.dumps(info))
         return 0
@@ -201,11 +201,14 @@ def cmd_bench(args) -> int:
 def cmd_quantize(args) -> int:
     from .engine.quantize import calibration_tiles, quality_delta, quantize_generator
 
-    path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
-    q = quality_delta(args.model)
-    q["path"] = str(path)
-    q["acceptable"] = q["delta"] >= -0.01
+    if args.precision == "int8":
+        path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
+    q = quality_delta(args.model, precision=args.precision)
+    if args.precision == "int8":
+        q["path"] = str(path)
     print(json.dumps(q))
+    if args.json:
+        Path(args.json).write_text(json.dumps(q, indent=1) + "\n")
     return 0
 
 
@@ -238,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", action="append", help="cpu, cuda, tensorrt, directml, coreml, openvino (repeatable)")
     r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
     r.add_argument("--threads", type=int)
-    r.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="int8: the model's quantized variant (CPU speed)")
+    r.add_argument(
+        "--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+        help="bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
+    )
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
     r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -288,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", help="write the results as JSON here")
 
-    qz = sub.add_parser("quantize", help="write an int8 (static QDQ) variant of a model and measure its SSIM cost")
+    qz = sub.add_parser(
+        "quantize", help="write an int8 (static QDQ) variant of a model, or check bf16, and measure its SSIM cost",
+    )
     qz.add_argument("model")
-    qz.add_argument("--calibration-tiles", type=int, default=24)
+    qz.add_argument("--precision", choices=("int8", "bf16"), default="int8",
+                    help="int8: write generator.int8.onnx; bf16: measure the OpenVINO bf16 run (nothing written)")
+    qz.add_argument("--calibration-tiles", type=int, default=64)
+    qz.add_argument("--json", help="also write the measurement here")
 
     d = sub.add_parser("demo", help="refocus the bundled tilted sample: image, DPM and comparison PNG")
     d.add_argument("-o", "--output", default="deepr_quickstart")

@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 from ..engine.dpm import fit_plane, out_of_range_mask
 from ..engine.model import list_models, load_model
 from ..engine.providers import available_providers
+from ..engine.quantize import precision_choices
 from ..engine.refocus import RefocusJob, available_memory, result_shapes
 from ..errors import Cancelled, DeepRError
 from ._common import (
@@ -215,6 +216,8 @@ class RefocusWidget(QWidget):
             self.provider_combo.addItem(p, p)
         self.provider_combo.setToolTip("onnxruntime execution providers available in this installation.")
         bform.addRow("Provider", self.provider_combo)
+        self.precision_combo = QComboBox()
+        bform.addRow("Precision", self.precision_combo)
         tiles = QHBoxLayout()
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(32, 8192)
@@ -411,8 +414,23 @@ class RefocusWidget(QWidget):
         self.dpm_check.setEnabled(model.has_dpm)
         self.dpm_check.setChecked(model.has_dpm)
         self.dpm_check.setToolTip("" if model.has_dpm else "This model has no dpm.onnx, so no defocus map.")
+        self._fill_precisions(model)
         self.run_btn.setEnabled(self.worker is None)
         self._update_checks()
+
+    def _fill_precisions(self, model) -> None:
+        """fp32 always; bf16 where OpenVINO can run it; int8 where the model folder has its variant."""
+        keep = self.precision_combo.currentData()
+        self.precision_combo.clear()
+        self.precision_combo.addItem("fp32 (reference)", "fp32")
+        notes = ["fp32: the exported network as trained."]
+        for prec, label, usable, why in precision_choices(model):
+            if usable:
+                self.precision_combo.addItem(label, prec)
+            notes.append(why)
+        self.precision_combo.setToolTip("\n".join(notes))
+        idx = self.precision_combo.findData(keep)
+        self.precision_combo.setCurrentIndex(max(idx, 0))
 
     # ------------------------------------------------------------------ checks
     def _update_checks(self, *_) -> None:
@@ -478,6 +496,7 @@ class RefocusWidget(QWidget):
             "overlap": self.overlap_spin.value(),
             "batch": self.batch_spin.value(),
             "providers": self.provider_combo.currentData(),
+            "precision": self.precision_combo.currentData() or "fp32",
         }
         disk_note = ""
         if plane is None:

@@ -48,13 +48,15 @@ def _open_source(source):
     return source
 
 
-def refocus_strip(source, model_path, axes, plane, tile_rows, norm, dpm, tile, overlap, batch, providers, threads):
+def refocus_strip(source, model_path, axes, plane, tile_rows, norm, dpm, tile, overlap, batch, providers, threads,
+                  precision="fp32"):
     """One cluster task: refocus tile rows ``tile_rows`` of ``plane`` and return the written rows."""
     data = _open_source(source)
     out = _StripSink(data.shape)
     job = RefocusJob(
         data, model_path, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, threads=threads, planes=[plane], tile_rows=tile_rows, norm={plane: norm}, memory_arena=False,
+        precision=precision,
     )
     if dpm:
         job.dpm = _StripSink(job.dpm_shape)
@@ -79,6 +81,7 @@ def refocus_lazy(
     rows_per_strip: int = 4,
     progress=None,
     source=None,
+    precision: str = "fp32",
 ):
     """Refocus into (disk-backed) outputs, locally or on a dask.distributed cluster.
 
@@ -94,6 +97,8 @@ def refocus_lazy(
         Tile rows per cluster task.
     source : tuple (path, series), optional
         Where workers can reopen the input; without it numpy inputs are scattered to the workers.
+    precision : {"fp32", "bf16", "int8"}
+        As in :func:`napari_deepr.refocus`; every worker runs the same precision.
 
     Returns
     -------
@@ -108,6 +113,7 @@ def refocus_lazy(
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, memory_arena=False,  # resident memory bounded by one tile
+        precision=precision,
     )
     if scheduler is None:
         job.run(progress)
@@ -133,7 +139,7 @@ def refocus_lazy(
                     client.submit(
                         refocus_strip, src, str(job.model.location),
                         job.layout.axes, p, rows, norm, dpm, job.tile, job.overlap, job.batch,
-                        [job.provider], threads, pure=False,
+                        [job.provider], threads, precision, pure=False,
                     )
                 )
         job.done = 0
@@ -169,6 +175,7 @@ def refocus_file(
     threads=None,
     progress=None,
     rows_per_strip: int = 4,
+    precision: str = "fp32",
 ) -> dict:
     """Refocus a file disk to disk with bounded memory; TIFF or zarr out, calibration kept.
 
@@ -205,7 +212,7 @@ def refocus_file(
         job = refocus_lazy(
             img, m, dpm=bool(dpm_path), tile=tile, overlap=overlap, batch=batch, providers=providers,
             threads=threads, scheduler=scheduler, out=out_arr, dpm_out=dpm_arr, rows_per_strip=rows_per_strip,
-            progress=progress,
+            progress=progress, precision=precision,
         )
         meta = {"model": job.model.card.name, "provider": job.provider, "tile": job.tile, "overlap": job.overlap,
                 "source": img.metadata.get("source"), "scheduler": str(scheduler) if scheduler else None}

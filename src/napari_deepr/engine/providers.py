@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import warnings
@@ -107,8 +108,62 @@ def _session_options(threads: int | None, arena: bool = True):
     return so
 
 
-def get_session(path: str | Path, providers: list[str], threads: int | None = None, arena: bool | None = None):
-    """One cached InferenceSession per (file, providers, threads); falls back to CPU if creation fails.
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16; Linux ``/proc/cpuinfo``)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_provider_options(threads: int | None = None) -> dict[str, dict[str, str]]:
+    """OpenVINO execution-provider options that run a float32 graph in bfloat16 on the CPU.
+
+    onnxruntime's own CPU provider has no bfloat16 convolutions; OpenVINO's CPU plugin computes them
+    with AVX512-BF16/AMX when asked through its ``INFERENCE_PRECISION_HINT``.
+    """
+    return {
+        "OpenVINOExecutionProvider": {
+            "device_type": "CPU",
+            "num_of_threads": str(threads or default_threads()),
+            "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}),
+        }
+    }
+
+
+def require_bf16() -> list[str]:
+    """The provider list for ``precision="bf16"``, or one clear sentence why it cannot run here.
+
+    Raises
+    ------
+    InputError
+        When this onnxruntime build has no OpenVINO execution provider.
+    """
+    import onnxruntime as ort
+
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        raise InputError(
+            "bf16 on CPU runs through onnxruntime's OpenVINO execution provider, which this onnxruntime "
+            f"({ort.__version__}) lacks; install it with 'pip uninstall -y onnxruntime && pip install onnxruntime-openvino'."
+        )
+    if not cpu_has_bf16():
+        warnings.warn(
+            "This CPU has no native bfloat16 (AVX512-BF16/AMX), so bf16 will not be faster than fp32.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+
+
+def get_session(
+    path: str | Path,
+    providers: list[str],
+    threads: int | None = None,
+    arena: bool | None = None,
+    provider_options: dict[str, dict[str, str]] | None = None,
+):
+    """One cached InferenceSession per (file, providers, options, threads); falls back to CPU if creation fails.
 
     Returns
     -------
@@ -121,12 +176,16 @@ def get_session(path: str | Path, providers: list[str], threads: int | None = No
     path = Path(path)
     st = path.stat()
     arena = default_arena() if arena is None else bool(arena)
-    key = (str(path), st.st_mtime_ns, tuple(providers), threads, arena)
+    opts = provider_options or {}
+    key = (str(path), st.st_mtime_ns, tuple(providers), threads, arena, json.dumps(opts, sort_keys=True))
     with _lock:
         sess = _sessions.get(key)
         if sess is None:
             try:
-                sess = ort.InferenceSession(str(path), _session_options(threads, arena), providers=list(providers))
+                sess = ort.InferenceSession(
+                    str(path), _session_options(threads, arena),
+                    providers=[(p, opts[p]) if p in opts else p for p in providers],
+                )
             except Exception as exc:
                 if providers != ["CPUExecutionProvider"]:
                     warnings.warn(

@@ -19,7 +19,12 @@ import numpy as np
 
 from ..errors import Cancelled, InputError
 from .model import DeepRModel, load_model
-from .providers import get_session, resolve_providers
+from .providers import (
+    bf16_provider_options,
+    get_session,
+    require_bf16,
+    resolve_providers,
+)
 from .tiling import axis_weights, plan_axis, read_region
 
 
@@ -182,18 +187,22 @@ class RefocusJob:
         halo = card.halo if halo is None else int(halo)
         self.plan_y = plan_axis(h, tile, overlap, mult, halo)
         self.plan_x = plan_axis(w, tile, overlap, mult, halo)
-        self.providers = resolve_providers(providers)
+        self.precision = precision
+        self.provider_options = None
+        if precision == "bf16":
+            if providers not in (None, "auto", "cpu", "openvino", ["cpu"], ["openvino"]):
+                raise InputError("bf16 runs on the CPU through the OpenVINO provider; use fp32 on other providers.")
+            self.providers = require_bf16()
+            self.provider_options = bf16_provider_options(threads)
+        else:
+            self.providers = resolve_providers(providers)
         self.threads = threads
-        self.batch = int(batch) if batch else (4 if self.providers[0] != "CPUExecutionProvider" else 1)
+        self.batch = int(batch) if batch else (1 if self.providers[0] in ("CPUExecutionProvider", "OpenVINOExecutionProvider") else 4)
         if self.batch < 1:
             raise InputError("Batch must be at least 1.")
-        self.precision = precision
         self.generator_path = self._generator_path(precision)
         self.arena = memory_arena
-        self.session, self.provider = get_session(self.generator_path, self.providers, threads, memory_arena)
-        self.dpm_session = None
-        if dpm:
-            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, threads, memory_arena)
+        self._open_sessions()
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
@@ -255,8 +264,15 @@ class RefocusJob:
         target[tuple(idx)] = np.transpose(data, [src.index(a) for a in order])
 
     # -- the run -----------------------------------------------------------------------------------
+    def _open_sessions(self):
+        opts = self.provider_options
+        self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
+        self.dpm_session = None
+        if self.want_dpm:
+            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads, self.arena, opts)
+
     def _generator_path(self, precision: str):
-        if precision == "fp32":
+        if precision in ("fp32", "bf16"):
             return self.model.generator_path
         if precision == "int8":
             p = self.model.root / "generator.int8.onnx"
@@ -265,7 +281,7 @@ class RefocusJob:
                     f"Model {self.model.name} has no int8 variant; create it with 'deepr quantize {self.model.name}'."
                 )
             return p
-        raise InputError(f"Unknown precision '{precision}'; use fp32 or int8.")
+        raise InputError(f"Unknown precision '{precision}'; use fp32, bf16 or int8.")
 
     def _check_stats(self, p, mean, std):
         """Refuse NaN/inf planes; constant planes are passed through unchanged (std would be 0)."""
@@ -289,10 +305,8 @@ class RefocusJob:
             msg = f"The {self.provider} provider failed while running ({str(exc).splitlines()[0][:160]}); continuing on CPU."
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.warnings.append(msg)
-            self.providers = ["CPUExecutionProvider"]
-            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena)
-            if self.want_dpm:
-                self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads, self.arena)
+            self.providers, self.provider_options = ["CPUExecutionProvider"], None
+            self._open_sessions()
             return self._run_network(x)
         out = res[0]
         dpm = None
@@ -428,9 +442,12 @@ def refocus(
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
-    precision : {"fp32", "int8"}
+    precision : {"fp32", "bf16", "int8"}
+        ``bf16`` runs the float32 graphs in bfloat16 on CPUs with AVX512-BF16/AMX through onnxruntime's
+        OpenVINO provider (``onnxruntime-openvino``; the model was trained under bf16 autocast);
         ``int8`` runs the model's static-QDQ variant (``generator.int8.onnx``, see
-        :mod:`napari_deepr.engine.quantize`): faster on CPU, quality measured in its card.
+        :mod:`napari_deepr.engine.quantize`). Both are faster on CPU; their quality cost is measured
+        (``deepr quantize``, ``napari_deepr.engine.quantize.quality_delta``), not assumed.
 
     Returns
     -------
