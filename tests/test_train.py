@@ -298,6 +298,38 @@ def test_stop_file_and_resume(dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
+    """--init-from starts from a shipped model folder (ONNX weights, no checkpoint) with its width."""
+    from napari_deepr.train.loop import init_architecture, load_init_weights
+
+    first = tmp_path / "first"
+    rc, _ = _run([str(dataset), "-o", str(first), "--iterations", "8", "--val-every", "100", "--dpm-iterations", "4",
+                  "--lr-dpm", "3e-3", "--val-pairs", "4", *TINY], capsys)
+    assert rc == 0
+    gen, dec = load_init_weights(first)
+    best = torch.load(first / "best.pt", weights_only=False)["generator"]
+    assert gen.keys() == best.keys() and all(torch.equal(gen[k], best[k]) for k in gen)
+    assert dec is not None and "range_um" in dec
+    assert init_architecture(first) == (4, 128)
+
+    second = tmp_path / "second"
+    args = [str(dataset), "-o", str(second), "--iterations", "0", "--val-every", "100", "--dpm-iterations", "1",
+            "--lr-dpm", "1e-9", "--val-pairs", "4", "--init-from", str(first), *TINY, "--base", "8"]
+    rc, events = _run(args, capsys)
+    assert rc == 0, events[-1]
+    assert any(e["event"] == "init" for e in events)
+    # width comes from the model it starts from (base 4), not from --base 8
+    start = next(e for e in events if e["event"] == "start")
+    assert start["parameters"]["generator"] == count_parameters(Generator(base=4))
+    # no generator updates: the exported generator is the one it started from
+    again, _ = load_init_weights(second)
+    assert all(torch.allclose(again[k], gen[k]) for k in gen)
+
+    rc, events = _run([str(dataset), "-o", str(tmp_path / "x"), "--init-from", str(tmp_path / "nowhere"), *TINY], capsys)
+    assert rc != 0 and "no generator.onnx or checkpoint" in events[-1]["message"]
+
+
+@pytest.mark.slow
 def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
     """The real command: JSON lines on stdout, SIGTERM stops cleanly with a resumable checkpoint."""
     out = tmp_path / "model"

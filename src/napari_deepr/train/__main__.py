@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoint.pt")
     b.add_argument("--redo-dpm", action="store_true",
                    help="resume a finished run, train a fresh DPM decoder (new --lr-dpm/--dpm-target/budget) and re-export")
+    b.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from a model folder / generator.onnx / checkpoint (its width is used)")
     b.add_argument("--patience", type=int, default=None, help="early stopping after N validations without a better BerHu (0 = off; default 20)")
     n = p.add_argument_group("network and optimisation")
     n.add_argument("--base", type=int, default=16, help="generator width at full resolution (16 CPU default, 32 paper-sized)")
@@ -96,7 +98,7 @@ def config_from_args(args: argparse.Namespace):
         workers=args.workers if args.workers is not None else d["workers"].default,
         log_every=args.log_every if args.log_every is not None else d["log_every"].default,
         export=not args.no_export, name=args.name, version=args.version, modality=args.modality,
-        tile=args.tile, overlap=args.overlap,
+        tile=args.tile, overlap=args.overlap, init_from=args.init_from,
     )
 
 

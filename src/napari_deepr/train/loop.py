@@ -116,6 +116,10 @@ class TrainConfig:
     tile, overlap : int, optional
         Model card inference defaults (default: 1024, and an overlap of at least 96 px that covers
         twice the geometric blur radius at the edge of the defocus range).
+    init_from : str, optional
+        Fine-tuning: start the generator (and the DPM decoder, when its defocus range matches) from
+        an exported model folder / ``generator.onnx`` or a ``checkpoint.pt`` / ``best.pt``; the
+        network width is taken from it. Optimisers, budgets and iteration counts start fresh.
     """
 
     dataset: str = ""
@@ -159,6 +163,7 @@ class TrainConfig:
     tile: int | None = None
     overlap: int | None = None
     extra_card: dict = field(default_factory=dict)
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`DatasetError`-style ValueErrors for impossible settings (one sentence)."""
@@ -289,6 +294,9 @@ class Trainer:
             base["dataset"] = config.dataset
             base["out"] = config.out
             config = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+        elif config.init_from:
+            base_w, cap = init_architecture(config.init_from)
+            config = dataclasses.replace(config, base=base_w, max_channels=cap)
         config.validate()
         self.cfg = config
         if config.threads:
@@ -325,6 +333,8 @@ class Trainer:
         self.history: list[dict] = []
         self._last_dpm_val = -1
         self.last_terms: dict = {}
+        if self.saved is None and config.init_from:
+            self._init_weights(config.init_from)
         if self.saved:
             self._restore(self.saved)
             if redo_dpm:
@@ -412,6 +422,17 @@ class Trainer:
         for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
+
+    def _init_weights(self, source: str) -> None:
+        """Load generator (and matching DPM decoder) weights for fine-tuning; see ``init_from``."""
+        gen, dec = load_init_weights(source)
+        self.G.load_state_dict(gen)
+        if dec is not None and abs(float(dec["range_um"]) - float(self.Dec.range_um)) < 1e-6:
+            self.Dec.load_state_dict(dec)
+            dpm_note = "and DPM decoder"
+        else:
+            dpm_note = "(DPM decoder fresh: none, or trained for another defocus range)"
+        self.emit("init", source=str(source), note=f"generator {dpm_note} start from {source}")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -939,3 +960,49 @@ def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = Fals
         finally:
             trainer.source.close()
     return "done"
+
+
+def load_init_weights(source: str | Path) -> tuple[dict, dict | None]:
+    """Generator and DPM-decoder state dicts from a model folder, an ``.onnx`` file or a checkpoint.
+
+    The exported ONNX graphs keep the PyTorch parameter names (``generator.*``, ``decoder.*``), so a
+    shipped model (which has no checkpoint) can be fine-tuned too.
+
+    Raises
+    ------
+    DatasetError
+        When ``source`` holds no Deep-R generator weights.
+    """
+    src = Path(source)
+    if src.suffix in (".pt", ".pth"):
+        s = torch.load(src, map_location="cpu", weights_only=False)
+        gen = s.get("generator") or s.get("state")
+        if gen is None:
+            raise DatasetError(f"{src.name} holds no generator weights.")
+        return gen, s.get("dpm")
+    import onnx
+    from onnx import numpy_helper
+
+    gpath = src / "generator.onnx" if src.is_dir() else src
+    if not gpath.is_file():
+        raise DatasetError(f"There is no generator.onnx or checkpoint at {src}.")
+
+    def params(path: Path, prefix: str) -> dict:
+        m = onnx.load(str(path))
+        return {i.name[len(prefix):]: torch.from_numpy(numpy_helper.to_array(i).copy())
+                for i in m.graph.initializer if i.name.startswith(prefix)}
+
+    gen = params(gpath, "generator.")
+    if not gen:
+        raise DatasetError(f"{gpath.name} was not exported by this trainer (no generator.* weights).")
+    dpath = gpath.with_name("dpm.onnx")
+    dec = params(dpath, "decoder.") if dpath.is_file() else None
+    return gen, dec or None
+
+
+def init_architecture(source: str | Path) -> tuple[int, int]:
+    """``(base, max_channels)`` of the generator stored at ``source`` (see :func:`load_init_weights`)."""
+    gen, _ = load_init_weights(source)
+    base = int(gen["encoder.inc.weight"].shape[0])
+    widest = max(int(v.shape[0]) for k, v in gen.items() if k.endswith("weight") and v.ndim == 4)
+    return base, widest
