@@ -47,15 +47,16 @@ def main() -> int:
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--model", default="default")
     p.add_argument("--tile", type=int, default=1024, help="tile side: sets the activation memory (~1 GB at 1024²)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     big = work / f"big_{args.size}.ome.tif"
     if not big.exists():
         make_big(big, args.size)
-    out = work / f"big_{args.size}_refocused.zarr"
+    out = work / f"big_{args.size}_refocused_{args.precision}.zarr"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "napari_deepr.cli", "refocus", str(big), "-o", str(out),
-           "--model", args.model, "--tile", str(args.tile), "--out-of-core", "-q"]
+           "--model", args.model, "--tile", str(args.tile), "--out-of-core", "-q", "--precision", args.precision]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -82,12 +83,12 @@ def main() -> int:
     res = np.asarray(zarr.open(str(out / "0"), mode="r")[y0:y0 + 2048, x0:x0 + 2048])
     m = 256  # away from the crop's own borders, where its context differs from the whole slide's
     diff = np.abs(res[m:-m, m:-m] - job.output[m:-m, m:-m])
-    report = {"size": args.size, "tile": args.tile, "megapixels": args.size**2 / 1e6, "wall_s": wall,
+    report = {"size": args.size, "tile": args.tile, "precision": args.precision, "megapixels": args.size**2 / 1e6, "wall_s": wall,
               "mp_per_s": args.size**2 / 1e6 / wall, "max_rss_mb": rss_kb / 1024,
               "crop_max_abs_diff_rel": float(diff.max() / np.ptp(job.output)),
               "crop_mean_abs_diff_rel": float(diff.mean() / np.ptp(job.output))}
     print(json.dumps(report, indent=1))
-    (work / "outofcore_report.json").write_text(json.dumps(report, indent=1))
+    (work / f"outofcore_report_{args.precision}.json").write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -22,3 +22,17 @@ def test_bench_reports_engine_and_raw(tiny_model):
     # The tiny test model was not exported by the trainer, so PyTorch eager says why it is absent.
     assert "torch_eager_s" in row or "torch_eager_unavailable" in res
     assert "engine/raw" in format_table(res)
+
+
+def test_bench_reduced_precisions_timed_or_explained(tiny_model):
+    import onnxruntime as ort
+
+    res = run_bench(tiny_model, sizes=[64], repeats=1, threads=1, torch_eager=False, baselines=False,
+                    variants=("bf16", "int8"))
+    row = res["sizes"]["64"]
+    # the tiny model has no int8 variant: said, not silently dropped
+    assert "engine_int8_s" not in row and "deepr quantize" in res["variants_unavailable"]["int8"]
+    if "OpenVINOExecutionProvider" in ort.get_available_providers():
+        assert row["engine_bf16_mp_s"] > 0 and "engine_bf16" in format_table(res)
+    else:
+        assert "onnxruntime-openvino" in res["variants_unavailable"]["bf16"]
