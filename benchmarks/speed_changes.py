@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     from napari_deepr.bench import _timeit as _time
     from napari_deepr.bench import bench_image
     from napari_deepr.engine.model import load_model
+    from napari_deepr.engine.providers import require_bf16
     from napari_deepr.engine.refocus import RefocusJob
+    from napari_deepr.errors import InputError
 
     m = load_model(args.model)
     gen = m.generator_path
@@ -82,10 +84,17 @@ def main(argv=None) -> int:
     row("tile size (2048²)", "1024 px tiles", "2048 px (one tile)", _time(engine(img2k, tile=1024), args.repeats), t_whole, 2048)
     row("tiles per call (2048², 512 px)", "batch 4", "batch 1", _time(engine(img2k, tile=512, batch=4), args.repeats),
         _time(engine(img2k, tile=512, batch=1), args.repeats), 2048)
+    img1k = bench_image(1024)
+    t_fp32 = _time(engine(img1k), args.repeats)
     if (m.root / "generator.int8.onnx").is_file():
-        img1k = bench_image(1024)
-        row("precision", "fp32", "int8 (static QDQ)", _time(engine(img1k), args.repeats),
-            _time(engine(img1k, precision="int8"), args.repeats), 1024)
+        row("precision", "fp32", "int8 (static QDQ)", t_fp32, _time(engine(img1k, precision="int8"), args.repeats), 1024)
+    try:
+        require_bf16()
+    except InputError as exc:
+        print(f"bf16 not timed: {exc}")
+    else:
+        row("precision", "fp32 (CPU provider)", "bf16 (OpenVINO provider)", t_fp32,
+            _time(engine(img1k, precision="bf16"), args.repeats), 1024)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": m.card.name, "rows": rows}, indent=1))
     print("\n| change | before | after | image | before MP/s | after MP/s | speed-up |\n|---|---|---|---|---|---|---|")
