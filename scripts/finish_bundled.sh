@@ -14,7 +14,9 @@ p = sys.argv[1]; c = json.load(open(p))
 c.update(tile=2048, overlap=96, halo=16)
 json.dump(c, open(p, "w"), indent=1)
 PY
-.venv/bin/python scripts/summarize_training.py "$WORK/train_log.jsonl" > "$M/training_summary.json"
+LOGS=("$WORK/train_log.jsonl")
+[ -f "$WORK/stage1_log.jsonl" ] && LOGS=("$WORK/stage1_log.jsonl" "$WORK/stage2_log.jsonl" "${LOGS[@]}")
+.venv/bin/python scripts/summarize_training.py "${LOGS[@]}" > "$M/training_summary.json"
 .venv/bin/python scripts/evaluate_model.py "$M"
 .venv/bin/deepr quantize "$M" --json "$M/int8_quality.json"
 # bf16 runs through onnxruntime-openvino (scripts/use_openvino.sh); skipped where it is not installed.

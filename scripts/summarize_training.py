@@ -2,6 +2,9 @@
 """Summarize a trainer JSON-lines log (iterations, wall time, device, final validation) as JSON.
 
     python scripts/summarize_training.py train_log.jsonl > training_summary.json
+    python scripts/summarize_training.py stage1_log.jsonl stage2_log.jsonl train_log.jsonl > training_summary.json
+
+With several logs (a staged run, the last one shipped) the result is ``{"stages": [...]}``.
 """
 
 from __future__ import annotations
@@ -41,5 +44,8 @@ def summarize(lines) -> dict:
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        print(json.dumps(summarize(f), indent=1))
+    summaries = []
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            summaries.append(dict(summarize(f), log=path.rsplit("/", 1)[-1]))
+    print(json.dumps(summaries[0] if len(summaries) == 1 else {"stages": summaries}, indent=1))
