@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+quiet() { "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "^WARNING: Skipping" || true; }; }
 quiet $PY -m pip uninstall -y -q onnxruntime
 # --force-reinstall restores files the uninstall above removed when both were present.
 quiet $PY -m pip install -q --force-reinstall --no-deps "onnxruntime-openvino>=1.20"
