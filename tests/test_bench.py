@@ -36,3 +36,14 @@ def test_bench_reduced_precisions_timed_or_explained(tiny_model):
         assert row["engine_bf16_mp_s"] > 0 and "engine_bf16" in format_table(res)
     else:
         assert "onnxruntime-openvino" in res["variants_unavailable"]["bf16"]
+
+
+def test_bench_skips_an_untiled_call_that_would_not_fit(tiny_model, monkeypatch):
+    import napari_deepr.bench as bench
+
+    monkeypatch.setattr(bench, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    res = run_bench(tiny_model, sizes=[128], repeats=1, threads=1, torch_eager=False, baselines=False)
+    row = res["sizes"]["128"]
+    assert "raw_untiled_s" not in row and "engine_vs_raw" not in row
+    assert "GiB" in row["raw_untiled_skipped"] and row["engine_mp_s"] > 0
+    assert "raw call skipped" in format_table(res)

@@ -24,13 +24,15 @@ from .engine.providers import (
     require_bf16,
     resolve_providers,
 )
-from .engine.refocus import RefocusJob
+from .engine.refocus import BYTES_PER_TILE_PIXEL, RefocusJob, available_memory
 from .engine.tiling import round_up
 from .errors import InputError
 
 # PyTorch eager keeps every activation of a 4096² pass alive at once (well over 20 GB for base 16),
 # so it is timed only up to this size; onnxruntime reuses its buffers and runs 4096² untiled.
 TORCH_MAX_SIZE = 2048
+#: An untiled raw call runs only when its estimated activations fit in this share of free memory.
+RAW_MEMORY_FRACTION = 0.6
 
 
 def _timeit(fn, repeats: int, warmup: int = 2) -> float:
@@ -179,8 +181,17 @@ def run_bench(
         x = (x - x.mean()) / x.std()
         pad = round_up(size, m.card.tile_multiple) - size
         x = np.pad(x, ((0, pad), (0, pad)), mode="reflect")[None, None]
-        t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), big_repeats)
-        row["raw_untiled_s"] = t_raw
+        # An untiled call holds every activation at once (4096²: ~10 GiB; the process peaked at 21.5 GB
+        # here): skip it, saying why, where it would not fit, rather than let the benchmark be OOM-killed.
+        need, free = x.size * BYTES_PER_TILE_PIXEL, available_memory()
+        t_raw = None
+        if need > RAW_MEMORY_FRACTION * free:
+            row["raw_untiled_skipped"] = (
+                f"an untiled {size}² call needs about {need / 2**30:.0f} GiB; {free / 2**30:.0f} GiB are free"
+            )
+        else:
+            t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), big_repeats)
+            row["raw_untiled_s"] = t_raw
         if torch_runner is not None and size <= TORCH_MAX_SIZE:
             row["torch_eager_s"] = _timeit(lambda: torch_runner(x), big_repeats)
             if "bf16" in variants:
@@ -191,10 +202,11 @@ def run_bench(
                 key = name[:-2]
                 row[f"{key}_mp_s"] = mp / t
                 row[f"{key}_s_per_mm2"] = mp_per_mm2 / (mp / t)
-        row["engine_vs_raw"] = t_raw / t_engine
-        # DESIGN.md's tiling overhead: tiled time ÷ (untiled time × area ratio); 1 = no cost beyond the extra pixels.
-        raw_area = x.shape[-1] * x.shape[-2] / (size * size)
-        row["tiling_overhead"] = t_engine / (t_raw / raw_area * row["tile_area_ratio"])
+        if t_raw is not None:
+            row["engine_vs_raw"] = t_raw / t_engine
+            # DESIGN.md's tiling overhead: tiled time ÷ (untiled time × area ratio); 1 = no cost beyond the extra pixels.
+            raw_area = x.shape[-1] * x.shape[-2] / (size * size)
+            row["tiling_overhead"] = t_engine / (t_raw / raw_area * row["tile_area_ratio"])
         if "torch_eager_s" in row:
             row["engine_vs_torch"] = row["torch_eager_s"] / t_engine
         row["engine_fraction_of_floor"] = row["engine_mp_s"] / floor_mps if floor_mps == floor_mps else None
@@ -243,12 +255,14 @@ def format_table(result: dict) -> str:
         for key in ("engine", "engine_bf16", "engine_int8", "raw_untiled", "torch_eager", "torch_eager_bf16"):
             if f"{key}_mp_s" in row:
                 lines.append(f"{size:>6} {key:<14} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
-        extra = f"engine/raw {row['engine_vs_raw']:.2f}"
+        extra = f"engine/raw {row['engine_vs_raw']:.2f}" if "engine_vs_raw" in row else f"raw call skipped: {row['raw_untiled_skipped']}"
         if "engine_vs_torch" in row:
             extra += f", engine/torch {row['engine_vs_torch']:.2f}"
         if row.get("engine_fraction_of_floor"):
             extra += f", {100 * row['engine_fraction_of_floor']:.0f}% of floor"
-        extra += f", {row['tiles']} tile(s), tiling overhead {row['tiling_overhead']:.2f}"
+        extra += f", {row['tiles']} tile(s)"
+        if "tiling_overhead" in row:
+            extra += f", tiling overhead {row['tiling_overhead']:.2f}"
         extra += f", peak RSS {row['peak_rss_mb']:.0f} MB"
         if "rl100_s_per_mp" in row:
             extra += f"; RL-100 {row['rl100_s_per_mp']:.2f} s/MP, Brent {row['brent_evaluations']} images"
