@@ -441,3 +441,25 @@ def test_plugin_widgets_reader_and_writer_through_napari(make_napari_viewer, tmp
     np.testing.assert_array_equal(np.asarray(opened.data), stack)
     np.testing.assert_allclose(opened.scale, layer.scale)
     assert all(str(u) in ("micrometer", "µm") for u in opened.units)
+
+
+def test_precision_box_offers_measured_variants_and_runs_them(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "tiny8"
+    shutil.copytree(tiny_model, model)
+    # a stand-in int8 file (the tiny graph itself) with a measured cost beside it
+    shutil.copy(model / "generator.onnx", model / "generator.int8.onnx")
+    (model / "int8_quality.json").write_text(json.dumps({"delta": -0.004}))
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample(), name="cells")
+    w = _refocus_widget(viewer, model)
+    labels = [w.precision_combo.itemText(i) for i in range(w.precision_combo.count())]
+    assert labels[0].startswith("fp32") and "int8 (quantized, SSIM -0.004)" in labels
+    assert "int8" in w.precision_combo.toolTip()
+    w.precision_combo.setCurrentIndex(w.precision_combo.findData("int8"))
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    assert w.job.precision == "int8" and w.job.generator_path.name == "generator.int8.onnx"
+    assert "cells refocused" in viewer.layers
