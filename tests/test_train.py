@@ -310,7 +310,7 @@ def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
     best = torch.load(first / "best.pt", weights_only=False)["generator"]
     assert gen.keys() == best.keys() and all(torch.equal(gen[k], best[k]) for k in gen)
     assert dec is not None and "range_um" in dec
-    assert init_architecture(first) == (4, 128)
+    assert init_architecture(gen) == (4, 128)
 
     second = tmp_path / "second"
     args = [str(dataset), "-o", str(second), "--iterations", "0", "--val-every", "100", "--dpm-iterations", "1",

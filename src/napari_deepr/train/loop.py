@@ -294,8 +294,10 @@ class Trainer:
             base["dataset"] = config.dataset
             base["out"] = config.out
             config = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
-        elif config.init_from:
-            base_w, cap = init_architecture(config.init_from)
+        init_weights = None
+        if self.saved is None and config.init_from:
+            init_weights = load_init_weights(config.init_from)
+            base_w, cap = init_architecture(init_weights[0])
             config = dataclasses.replace(config, base=base_w, max_channels=cap)
         config.validate()
         self.cfg = config
@@ -333,8 +335,8 @@ class Trainer:
         self.history: list[dict] = []
         self._last_dpm_val = -1
         self.last_terms: dict = {}
-        if self.saved is None and config.init_from:
-            self._init_weights(config.init_from)
+        if init_weights is not None:
+            self._init_weights(*init_weights, source=config.init_from)
         if self.saved:
             self._restore(self.saved)
             if redo_dpm:
@@ -423,9 +425,8 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr * scale
 
-    def _init_weights(self, source: str) -> None:
+    def _init_weights(self, gen: dict, dec: dict | None, source: str) -> None:
         """Load generator (and matching DPM decoder) weights for fine-tuning; see ``init_from``."""
-        gen, dec = load_init_weights(source)
         self.G.load_state_dict(gen)
         if dec is not None and abs(float(dec["range_um"]) - float(self.Dec.range_um)) < 1e-6:
             self.Dec.load_state_dict(dec)
@@ -1000,9 +1001,8 @@ def load_init_weights(source: str | Path) -> tuple[dict, dict | None]:
     return gen, dec or None
 
 
-def init_architecture(source: str | Path) -> tuple[int, int]:
-    """``(base, max_channels)`` of the generator stored at ``source`` (see :func:`load_init_weights`)."""
-    gen, _ = load_init_weights(source)
+def init_architecture(gen: dict) -> tuple[int, int]:
+    """``(base, max_channels)`` of a generator state dict (from :func:`load_init_weights`)."""
     base = int(gen["encoder.inc.weight"].shape[0])
     widest = max(int(v.shape[0]) for k, v in gen.items() if k.endswith("weight") and v.ndim == 4)
     return base, widest
