@@ -103,6 +103,39 @@ def peak_rss_mb() -> float:
     return r / 1024 if platform.system() != "Darwin" else r / 2**20
 
 
+# Extra engine runs ``--variants`` can add: keyword arguments of RefocusJob, and where each can run.
+VARIANTS = {
+    "bf16": ({"precision": "bf16"}, "cpu"),
+    "int8": ({"precision": "int8"}, "cpu"),
+    "fp16": ({"precision": "fp16"}, "gpu"),
+    "dpm": ({"dpm": True}, "any"),
+    "dpm_fp16": ({"dpm": True, "precision": "fp16"}, "gpu"),
+    # IO binding only matters when the DPM decoder reads the generator's features (GPU providers).
+    "dpm_no_iobinding": ({"dpm": True, "io_binding": False}, "gpu"),
+}
+
+
+def _variant_unavailable(name: str, m, on_gpu: bool) -> str | None:
+    """Why a variant cannot run here, or None."""
+    if name not in VARIANTS:
+        return f"unknown variant; choose from {', '.join(VARIANTS)}"
+    where = VARIANTS[name][1]
+    if where == "cpu" and on_gpu:
+        return "a CPU precision; this run is on a GPU provider"
+    if where == "gpu" and not on_gpu:
+        return "needs a GPU provider (--provider cuda)"
+    if VARIANTS[name][0].get("dpm") and not m.has_dpm:
+        return "the model has no DPM decoder"
+    if name == "int8" and not (m.root / "generator.int8.onnx").is_file():
+        return "no generator.int8.onnx (run 'deepr quantize')"
+    if name == "bf16":
+        try:
+            require_bf16()
+        except InputError as exc:
+            return str(exc)
+    return None
+
+
 def run_bench(
     model="default",
     sizes=(512, 4096),
@@ -113,36 +146,68 @@ def run_bench(
     tile: int | None = None,
     overlap: int | None = None,
     variants=(),
+    provider: str = "cpu",
 ) -> dict:
     """Measure refocus throughput; every number in one run so ratios are meaningful.
+
+    Parameters
+    ----------
+    provider : str
+        ``cpu`` (default) or a GPU provider such as ``cuda``; the engine, the raw call and PyTorch
+        eager all run there, and the floor is that device's matmul rate.
+    variants : sequence of str
+        Extra engine runs from :data:`VARIANTS` (precisions, the DPM decoder, IO binding off).
 
     Returns
     -------
     dict
         ``machine``, ``model``, ``floor`` and one entry per size with MP/s, s/mm² and ratios.
     """
+    import onnxruntime as ort
+
     m = load_model(model)
     threads = threads or default_threads()
     px = m.card.pixel_size_um or 0.325
     mp_per_mm2 = (1000.0 / px) ** 2 / 1e6
-    providers = resolve_providers("cpu")
+    providers = resolve_providers(provider)
     sess, used = get_session(m.generator_path, providers, threads)
+    on_gpu = used not in ("cpu", "openvino")
+    if provider != "cpu" and not on_gpu:
+        raise InputError(f"The {provider} provider did not start here (onnxruntime {ort.__version__}); nothing to measure on it.")
     result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores_used": threads, "os_cpus": os.cpu_count()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(), "cores_used": threads, "os_cpus": os.cpu_count(),
+            "onnxruntime": f"{ort.__version__} ({', '.join(ort.get_available_providers())})",
+        },
         "model": {"name": m.card.name, "path": str(m.root), "provider": used},
         "mp_per_mm2": mp_per_mm2,
         "sizes": {},
     }
     fpp = onnx_flops_per_pixel(m.generator_path)
-    gf = matmul_gflops()
+    if on_gpu:
+        from .train.bench_torch import gpu_matmul_gflops
+
+        # fp32 convolutions run on tensor cores as TF32 by default (cuDNN, onnxruntime's CUDA provider).
+        gf = gpu_matmul_gflops("tf32")
+        result["machine"]["gpu"] = gpu_matmul_gflops.device_name
+        result["machine"]["gpu_strict_fp32_gflops"] = gpu_matmul_gflops("fp32")
+        result["floor_fp16"] = {"matmul_gflops": gpu_matmul_gflops("fp16")}
+        result["floor_fp16"]["floor_mp_s"] = result["floor_fp16"]["matmul_gflops"] * 1e9 / fpp / 1e6
+    else:
+        gf = matmul_gflops()
     floor_mps = gf * 1e9 / fpp / 1e6 if fpp else float("nan")
     result["floor"] = {"gflop_per_mp": fpp * 1e6 / 1e9, "matmul_gflops": gf, "floor_mp_s": floor_mps}
+    for name in variants:
+        why = _variant_unavailable(name, m, on_gpu)
+        if why:
+            result.setdefault("variants_unavailable", {})[name] = why
+    variants = [v for v in variants if v not in result.get("variants_unavailable", {})]
     torch_runner = None
     if torch_eager:
         try:
             from .train.bench_torch import TorchRunner
 
-            torch_runner = TorchRunner(m, threads=threads)
+            torch_runner = TorchRunner(m, threads=threads, device="cuda" if on_gpu else "cpu")
         except Exception as exc:  # torch is an optional extra
             result["torch_eager_unavailable"] = f"{type(exc).__name__}: {exc}"
     for size in sizes:
@@ -152,50 +217,49 @@ def run_bench(
         # Large images: one timed repeat fewer (each pass takes seconds; the median barely moves).
         big_repeats = max(1, repeats - 1) if size > 2048 else repeats
 
-        def engine():
-            RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads).run()
+        def job(**kw):
+            return RefocusJob(img, m, tile=tile, overlap=overlap, providers=provider, threads=threads, **kw)
 
-        plan = RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads)
+        plan = job()
         row["tiles"] = plan.plan_y.n * plan.plan_x.n
         # Pixels the network actually processes (tiles incl. overlap and border padding) per image pixel.
         row["tile_area_ratio"] = plan.plan_y.n * plan.plan_x.n * plan.plan_y.tile * plan.plan_x.tile / (size * size)
 
-        t_engine = _timeit(engine, repeats)
+        t_engine = _timeit(lambda: job().run(), repeats)
         row["engine_s"] = t_engine
-        for prec in variants:
-            if prec == "int8" and not (m.root / "generator.int8.onnx").is_file():
-                result.setdefault("variants_unavailable", {})[prec] = "no generator.int8.onnx (run 'deepr quantize')"
+        for name in list(variants):
+            kw = VARIANTS[name][0]
+            probe = job(**kw)
+            expected = "openvino" if kw.get("precision") == "bf16" else used  # bf16 runs through OpenVINO
+            if probe.provider != expected or probe.precision != kw.get("precision", "fp32"):
+                # e.g. a GPU provider that cannot load the fp16 graph: the engine fell back, so this is not the variant
+                why = "; ".join(probe.warnings) or f"fell back to {probe.provider}"
+                result.setdefault("variants_unavailable", {})[name] = why
+                variants.remove(name)
                 continue
-            if prec == "bf16":
-                try:
-                    require_bf16()
-                except InputError as exc:
-                    result.setdefault("variants_unavailable", {})[prec] = str(exc)
-                    continue
-            if prec in ("int8", "bf16"):
-                row[f"engine_{prec}_s"] = _timeit(
-                    lambda prec=prec: RefocusJob(img, m, tile=tile, overlap=overlap, providers="cpu", threads=threads, precision=prec).run(),
-                    repeats,
-                )
+            row[f"engine_{name}_s"] = _timeit(lambda kw=kw: job(**kw).run(), repeats)
         x = img.astype(np.float32)
         x = (x - x.mean()) / x.std()
         pad = round_up(size, m.card.tile_multiple) - size
         x = np.pad(x, ((0, pad), (0, pad)), mode="reflect")[None, None]
         # An untiled call holds every activation at once (4096²: ~10 GiB; the process peaked at 21.5 GB
         # here): skip it, saying why, where it would not fit, rather than let the benchmark be OOM-killed.
-        need, free = x.size * BYTES_PER_TILE_PIXEL, available_memory()
+        need, free = x.size * BYTES_PER_TILE_PIXEL, (_gpu_free_memory() if on_gpu else available_memory())
         t_raw = None
         if need > RAW_MEMORY_FRACTION * free:
             row["raw_untiled_skipped"] = (
                 f"an untiled {size}² call needs about {need / 2**30:.0f} GiB; {free / 2**30:.0f} GiB are free"
             )
         else:
-            t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), big_repeats)
-            row["raw_untiled_s"] = t_raw
-        if torch_runner is not None and size <= TORCH_MAX_SIZE:
+            try:
+                t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), big_repeats)
+                row["raw_untiled_s"] = t_raw
+            except Exception as exc:  # measured: CUDA's Resize refuses 8192² (int32 indexing)
+                row["raw_untiled_skipped"] = f"the untiled {size}² call failed: {str(exc).splitlines()[0][-160:]}"
+        if torch_runner is not None and (on_gpu or size <= TORCH_MAX_SIZE):
             row["torch_eager_s"] = _timeit(lambda: torch_runner(x), big_repeats)
-            if "bf16" in variants:
-                fast = type(torch_runner)(m, threads=threads, channels_last=True, bf16=True)
+            if {"bf16", "fp16", "dpm_fp16"} & set(variants):
+                fast = type(torch_runner)(m, threads=threads, channels_last=True, bf16=True, device=torch_runner.device)
                 row["torch_eager_bf16_s"] = _timeit(lambda: fast(x), big_repeats)
         for name, t in list(row.items()):
             if name.endswith("_s"):
@@ -210,11 +274,23 @@ def run_bench(
         if "torch_eager_s" in row:
             row["engine_vs_torch"] = row["torch_eager_s"] / t_engine
         row["engine_fraction_of_floor"] = row["engine_mp_s"] / floor_mps if floor_mps == floor_mps else None
+        if "engine_fp16_mp_s" in row:
+            row["engine_fp16_fraction_of_fp16_floor"] = row["engine_fp16_mp_s"] / result["floor_fp16"]["floor_mp_s"]
         row["peak_rss_mb"] = peak_rss_mb()
         if baselines and size <= 1024:
             row.update(_baselines(img, px))
         result["sizes"][str(size)] = row
     return result
+
+
+def _gpu_free_memory() -> int:
+    """Free memory of GPU 0 in bytes (through PyTorch); 16 GiB when it cannot be read."""
+    try:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    except Exception:
+        return 16 * 2**30
 
 
 def _baselines(img: np.ndarray, px: float) -> dict:
@@ -246,15 +322,17 @@ def _baselines(img: np.ndarray, px: float) -> dict:
 def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run_bench` result."""
     lines = [
-        f"model {result['model']['name']} on {result['model']['provider']}, {result['machine']['cores_used']} threads; "
+        f"model {result['model']['name']} on {result['model']['provider']}"
+        f"{' (' + result['machine']['gpu'] + ')' if result['machine'].get('gpu') else ''}, {result['machine']['cores_used']} threads; "
         f"floor {result['floor']['floor_mp_s']:.2f} MP/s ({result['floor']['gflop_per_mp']:.1f} GFLOP/MP at "
         f"{result['floor']['matmul_gflops']:.0f} GFLOP/s matmul)",
-        f"{'size':>6} {'what':<14} {'MP/s':>7} {'s/mm²':>7}",
+        f"{'size':>6} {'what':<22} {'MP/s':>7} {'s/mm²':>7}",
     ]
     for size, row in result["sizes"].items():
-        for key in ("engine", "engine_bf16", "engine_int8", "raw_untiled", "torch_eager", "torch_eager_bf16"):
+        keys = ["engine"] + [f"engine_{v}" for v in VARIANTS] + ["raw_untiled", "torch_eager", "torch_eager_bf16"]
+        for key in keys:
             if f"{key}_mp_s" in row:
-                lines.append(f"{size:>6} {key:<14} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
+                lines.append(f"{size:>6} {key:<22} {row[f'{key}_mp_s']:7.2f} {row[f'{key}_s_per_mm2']:7.2f}")
         extra = f"engine/raw {row['engine_vs_raw']:.2f}" if "engine_vs_raw" in row else f"raw call skipped: {row['raw_untiled_skipped']}"
         if "engine_vs_torch" in row:
             extra += f", engine/torch {row['engine_vs_torch']:.2f}"

@@ -189,6 +189,7 @@ def cmd_bench(args) -> int:
     result = run_bench(
         model=args.model, sizes=args.sizes, repeats=args.repeats, threads=args.threads, torch_eager=not args.no_torch,
         baselines=not args.no_baselines, tile=args.tile, overlap=args.overlap, variants=args.variants,
+        provider=args.provider,
     )
     print(format_table(result))
     if args.json:
@@ -242,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
     r.add_argument("--threads", type=int)
     r.add_argument(
-        "--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-        help="bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
+        "--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+        help="fp16: half precision on GPU providers; bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
     )
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
     r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--tile", type=int)
     b.add_argument("--overlap", type=int)
-    b.add_argument("--variants", nargs="*", default=[], help="extra precisions to time, e.g. int8 bf16")
+    b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm")
+    b.add_argument("--provider", default="cpu", help="cpu (default) or a GPU provider, e.g. cuda")
     b.add_argument("--no-torch", action="store_true")
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", help="write the results as JSON here")

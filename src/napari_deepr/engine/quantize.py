@@ -109,17 +109,21 @@ def _copy_metadata(src: Path, dst: Path) -> None:
     onnx.save(b, str(dst))
 
 
-def quality_delta(model="default", precision: str = "int8", n: int = 12, seed: int = 99) -> dict:
+def quality_delta(model="default", precision: str = "int8", n: int = 12, seed: int = 99, pairs=None, providers=None) -> dict:
     """SSIM of fp32 and reduced-precision outputs against the in-focus truth on fresh simulated pairs.
 
     Parameters
     ----------
     model : str, Path or DeepRModel
-    precision : {"int8", "bf16"}
+    precision : {"int8", "bf16", "fp16"}
         ``int8``: the model's ``generator.int8.onnx``; ``bf16``: the fp32 graphs run in bfloat16 through
-        onnxruntime's OpenVINO provider.
+        onnxruntime's OpenVINO provider; ``fp16``: half-precision graphs on a GPU provider.
     n, seed : int
         Number of 512² validation pairs and their seed (fixed, so runs compare).
+    pairs : sequence of (input, truth, defocus_um), optional
+        Pairs to use instead of simulating ``n`` (e.g. simulated elsewhere and carried to a GPU machine).
+    providers : str, optional
+        Execution provider for both runs (``cuda`` for fp16); default the engine's choice.
 
     Returns
     -------
@@ -128,20 +132,26 @@ def quality_delta(model="default", precision: str = "int8", n: int = 12, seed: i
         ``worst_pair_delta`` and, for models with a DPM decoder, ``dpm_mae_fp32_um`` and
         ``dpm_mae_<precision>_um`` on structured pixels.
     """
-    from ..optics.simulate import random_training_pair
     from ..science.metrics import ssim
     from .dpm import structure_mask
     from .refocus import refocus
 
     m = load_model(model)
     rng = np.random.default_rng(seed)
+    if pairs is None:
+        from ..optics.simulate import (
+            random_training_pair,  # psfmodels: only where pairs are simulated
+        )
+
+        pairs = (random_training_pair(rng, patch=512) for _ in range(n))
     scores: dict[str, list[float]] = {"fp32": [], precision: []}
     dpm_err: dict[str, list[float]] = {"fp32": [], precision: []}
-    for _ in range(n):
-        x, y, z = random_training_pair(rng, patch=512)
+    n = 0
+    for x, y, z in pairs:
+        n += 1
         mask = structure_mask(y)
         for prec in ("fp32", precision):
-            res = refocus(x, m, precision=prec, dpm=m.has_dpm)
+            res = refocus(x, m, precision=prec, dpm=m.has_dpm, providers=providers)
             out, dpm = res if m.has_dpm else (res, None)
             scores[prec].append(ssim(out, y))
             if dpm is not None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, ModelError
+from .fp16 import FP16_PROVIDERS, fp16_variant
 from .model import DeepRModel, load_model
 from .providers import (
     bf16_provider_options,
@@ -26,6 +27,9 @@ from .providers import (
     resolve_providers,
 )
 from .tiling import axis_weights, plan_axis, read_region
+
+_HOST_PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider")
+_DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda", "rocm": "cuda", "directml": "dml"}
 
 
 @dataclass
@@ -150,6 +154,7 @@ class RefocusJob:
         halo: int | None = None,
         precision: str = "fp32",
         memory_arena: bool | None = None,
+        io_binding: bool | None = None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -196,12 +201,22 @@ class RefocusJob:
             self.provider_options = bf16_provider_options(threads)
         else:
             self.providers = resolve_providers(providers)
+        if precision == "fp16" and self.providers[0] not in FP16_PROVIDERS:
+            raise InputError(
+                "fp16 runs on GPU providers (cuda, tensorrt, rocm, directml), and none is running here; "
+                "use fp32, or bf16 on a CPU that has it."
+            )
         self.threads = threads
         self.batch = int(batch) if batch else (1 if self.providers[0] in ("CPUExecutionProvider", "OpenVINOExecutionProvider") else 4)
         if self.batch < 1:
             raise InputError("Batch must be at least 1.")
         self.generator_path = self._generator_path(precision)
+        self.dpm_path = fp16_variant(self.model.dpm_path) if precision == "fp16" and dpm else self.model.dpm_path
         self.arena = memory_arena
+        self.warnings: list[str] = []
+        # On a GPU, features for the DPM decoder stay in device memory between the two graphs (IO
+        # binding) instead of a round trip through the host; on CPU providers there is nothing to save.
+        self.io_binding = (self.providers[0] not in _HOST_PROVIDERS) if io_binding is None else bool(io_binding)
         self._open_sessions()
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
@@ -219,7 +234,6 @@ class RefocusJob:
         self.tiles_per_plane = (kb - max(ka - 1, 0)) * self.plan_x.n
         self.total = self.tiles_per_plane * len(self.planes)
         self.done = 0
-        self.warnings: list[str] = []
 
     # -- reading and writing in the input's own layout ---------------------------------------------
     def _plane_index(self, p: tuple[int, ...]) -> tuple:
@@ -266,14 +280,28 @@ class RefocusJob:
     # -- the run -----------------------------------------------------------------------------------
     def _open_sessions(self):
         opts = self.provider_options
+        if self.precision == "fp16":
+            try:
+                self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
+            except ModelError:  # the GPU provider failed to start and the CPU cannot run fp16 graphs
+                self.session, self.provider = None, "cpu"
+            if self.provider not in ("cuda", "tensorrt", "rocm", "directml"):
+                msg = "The GPU provider did not start, so fp16 cannot run; continuing in fp32 on the CPU."
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                self.warnings.append(msg)
+                self.precision, self.io_binding = "fp32", False
+                self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
+                self.providers = ["CPUExecutionProvider"]
         self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
         self.dpm_session = None
         if self.want_dpm:
-            self.dpm_session, _ = get_session(self.model.dpm_path, self.providers, self.threads, self.arena, opts)
+            self.dpm_session, _ = get_session(self.dpm_path, self.providers, self.threads, self.arena, opts)
 
     def _generator_path(self, precision: str):
         if precision in ("fp32", "bf16"):
             return self.model.generator_path
+        if precision == "fp16":
+            return fp16_variant(self.model.generator_path)
         if precision == "int8":
             p = self.model.root / "generator.int8.onnx"
             if not p.is_file():
@@ -281,7 +309,7 @@ class RefocusJob:
                     f"Model {self.model.name} has no int8 variant; create it with 'deepr quantize {self.model.name}'."
                 )
             return p
-        raise InputError(f"Unknown precision '{precision}'; use fp32, bf16 or int8.")
+        raise InputError(f"Unknown precision '{precision}'; use fp32, fp16, bf16 or int8.")
 
     def _check_stats(self, p, mean, std):
         """Refuse NaN/inf planes; constant planes are passed through unchanged (std would be 0)."""
@@ -298,6 +326,8 @@ class RefocusJob:
         if self.want_dpm:
             names += list(self.model.feature_names)
         try:
+            if self.io_binding:
+                return self._run_bound(x)
             res = self.session.run(names, {self.model.input_name: x})
         except Exception as exc:
             if self.provider == "cpu":
@@ -305,7 +335,9 @@ class RefocusJob:
             msg = f"The {self.provider} provider failed while running ({str(exc).splitlines()[0][:160]}); continuing on CPU."
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.warnings.append(msg)
-            self.providers, self.provider_options = ["CPUExecutionProvider"], None
+            self.providers, self.provider_options, self.io_binding = ["CPUExecutionProvider"], None, False
+            if self.precision == "fp16":  # half-precision graphs are GPU-only
+                self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
             self._open_sessions()
             return self._run_network(x)
         out = res[0]
@@ -314,6 +346,28 @@ class RefocusJob:
             feeds = dict(zip(self.model.feature_names, res[1:], strict=True))
             dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
         return out, dpm
+
+    def _run_bound(self, x: np.ndarray):
+        """One network call with IO binding: the features feeding the DPM decoder never leave the device."""
+        device = "cpu" if self.provider in ("cpu", "openvino") else _DEVICE_TYPES.get(self.provider, "cuda")
+        b = self.session.io_binding()
+        b.bind_cpu_input(self.model.input_name, x)
+        b.bind_output(self.model.output_name)
+        if self.want_dpm:
+            for name in self.model.feature_names:
+                b.bind_output(name, device)
+        self.session.run_with_iobinding(b)
+        values = b.get_outputs()
+        out = values[0].numpy()
+        if not self.want_dpm:
+            return out, None
+        d = self.dpm_session.io_binding()
+        for name, v in zip(self.model.feature_names, values[1:], strict=True):
+            d.bind_ortvalue_input(name, v)
+        names = _output_names(self.dpm_session)
+        d.bind_output("dpm" if "dpm" in names else names[0])
+        self.dpm_session.run_with_iobinding(d)
+        return out, d.get_outputs()[0].numpy()
 
     def steps(self, cancel: Callable[[], bool] | threading.Event | None = None) -> Iterator[Progress]:
         """Run, yielding a :class:`Progress` after every batch of tiles.
@@ -442,11 +496,12 @@ def refocus(
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
-    precision : {"fp32", "bf16", "int8"}
+    precision : {"fp32", "fp16", "bf16", "int8"}
         ``bf16`` runs the float32 graphs in bfloat16 on CPUs with AVX512-BF16/AMX through onnxruntime's
         OpenVINO provider (``onnxruntime-openvino``; the model was trained under bf16 autocast);
         ``int8`` runs the model's static-QDQ variant (``generator.int8.onnx``, see
-        :mod:`napari_deepr.engine.quantize`). Both are faster on CPU; their quality cost is measured
+        :mod:`napari_deepr.engine.quantize`). Both are faster on CPU; ``fp16`` runs half-precision
+        copies of the graphs on GPU providers (:mod:`napari_deepr.engine.fp16`). Their quality cost is measured
         (``deepr quantize``, ``napari_deepr.engine.quantize.quality_delta``), not assumed.
 
     Returns

@@ -1,0 +1,105 @@
+"""GPU code paths that can be checked without a GPU: the fp16 graphs, IO binding, bench on a provider.
+
+The fp16 graphs are run here on onnxruntime's CPU provider (it executes float16 graphs, slowly) to
+check the conversion against fp32; speed on CUDA is measured by ``benchmarks/cuda_check.py`` on a
+lent GPU, never in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from napari_deepr.bench import run_bench
+from napari_deepr.engine.fp16 import fp16_variant
+from napari_deepr.engine.model import load_model
+from napari_deepr.engine.refocus import RefocusJob
+from napari_deepr.errors import InputError
+from napari_deepr.optics.simulate import random_training_pair
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "deepr-fluo-20x"
+
+
+@pytest.fixture(scope="module")
+def bundled_copy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp16") / "deepr-fluo-20x"
+    d.mkdir()
+    for f in ("generator.onnx", "dpm.onnx", "model.json"):
+        shutil.copy(BUNDLED / f, d / f)
+    return d
+
+
+def test_fp16_graph_is_valid_and_matches_fp32(bundled_copy):
+    m = load_model(bundled_copy)
+    x, _, _ = random_training_pair(np.random.default_rng(5), patch=256)
+    x = ((x - x.mean()) / x.std()).astype(np.float32)[None, None]
+    for src in (m.generator_path, m.dpm_path):
+        p = fp16_variant(src)
+        assert p == src.with_name(src.stem + ".fp16.onnx")
+        onnx.checker.check_model(onnx.load(str(p)))  # topologically sorted, unique names
+        types = {i.data_type for i in onnx.load(str(p)).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in types
+    s32 = ort.InferenceSession(str(m.generator_path), providers=["CPUExecutionProvider"])
+    s16 = ort.InferenceSession(str(fp16_variant(m.generator_path)), providers=["CPUExecutionProvider"])
+    y32 = s32.run([m.output_name], {m.input_name: x})[0]
+    y16 = s16.run([m.output_name], {m.input_name: x})[0]
+    assert y16.dtype == np.float32  # float32 in and out, float16 inside
+    # Half precision keeps ~3 significant digits: the output differs from fp32 by < 1 % of its spread.
+    assert np.abs(y16 - y32).max() < 0.01 * y32.std()
+    assert np.abs(y16 - y32).max() > 0  # it really ran in half precision
+
+
+def test_fp16_variant_is_cached_and_remade_when_the_model_changes(bundled_copy):
+    src = load_model(bundled_copy).generator_path
+    p = fp16_variant(src)
+    mtime = p.stat().st_mtime_ns
+    assert fp16_variant(src).stat().st_mtime_ns == mtime  # reused, not rewritten
+    os.utime(src, ns=(mtime + 10**9, mtime + 10**9))
+    assert fp16_variant(src).stat().st_mtime_ns > mtime
+
+
+def test_fp16_variant_goes_to_the_cache_when_it_cannot_be_written_beside_the_model(bundled_copy, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(bundled_copy, folder, ignore=shutil.ignore_patterns("*.fp16.onnx"))
+    (folder / "generator.fp16.onnx").mkdir()  # unwritable as a file, also for root (chmod is not)
+    monkeypatch.setenv("DEEPR_CACHE", str(tmp_path / "cache"))
+    p = fp16_variant(folder / "generator.onnx")
+    assert p.parent == tmp_path / "cache" and p.is_file()
+    assert fp16_variant(folder / "generator.onnx") == p  # found there next time
+
+
+def test_fp16_is_refused_on_the_cpu_in_one_sentence(bundled_copy):
+    with pytest.raises(InputError, match="fp16 runs on GPU providers"):
+        RefocusJob(np.ones((256, 256), np.float32), bundled_copy, precision="fp16", providers="cpu")
+
+
+def test_io_binding_gives_the_same_image_and_dpm(tiny_model):
+    rng = np.random.default_rng(2)
+    img = rng.random((150, 170)).astype(np.float32) * 50
+    a, da = RefocusJob(img, tiny_model, dpm=True, tile=64, overlap=16).run()
+    job = RefocusJob(img, tiny_model, dpm=True, tile=64, overlap=16, io_binding=True)
+    assert job.io_binding and not RefocusJob(img, tiny_model).io_binding  # off by default on CPU
+    b, db = job.run()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(da, db)
+
+
+def test_bench_gpu_variants_explained_without_a_gpu(tiny_model):
+    res = run_bench(tiny_model, sizes=[64], repeats=1, threads=1, torch_eager=False, baselines=False,
+                    variants=("fp16", "dpm_no_iobinding", "dpm", "nonsense"))
+    why = res["variants_unavailable"]
+    assert "GPU provider" in why["fp16"] and "GPU provider" in why["dpm_no_iobinding"]
+    assert "unknown variant" in why["nonsense"]
+    assert res["sizes"]["64"]["engine_dpm_mp_s"] > 0
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build is installed")
+def test_bench_on_a_gpu_provider_that_is_absent_says_so(tiny_model):
+    with pytest.warns(RuntimeWarning, match="not available"), pytest.raises(InputError, match="did not start"):
+        run_bench(tiny_model, sizes=[64], repeats=1, torch_eager=False, baselines=False, provider="cuda")
