@@ -103,3 +103,32 @@ def test_bench_gpu_variants_explained_without_a_gpu(tiny_model):
 def test_bench_on_a_gpu_provider_that_is_absent_says_so(tiny_model):
     with pytest.warns(RuntimeWarning, match="not available"), pytest.raises(InputError, match="did not start"):
         run_bench(tiny_model, sizes=[64], repeats=1, torch_eager=False, baselines=False, provider="cuda")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pipelined_run_equals_the_sequential_one(tiny_model, batch):
+    """The GPU pipeline (network in a worker thread, next batch prepared meanwhile), forced on the CPU."""
+    rng = np.random.default_rng(3)
+    img = (rng.random((2, 230, 250)) * 900).astype(np.uint16)  # two planes, several tile rows and columns
+    a, da = RefocusJob(img, tiny_model, dpm=True, tile=64, overlap=16, batch=batch, axes="ZYX").run()
+    job = RefocusJob(img, tiny_model, dpm=True, tile=64, overlap=16, batch=batch, axes="ZYX", pipeline=True, io_binding=True)
+    assert job.pipeline and not RefocusJob(img, tiny_model, axes="ZYX").pipeline  # off by default on CPU
+    b, db = job.run()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(da, db)
+
+
+def test_pipelined_run_cancels_cleanly(tiny_model):
+    import threading
+
+    from napari_deepr.errors import Cancelled
+
+    img = np.random.default_rng(4).random((300, 300)).astype(np.float32)
+    stop = threading.Event()
+    job = RefocusJob(img, tiny_model, tile=64, overlap=16, pipeline=True)
+    with pytest.raises(Cancelled):
+        for ev in job.steps(stop):
+            if ev.done >= 3:
+                stop.set()
+    assert 3 <= job.done < job.total
+    assert not [t for t in threading.enumerate() if t.name.startswith("deepr-net")]  # worker ended

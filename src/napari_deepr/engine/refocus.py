@@ -13,6 +13,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from .fp16 import FP16_PROVIDERS, fp16_variant
 from .model import DeepRModel, load_model
 from .providers import (
     bf16_provider_options,
+    default_threads,
     get_session,
     require_bf16,
     resolve_providers,
@@ -155,6 +157,7 @@ class RefocusJob:
         precision: str = "fp32",
         memory_arena: bool | None = None,
         io_binding: bool | None = None,
+        pipeline: bool | None = None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -217,6 +220,9 @@ class RefocusJob:
         # On a GPU, features for the DPM decoder stay in device memory between the two graphs (IO
         # binding) instead of a round trip through the host; on CPU providers there is nothing to save.
         self.io_binding = (self.providers[0] not in _HOST_PROVIDERS) if io_binding is None else bool(io_binding)
+        # On a GPU the next batch's tiles are read and normalized, and the last one blended, while the
+        # network runs in a worker thread; on the CPU that work would only compete for the same cores.
+        self.pipeline = (self.providers[0] not in _HOST_PROVIDERS) if pipeline is None else bool(pipeline)
         self._open_sessions()
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
@@ -381,69 +387,152 @@ class RefocusJob:
         py, px = self.plan_y, self.plan_x
         ty, tx = py.tile, px.tile
         h, w = py.length, px.length
-        wy = [axis_weights(py, k) for k in range(py.n)]
-        wx = [axis_weights(px, k) for k in range(px.n)]
+        wy = [axis_weights(py, k).astype(np.float32) for k in range(py.n)]
+        wx = [axis_weights(px, k).astype(np.float32) for k in range(px.n)]
+        # The cosine ramps of neighbouring tiles sum to one, so the blend needs no weight sum and no
+        # division; the weight sum is kept only for plans where they do not (tiny tiles, odd overlaps).
+        unity = _partition_of_unity(py, wy) and _partition_of_unity(px, wx)
+        single = py.n == 1 and px.n == 1 and unity and bool(np.all(wy[0] == 1) and np.all(wx[0] == 1))
+        flat_y = [bool(np.all(v == 1)) for v in wy]
+        flat_x = [bool(np.all(v == 1)) for v in wx]
         c = self.model.card.channels
         x_lo, x_hi = px.starts[0], px.starts[-1] + tx
         width = x_hi - x_lo
-        for p in self.planes:
-            view = self._plane_view(p)
-            mean, std = self.norm[p] if p in self.norm else plane_stats(view)
-            flat, safe_std = self._check_stats(p, mean, std)
-            carry = None
-            ka, kb = self.tile_rows
-            for ky in range(max(ka - 1, 0), kb):
-                y0 = py.starts[ky]
-                acc = np.zeros((c, ty, width), dtype=np.float32)
-                wacc = np.zeros((ty, width), dtype=np.float32)
-                dacc = np.zeros((ty, width), dtype=np.float32) if self.want_dpm else None
-                if carry is not None:
-                    # Carry the overlap rows accumulated by the previous tile row.
-                    shift = y0 - py.starts[ky - 1]
-                    keep = ty - shift
-                    acc[:, :keep], wacc[:keep] = carry[0], carry[1]
-                    if self.want_dpm:
-                        dacc[:keep] = carry[2]
-                xs = list(enumerate(px.starts))
-                for b0 in range(0, len(xs), self.batch):
-                    if is_cancelled():
-                        raise Cancelled("Refocus was cancelled; finished rows are kept.")
-                    chunk = xs[b0:b0 + self.batch]
-                    tiles = np.stack(
-                        [read_region(view, y0, y0 + ty, x0, x0 + tx) for _, x0 in chunk]
-                    ).astype(np.float32)
-                    tiles -= mean[None, :, None, None].astype(np.float32)
-                    tiles /= safe_std[None, :, None, None].astype(np.float32)
-                    out, dp = self._run_network(np.ascontiguousarray(tiles))
-                    for j, (kx, x0) in enumerate(chunk):
-                        wt = wy[ky][:, None] * wx[kx][None, :]
-                        sl = slice(x0 - x_lo, x0 - x_lo + tx)
-                        acc[:, :, sl] += out[j] * wt
-                        wacc[:, sl] += wt
+        # Host work per tile is a few passes over float32 buffers reused between batches: on a GPU
+        # the host side, not the network, bounds the engine's speed (measured on an H200).
+        # Two input buffers: with the pipeline, batch i+1 is filled while batch i runs.
+        xs = list(enumerate(px.starts))
+        ka, kb = self.tile_rows
+        batches = [(ky, xs[b0:b0 + self.batch]) for ky in range(max(ka - 1, 0), kb) for b0 in range(0, len(xs), self.batch)]
+        bufs = [np.empty((min(self.batch, len(xs)), c, ty, tx), dtype=np.float32) for _ in range(2 if self.pipeline else 1)]
+        tmp = np.empty((c, ty, tx), dtype=np.float32)
+        overlap_work = self.pipeline and len(batches) * len(self.planes) > 1  # nothing to overlap with one batch
+        pool = ThreadPoolExecutor(1, thread_name_prefix="deepr-net") if overlap_work else None
+        # Host passes are split by rows over the cores (numpy releases the GIL in them).
+        workers = min(self.threads or default_threads(), 8)
+        host = ThreadPoolExecutor(workers, thread_name_prefix="deepr-host") if workers > 1 else None
+        try:
+            for p in self.planes:
+                view = self._plane_view(p)
+                mean, std = self.norm[p] if p in self.norm else plane_stats(view, pool=host)
+                flat, safe_std = self._check_stats(p, mean, std)
+                mean32 = np.asarray(mean, dtype=np.float32)[:, None, None]
+                inv32 = (1.0 / np.asarray(safe_std, dtype=np.float64)).astype(np.float32)[:, None, None]
+                std32 = np.asarray(safe_std, dtype=np.float32)[:, None, None]
+
+                def prepare(i, view=view, mean32=mean32, inv32=inv32):
+                    ky, chunk = batches[i]
+                    y0 = py.starts[ky]
+                    tiles = bufs[i % len(bufs)][: len(chunk)]
+                    for j, (_, x0) in enumerate(chunk):
+                        region = read_region(view, y0, y0 + ty, x0, x0 + tx)
+
+                        def norm(r0, r1, region=region, t=tiles[j]):
+                            np.subtract(region[:, r0:r1], mean32, out=t[:, r0:r1], casting="unsafe")
+                            t[:, r0:r1] *= inv32
+
+                        _by_rows(host, norm, ty)
+                    return tiles
+
+                def finish_row(ky, acc, wacc, dacc, view=view, std32=std32, mean32=mean32, flat=flat):
+                    """Write the rows of tile row ``ky`` that no later tile touches; return the carried rest."""
+                    y0 = py.starts[ky]
+                    last = ky == py.n - 1
+                    fin_end = ty if last else py.starts[ky + 1] - y0
+                    r0, r1 = max(0, -y0), min(fin_end, h - y0)
+                    if r1 > r0 and ky >= ka:  # rows of the warm-up row ka-1 belong to the strip above
+                        cx0, cx1 = -x_lo, -x_lo + w
+                        res = np.empty((c, r1 - r0, w), dtype=np.float32)
+
+                        def rescale(a, b):
+                            blk = acc[:, r0 + a:r0 + b, cx0:cx1]
+                            if wacc is not None:
+                                blk = blk / wacc[r0 + a:r0 + b, cx0:cx1]
+                            np.multiply(blk, std32, out=res[:, a:b])
+                            res[:, a:b] += mean32
+
+                        _by_rows(host, rescale, r1 - r0)
+                        if np.any(flat):
+                            src = read_region(view, y0 + r0, y0 + r1, 0, w).astype(np.float32)
+                            res[flat] = src[flat]
+                        if isinstance(self.output, np.ndarray):  # memory (or memmap): rows in parallel
+                            _by_rows(host, lambda a, b: self._write(self.output, p, y0 + r0 + a, y0 + r0 + b, res[:, a:b]), r1 - r0)
+                        else:  # zarr & co.: one writer, chunks shared between rows must not race
+                            self._write(self.output, p, y0 + r0, y0 + r1, res)
                         if self.want_dpm:
-                            dacc[:, sl] += dp[j, 0] * wt
-                    self.done += len(chunk)
-                    yield Progress(self.done, self.total, p, self.provider, (0, 0))
-                # Rows before the next tile row's start are final.
-                last = ky == py.n - 1
-                warm_up = ky < ka
-                fin_end = ty if last else py.starts[ky + 1] - y0
-                r0, r1 = max(0, -y0), min(fin_end, h - y0)
-                if r1 > r0 and not warm_up:
-                    cx0, cx1 = -x_lo, -x_lo + w
-                    wsum = wacc[r0:r1, cx0:cx1]
-                    res = acc[:, r0:r1, cx0:cx1] / wsum
-                    res = res * safe_std[:, None, None] + mean[:, None, None]
-                    if np.any(flat):
-                        src = read_region(view, y0 + r0, y0 + r1, 0, w).astype(np.float64)
-                        res[flat] = src[flat]
-                    self._write(self.output, p, y0 + r0, y0 + r1, res.astype(np.float32))
-                    if self.want_dpm:
-                        d = (dacc[r0:r1, cx0:cx1] / wsum)[None].astype(np.float32)
-                        self._write(self.dpm, p, y0 + r0, y0 + r1, d)
-                if not last:
+                            d = dacc[r0:r1, cx0:cx1]
+                            if wacc is not None:
+                                d = d / wacc[r0:r1, cx0:cx1]
+                            self._write(self.dpm, p, y0 + r0, y0 + r1, d[None])
+                    if last:
+                        return None
                     s = py.starts[ky + 1] - y0
-                    carry = (acc[:, s:].copy(), wacc[s:].copy(), dacc[s:].copy() if self.want_dpm else None)
+                    return (acc[:, s:].copy(), None if wacc is None else wacc[s:].copy(), dacc[s:].copy() if self.want_dpm else None)
+
+                row, acc, wacc, dacc, carry = None, None, None, None, None
+                pending = None
+                for i, (ky, chunk) in enumerate(batches):
+                    if is_cancelled():
+                        if pending is not None and pool is not None:
+                            _quietly_wait(pending)
+                        raise Cancelled("Refocus was cancelled; finished rows are kept.")
+                    nxt = None
+                    if pool is None:
+                        pending = _Done(self._run_network(prepare(i)))
+                    else:
+                        if pending is None:
+                            pending = pool.submit(self._run_network, prepare(i))
+                        if i + 1 < len(batches):  # queued behind batch i; its inputs are filled while i runs
+                            nxt = pool.submit(self._run_network, prepare(i + 1))
+                    try:
+                        out, dp = pending.result()
+                    except BaseException:
+                        if nxt is not None:
+                            _quietly_wait(nxt)
+                        raise
+                    if single:  # one tile, weight one everywhere: the network's output is the blend
+                        row, acc, dacc = ky, out[0], (dp[0, 0] if self.want_dpm else None)
+                        self.done += 1
+                        pending = nxt
+                        yield Progress(self.done, self.total, p, self.provider, (0, 0))
+                        continue
+                    if ky != row:
+                        if row is not None:
+                            carry = finish_row(row, acc, wacc, dacc)
+                        row = ky
+                        acc = np.zeros((c, ty, width), dtype=np.float32)
+                        wacc = None if unity else np.zeros((ty, width), dtype=np.float32)
+                        dacc = np.zeros((ty, width), dtype=np.float32) if self.want_dpm else None
+                        if carry is not None:
+                            # The overlap rows accumulated by the previous tile row.
+                            keep = ty - (py.starts[ky] - py.starts[ky - 1])
+                            acc[:, :keep] = carry[0]
+                            if wacc is not None:
+                                wacc[:keep] = carry[1]
+                            if self.want_dpm:
+                                dacc[:keep] = carry[2]
+                    for j, (kx, x0) in enumerate(chunk):
+                        sl = slice(x0 - x_lo, x0 - x_lo + tx)
+
+                        def blend(a, b, j=j, kx=kx, sl=sl):
+                            fy, fx, vy, vx = flat_y[ky], flat_x[kx], wy[ky][a:b], wx[kx]
+                            _blend(acc[:, a:b, sl], out[j][:, a:b], vy, vx, fy, fx, tmp[:, a:b])
+                            if wacc is not None:
+                                wacc[a:b, sl] += vy[:, None] * vx[None, :]
+                            if self.want_dpm:
+                                _blend(dacc[None, a:b, sl], dp[j, :1, a:b], vy, vx, fy, fx, tmp[:1, a:b])
+
+                        _by_rows(host, blend, ty)
+                    self.done += len(chunk)
+                    pending = nxt
+                    yield Progress(self.done, self.total, p, self.provider, (0, 0))
+                if row is not None:
+                    finish_row(row, acc, wacc, dacc)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+            if host is not None:
+                host.shutdown(wait=True)
 
     def run(self, progress: Callable[[Progress], None] | None = None, cancel=None):
         """Run to the end; returns the output (and the DPM when requested)."""
@@ -548,21 +637,28 @@ def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25) -> int:
 
 
 
-def plane_stats(view, block_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def plane_stats(view, block_rows: int = 512, pool=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of a ``(C, Y, X)`` plane, read block by block.
 
-    Blocks are combined with Chan's parallel update, so memory stays at one block and every caller
-    (numpy, dask, zarr, a distributed strip) gets bit-identical statistics.
+    Blocks are combined in order with Chan's parallel update, so memory stays at a few blocks and
+    every caller (numpy, dask, zarr, a distributed strip, with or without a thread ``pool``) gets
+    bit-identical statistics.
     """
     c, h = view.shape[0], view.shape[1]
+
+    def block(r0):
+        blk = np.asarray(view[:, r0:r0 + block_rows, :], dtype=np.float64).reshape(c, -1)
+        mb = blk.mean(axis=1)
+        blk -= mb[:, None]
+        return blk.shape[1], mb, np.einsum("ij,ij->i", blk, blk)
+
+    starts = range(0, h, block_rows)
+    # Lazy arrays (dask, zarr) are read by one thread: their own readers may not be thread-safe.
+    parts = pool.map(block, starts) if pool is not None and isinstance(view, np.ndarray) else map(block, starts)
     n = 0
     mean = np.zeros(c)
     m2 = np.zeros(c)
-    for r0 in range(0, h, block_rows):
-        blk = np.asarray(view[:, r0:r0 + block_rows, :], dtype=np.float64).reshape(c, -1)
-        nb = blk.shape[1]
-        mb = blk.mean(axis=1)
-        m2b = ((blk - mb[:, None]) ** 2).sum(axis=1)
+    for nb, mb, m2b in parts:
         delta = mb - mean
         tot = n + nb
         mean = mean + delta * nb / tot
@@ -570,6 +666,60 @@ def plane_stats(view, block_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
         n = tot
     return mean, np.sqrt(m2 / n)
 
+
+
+def _by_rows(pool, fn, rows: int, min_rows: int = 128) -> None:
+    """Call ``fn(a, b)`` on row ranges covering ``0..rows``, spread over ``pool`` when it is worth it."""
+    if pool is None or rows < 2 * min_rows:
+        fn(0, rows)
+        return
+    parts = min(pool._max_workers, rows // min_rows)
+    edges = np.linspace(0, rows, parts + 1).astype(int)
+    for f in [pool.submit(fn, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]:
+        f.result()
+
+
+class _Done:
+    """An already computed result with a future's ``result()``, for runs without the pipeline."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _quietly_wait(future) -> None:
+    """Let an in-flight network call end (its error, if any, is superseded by the one being raised)."""
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001
+        pass
+
+
+def _partition_of_unity(plan, weights) -> bool:
+    """Whether the tiles' weights along an axis sum to one at every image pixel."""
+    total = np.zeros(plan.length, dtype=np.float64)
+    for start, wt in zip(plan.starts, weights, strict=True):
+        a, b = max(start, 0), min(start + plan.tile, plan.length)
+        if b > a:
+            total[a:b] += wt[a - start:b - start]
+    return bool(np.allclose(total, 1.0, atol=1e-5))
+
+
+def _blend(acc, out, wy, wx, flat_y: bool, flat_x: bool, tmp) -> None:
+    """``acc += out * wy[:, None] * wx[None, :]`` in as few passes as the weights allow."""
+    if flat_y and flat_x:
+        acc += out
+        return
+    if flat_y:
+        np.multiply(out, wx[None, None, :], out=tmp)
+    elif flat_x:
+        np.multiply(out, wy[None, :, None], out=tmp)
+    else:
+        np.multiply(out, wy[None, :, None], out=tmp)
+        tmp *= wx[None, None, :]
+    acc += tmp
 
 
 def _is_dask(a) -> bool:

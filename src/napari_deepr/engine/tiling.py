@@ -115,6 +115,12 @@ def read_region(plane, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     h, w = plane.shape[-2], plane.shape[-1]
     if 0 <= y0 and y1 <= h and 0 <= x0 and x1 <= w:
         return np.asarray(plane[..., y0:y1, x0:x1])
+    ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    pads = ((ya - y0, y1 - yb), (xa - x0, x1 - xb))
+    if yb - ya > max(pads[0]) and xb - xa > max(pads[1]):
+        # One mirror reflection of the rows and columns read: one pass (the index path below takes two).
+        block = np.asarray(plane[..., ya:yb, xa:xb])
+        return np.pad(block, [(0, 0)] * (block.ndim - 2) + list(pads), mode="reflect")
     yi = reflect_index(np.arange(y0, y1), h)
     xi = reflect_index(np.arange(x0, x1), w)
     ya, yb = int(yi.min()), int(yi.max()) + 1
