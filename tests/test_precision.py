@@ -47,6 +47,9 @@ def test_bf16_refusals(tiny_model, monkeypatch):
     choices = {p: (usable, why) for p, _, usable, why in precision_choices(tiny_model)}
     assert choices["bf16"][0] is False and "onnxruntime-openvino" in choices["bf16"][1]
     assert choices["int8"][0] is False and "deepr quantize" in choices["int8"][1]
+    assert choices["fp16"][0] is False and "GPU provider" in choices["fp16"][1]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert dict((p, u) for p, _, u, _ in precision_choices(tiny_model))["fp16"] is True
 
 
 def test_int8_variant_is_quantized_close_and_quiet(bundled_copy, pair, capsys):

@@ -419,7 +419,8 @@ class RefocusWidget(QWidget):
         self._update_checks()
 
     def _fill_precisions(self, model) -> None:
-        """fp32 always; bf16 where OpenVINO can run it; int8 where the model folder has its variant."""
+        """fp32 always; bf16 where OpenVINO can run it; int8 where the model folder has its variant;
+        fp16 where a GPU provider is installed."""
         keep = self.precision_combo.currentData()
         self.precision_combo.clear()
         self.precision_combo.addItem("fp32 (reference)", "fp32")
