@@ -15,21 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import numpy as np
-
-
-def _median_time(fn, repeats=3, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None) -> int:
@@ -54,7 +42,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import napari_deepr.bench as nb
-    from napari_deepr.bench import format_table, run_bench
+    from napari_deepr.bench import _timeit, format_table, run_bench
     from napari_deepr.engine.model import load_model
     from napari_deepr.engine.refocus import RefocusJob
 
@@ -80,7 +68,7 @@ def main(argv=None) -> int:
     tiles = {}
     for prec in ("fp32", "fp16"):
         for tile in (512, 1024, 2048, 4096):
-            t = _median_time(lambda: RefocusJob(img, m, tile=tile, providers="cuda", precision=prec, batch=4).run())
+            t = _timeit(lambda tile=tile, prec=prec: RefocusJob(img, m, tile=tile, providers="cuda", precision=prec, batch=4).run(), 3)
             tiles[f"{prec}_tile{tile}_mp_s"] = img.size / 1e6 / t
             print(prec, tile, round(img.size / 1e6 / t, 1), "MP/s", flush=True)
     report["tiles_8192"] = tiles
@@ -96,7 +84,7 @@ def main(argv=None) -> int:
         save()
 
     cpu_img = nb.bench_image(4096, m.card.pixel_size_um)
-    t = _median_time(lambda: RefocusJob(cpu_img, m, providers="cpu").run(), repeats=1, warmup=1)
+    t = _timeit(lambda: RefocusJob(cpu_img, m, providers="cpu").run(), 1, warmup=1)
     report["cpu_provider_4096_mp_s"] = cpu_img.size / 1e6 / t
     print("cpu provider 4096²", report["cpu_provider_4096_mp_s"], "MP/s", flush=True)
     save()

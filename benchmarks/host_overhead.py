@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from napari_deepr.bench import _timeit
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.refocus import RefocusJob
 
@@ -33,16 +34,6 @@ def stand_in(delay_s_per_mp: float):
         return out, (out[:, :1].copy() if self.want_dpm else None)
 
     return run
-
-
-def timed(fn, repeats=3):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def main() -> None:
@@ -62,13 +53,13 @@ def main() -> None:
         for dpm in (False, True):
             tag = "dpm" if dpm else "image"
             RefocusJob._run_network = stand_in(0.0)
-            row[f"{tag}_host_ms_per_mp"] = 1e3 * timed(lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4).run()) / mp
+            row[f"{tag}_host_ms_per_mp"] = 1e3 * _timeit(lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4).run(), 3, warmup=1) / mp
             RefocusJob._run_network = stand_in(1.0 / args.device_mp_s)
             kw = {"pipeline": False} if has_pipeline else {}
-            row[f"{tag}_emulated_mp_s"] = mp / timed(lambda dpm=dpm, kw=kw: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, **kw).run())
+            row[f"{tag}_emulated_mp_s"] = mp / _timeit(lambda dpm=dpm, kw=kw: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, **kw).run(), 3, warmup=1)
             if has_pipeline:
-                row[f"{tag}_emulated_pipelined_mp_s"] = mp / timed(
-                    lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, pipeline=True).run()
+                row[f"{tag}_emulated_pipelined_mp_s"] = mp / _timeit(
+                    lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, pipeline=True).run(), 3, warmup=1
                 )
         res["sizes"][str(size)] = row
         print(size, {k: round(v, 1) for k, v in row.items()}, flush=True)

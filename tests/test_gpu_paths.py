@@ -26,15 +26,6 @@ from napari_deepr.optics.simulate import random_training_pair
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "deepr-fluo-20x"
 
 
-@pytest.fixture(scope="module")
-def bundled_copy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fp16") / "deepr-fluo-20x"
-    d.mkdir()
-    for f in ("generator.onnx", "dpm.onnx", "model.json"):
-        shutil.copy(BUNDLED / f, d / f)
-    return d
-
-
 def test_fp16_graph_is_valid_and_matches_fp32(bundled_copy):
     m = load_model(bundled_copy)
     x, _, _ = random_training_pair(np.random.default_rng(5), patch=256)

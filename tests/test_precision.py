@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,6 @@ from napari_deepr.science.metrics import ssim
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "deepr-fluo-20x"
 HAS_OPENVINO = "OpenVINOExecutionProvider" in ort.get_available_providers()
-
-
-@pytest.fixture(scope="module")
-def bundled_copy(tmp_path_factory):
-    """The bundled model's fp32 files in a scratch folder (variants are written beside them)."""
-    d = tmp_path_factory.mktemp("bundled") / "deepr-fluo-20x"
-    d.mkdir()
-    for f in ("generator.onnx", "dpm.onnx", "model.json"):
-        shutil.copy(BUNDLED / f, d / f)
-    return d
 
 
 @pytest.fixture(scope="module")
