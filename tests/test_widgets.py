@@ -463,3 +463,6 @@ def test_precision_box_offers_measured_variants_and_runs_them(make_napari_viewer
     assert status == "done", msg
     assert w.job.precision == "int8" and w.job.generator_path.name == "generator.int8.onnx"
     assert "cells refocused" in viewer.layers
+    # batch left at "auto": the engine chooses (1 on the CPU)
+    assert w.batch_spin.text() == "auto" and w.job.batch == 1
+    assert "fp16" in w.precision_combo.toolTip() and w.precision_combo.findData("fp16") == -1  # no GPU here

@@ -227,15 +227,20 @@ class RefocusWidget(QWidget):
         self.overlap_spin.setRange(0, 4096)
         self.overlap_spin.setToolTip("Overlap between tiles; blended so no seams appear.")
         self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 64)
-        self.batch_spin.setValue(1)
-        self.batch_spin.setToolTip("Tiles per network call (more uses more memory; helps on GPUs).")
+        self.batch_spin.setRange(0, 64)
+        self.batch_spin.setSpecialValueText("auto")
+        self.batch_spin.setValue(0)
+        self.batch_spin.setToolTip(
+            "Tiles per network call (more uses more memory; helps on GPUs). "
+            "auto: 1 on the CPU, on a GPU as many as fit in a quarter of its free memory (at most 4)."
+        )
         for lab, w, digits in (("tile", self.tile_spin, 4), ("overlap", self.overlap_spin, 4), ("batch", self.batch_spin, 2)):
             if digits > 2:
                 # napari's style puts - and + on both sides and clips four digits ("2048"): type, scroll or
                 # use the arrow keys instead.
                 w.setButtonSymbols(QAbstractSpinBox.ButtonSymbols.NoButtons)
-            w.setMinimumWidth(w.fontMetrics().horizontalAdvance("8" * (digits + 1)) + 16)
+            widest = "auto8" if w is self.batch_spin else "8" * (digits + 1)
+            w.setMinimumWidth(w.fontMetrics().horizontalAdvance(widest) + 16)
             tiles.addWidget(QLabel(lab))
             tiles.addWidget(w, 1)
         bform.addRow(tiles)
@@ -495,7 +500,7 @@ class RefocusWidget(QWidget):
             "dpm": want_dpm,
             "tile": self.tile_spin.value(),
             "overlap": self.overlap_spin.value(),
-            "batch": self.batch_spin.value(),
+            "batch": self.batch_spin.value() or None,
             "providers": self.provider_combo.currentData(),
             "precision": self.precision_combo.currentData() or "fp32",
         }
@@ -659,7 +664,7 @@ class RefocusWidget(QWidget):
         for w in dict.fromkeys(job.warnings if job is not None else []):
             notify("warning", w)
         if status == "done":
-            self.status_label.show_message(f"Done: {job.total} tiles on {job.provider}.", "ok")
+            self.status_label.show_message(f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}.", "ok")
             if job.dpm is not None:
                 self._fit_source = self._run
                 self.update_readout()

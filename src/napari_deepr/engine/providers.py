@@ -201,6 +201,37 @@ def get_session(
     return sess, SHORT_NAMES.get(sess.get_providers()[0], sess.get_providers()[0])
 
 
+def gpu_free_memory(device: int = 0) -> int | None:
+    """Free memory of NVIDIA GPU ``device`` in bytes (NVML, else ``nvidia-smi``), or None if unknown.
+
+    onnxruntime does not report it; tile and batch sizes on a GPU are chosen from it.
+    """
+    try:
+        import pynvml  # nvidia-ml-py, where installed
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML: try the command-line tool
+        pass
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", f"--id={device}"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+        return int(float(out.split()[0]) * 2**20)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def clear_sessions() -> None:
     """Drop cached sessions (frees GPU memory)."""
     with _lock:

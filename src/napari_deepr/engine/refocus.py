@@ -25,6 +25,7 @@ from .providers import (
     bf16_provider_options,
     default_threads,
     get_session,
+    gpu_free_memory,
     require_bf16,
     resolve_providers,
 )
@@ -181,20 +182,6 @@ class RefocusJob:
             raise InputError(
                 f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
             )
-        mult = card.tile_multiple
-        tile = int(tile) if tile else auto_tile(card, batch or 1)
-        overlap = card.overlap if overlap is None else int(overlap)
-        if tile <= 0 or tile % mult:
-            raise InputError(f"Tile size {tile} is not a positive multiple of {mult}, which this model needs.")
-        if overlap < 0 or overlap > tile // 2:
-            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({tile // 2}).")
-        if dpm and not self.model.has_dpm:
-            raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
-        self.want_dpm = dpm
-        self.tile, self.overlap = tile, overlap
-        halo = card.halo if halo is None else int(halo)
-        self.plan_y = plan_axis(h, tile, overlap, mult, halo)
-        self.plan_x = plan_axis(w, tile, overlap, mult, halo)
         self.precision = precision
         self.provider_options = None
         if precision == "bf16":
@@ -210,9 +197,27 @@ class RefocusJob:
                 "use fp32, or bf16 on a CPU that has it."
             )
         self.threads = threads
-        self.batch = int(batch) if batch else (1 if self.providers[0] in ("CPUExecutionProvider", "OpenVINOExecutionProvider") else 4)
-        if self.batch < 1:
+        on_gpu = self.providers[0] not in _HOST_PROVIDERS
+        # Tile and batch from the memory of the device that holds the activations: a GPU's own memory
+        # when one runs the network (a fixed batch of 2048² tiles needs ~10 GB), else the host's.
+        memory = (gpu_free_memory() if on_gpu else None) or available_memory()
+        if batch is not None and int(batch) < 1:
             raise InputError("Batch must be at least 1.")
+        mult = card.tile_multiple
+        tile = int(tile) if tile else auto_tile(card, int(batch or 1), memory=memory)
+        self.batch = int(batch) if batch else (auto_batch(tile, memory) if on_gpu else 1)
+        overlap = card.overlap if overlap is None else int(overlap)
+        if tile <= 0 or tile % mult:
+            raise InputError(f"Tile size {tile} is not a positive multiple of {mult}, which this model needs.")
+        if overlap < 0 or overlap > tile // 2:
+            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({tile // 2}).")
+        if dpm and not self.model.has_dpm:
+            raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
+        self.want_dpm = dpm
+        self.tile, self.overlap = tile, overlap
+        halo = card.halo if halo is None else int(halo)
+        self.plan_y = plan_axis(h, tile, overlap, mult, halo)
+        self.plan_x = plan_axis(w, tile, overlap, mult, halo)
         self.generator_path = self._generator_path(precision)
         self.dpm_path = fp16_variant(self.model.dpm_path) if precision == "fp16" and dpm else self.model.dpm_path
         self.arena = memory_arena
@@ -627,14 +632,20 @@ def available_memory() -> int:
     return 4 << 30
 
 
-def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25) -> int:
-    """The card's tile, shrunk (in multiples of the model's size multiple) to fit a quarter of free memory."""
+def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int | None = None) -> int:
+    """The card's tile, shrunk (in multiples of the model's size multiple) to fit a quarter of free
+    memory (``memory`` bytes; default the host's available memory)."""
     tile = card.tile
-    budget = available_memory() * budget_fraction
+    budget = (available_memory() if memory is None else memory) * budget_fraction
     while tile > 4 * card.tile_multiple and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget:
         tile = max(4 * card.tile_multiple, (tile // 2) // card.tile_multiple * card.tile_multiple)
     return tile
 
+
+
+def auto_batch(tile: int, memory: int, budget_fraction: float = 0.25, most: int = 4) -> int:
+    """Tiles per GPU call: as many as fit in a quarter of ``memory`` bytes, at most ``most``."""
+    return int(max(1, min(most, memory * budget_fraction // (tile * tile * BYTES_PER_TILE_PIXEL))))
 
 
 def plane_stats(view, block_rows: int = 512, pool=None) -> tuple[np.ndarray, np.ndarray]:
