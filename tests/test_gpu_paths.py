@@ -125,18 +125,18 @@ def test_pipelined_run_cancels_cleanly(tiny_model):
     assert not [t for t in threading.enumerate() if t.name.startswith("deepr-net")]  # worker ended
 
 
-def test_tile_and_batch_follow_the_memory_of_the_device(tiny_model, monkeypatch):
+def test_tile_and_batch_follow_the_memory_of_the_device(monkeypatch):
     from napari_deepr.engine import providers
     from napari_deepr.engine.refocus import BYTES_PER_TILE_PIXEL, auto_batch, auto_tile
 
-    card = load_model(tiny_model).card
+    card = load_model(BUNDLED).card  # 2048-px tiles
     tile_bytes = 2048 * 2048 * BYTES_PER_TILE_PIXEL  # ~2.3 GiB of activations per 2048² tile
     assert auto_batch(2048, 80 * 2**30) == 4  # a large GPU: the cap
     assert auto_batch(2048, 4 * tile_bytes * 2) == 2
     assert auto_batch(2048, 2**30) == 1  # never below one
     big = auto_tile(card, memory=1 << 40)
-    assert big == card.tile and auto_tile(card, memory=2**20) < big
-    assert auto_tile(card, memory=2**20) % card.tile_multiple == 0
+    assert big == card.tile and auto_tile(card, memory=2**30) < big
+    assert auto_tile(card, memory=2**30) % card.tile_multiple == 0
     # No NVIDIA tools: unknown, and the engine falls back to host memory.
     monkeypatch.setattr("shutil.which", lambda name: None)
     assert providers.gpu_free_memory() is None or isinstance(providers.gpu_free_memory(), int)
