@@ -9,6 +9,8 @@
 3. fp16's quality cost against fp32 on simulated pairs made elsewhere (``--pairs``, from
    ``scripts/make_check_pairs.py``: the GPU machine has no psfmodels), incl. the DPM.
 4. For scale: the CPU provider on this machine's cores at 4096², the paper's CPU anchor.
+
+How to get onnxruntime-gpu onto a lent machine that reaches no package index: ``docs/gpu_check.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", help="npz with x, y (N, H, W) and z (N,)")
     ap.add_argument("--out", default="cuda_check.json")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--bench-tiles", help="npz with t512 and t1024 = bench_image(512), bench_image(1024) made elsewhere")
     args = ap.parse_args(argv)
     if args.bench_tiles:  # the GPU machine has no psfmodels to simulate the benchmark field
@@ -68,6 +70,11 @@ def main(argv=None) -> int:
     tiles = {}
     for prec in ("fp32", "fp16"):
         for tile in (512, 1024, 2048, 4096):
+            probe = RefocusJob(img, m, tile=tile, providers="cuda", precision=prec, batch=4)
+            if probe.provider != "cuda" or probe.precision != prec:  # fell back: timing it would be a CPU run
+                tiles[f"{prec}_tile{tile}_unavailable"] = "; ".join(probe.warnings) or probe.provider
+                print(prec, tile, "unavailable:", tiles[f"{prec}_tile{tile}_unavailable"], flush=True)
+                break
             t = _timeit(lambda tile=tile, prec=prec: RefocusJob(img, m, tile=tile, providers="cuda", precision=prec, batch=4).run(), 3)
             tiles[f"{prec}_tile{tile}_mp_s"] = img.size / 1e6 / t
             print(prec, tile, round(img.size / 1e6 / t, 1), "MP/s", flush=True)
