@@ -139,4 +139,10 @@ def test_tile_and_batch_follow_the_memory_of_the_device(monkeypatch):
     assert auto_tile(card, memory=2**30) % card.tile_multiple == 0
     # No NVIDIA tools: unknown, and the engine falls back to host memory.
     monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr(providers, "_gpu_memory_cache", {})
     assert providers.gpu_free_memory() is None or isinstance(providers.gpu_free_memory(), int)
+    # readings are reused for a while (asking nvidia-smi costs more than a tile)
+    calls = []
+    monkeypatch.setattr(providers, "_gpu_memory_cache", {})
+    monkeypatch.setattr(providers, "_read_gpu_free_memory", lambda device: calls.append(device) or 8 * 2**30)
+    assert providers.gpu_free_memory() == providers.gpu_free_memory() == 8 * 2**30 and calls == [0]

@@ -201,11 +201,29 @@ def get_session(
     return sess, SHORT_NAMES.get(sess.get_providers()[0], sess.get_providers()[0])
 
 
+_gpu_memory_cache: dict[int, tuple[float, int | None]] = {}
+#: Seconds a GPU free-memory reading is reused: asking nvidia-smi costs ~0.1 s, more than a 2048² tile.
+GPU_MEMORY_TTL_S = 30.0
+
+
 def gpu_free_memory(device: int = 0) -> int | None:
     """Free memory of NVIDIA GPU ``device`` in bytes (NVML, else ``nvidia-smi``), or None if unknown.
 
-    onnxruntime does not report it; tile and batch sizes on a GPU are chosen from it.
+    onnxruntime does not report it; tile and batch sizes on a GPU are chosen from it. Readings are
+    reused for :data:`GPU_MEMORY_TTL_S` seconds.
     """
+    import time
+
+    now = time.monotonic()
+    hit = _gpu_memory_cache.get(device)
+    if hit is not None and now - hit[0] < GPU_MEMORY_TTL_S:
+        return hit[1]
+    value = _read_gpu_free_memory(device)
+    _gpu_memory_cache[device] = (now, value)
+    return value
+
+
+def _read_gpu_free_memory(device: int) -> int | None:
     try:
         import pynvml  # nvidia-ml-py, where installed
 
