@@ -222,13 +222,15 @@ class RefocusJob:
         self.dpm_path = fp16_variant(self.model.dpm_path) if precision == "fp16" and dpm else self.model.dpm_path
         self.arena = memory_arena
         self.warnings: list[str] = []
+        self._open_sessions()
+        # Decided by the provider that actually started (a GPU that fell back to the CPU gets neither).
+        on_gpu = self.provider not in ("cpu", "openvino")
         # On a GPU, features for the DPM decoder stay in device memory between the two graphs (IO
         # binding) instead of a round trip through the host; on CPU providers there is nothing to save.
-        self.io_binding = (self.providers[0] not in _HOST_PROVIDERS) if io_binding is None else bool(io_binding)
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
         # On a GPU the next batch's tiles are read and normalized, and the last one blended, while the
         # network runs in a worker thread; on the CPU that work would only compete for the same cores.
-        self.pipeline = (self.providers[0] not in _HOST_PROVIDERS) if pipeline is None else bool(pipeline)
-        self._open_sessions()
+        self.pipeline = on_gpu if pipeline is None else bool(pipeline)
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
@@ -300,7 +302,7 @@ class RefocusJob:
                 msg = "The GPU provider did not start, so fp16 cannot run; continuing in fp32 on the CPU."
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
                 self.warnings.append(msg)
-                self.precision, self.io_binding = "fp32", False
+                self.precision = "fp32"
                 self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
                 self.providers = ["CPUExecutionProvider"]
         self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
