@@ -146,3 +146,10 @@ def test_tile_and_batch_follow_the_memory_of_the_device(monkeypatch):
     monkeypatch.setattr(providers, "_gpu_memory_cache", {})
     monkeypatch.setattr(providers, "_read_gpu_free_memory", lambda device: calls.append(device) or 8 * 2**30)
     assert providers.gpu_free_memory() == providers.gpu_free_memory() == 8 * 2**30 and calls == [0]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build is installed")
+def test_a_gpu_request_that_falls_back_gets_cpu_settings(tiny_model):
+    with pytest.warns(RuntimeWarning, match="falling back to CPU"):
+        job = RefocusJob(np.ones((100, 100), np.float32), tiny_model, providers="cuda")
+    assert job.provider == "cpu" and not job.io_binding and not job.pipeline
