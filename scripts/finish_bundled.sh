@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second half of scripts/train_bundled.sh: install a finished training run as the bundled model,
-# then measure it (model card table and figure), make its int8 variant, measure int8 and bf16, refresh the docs.
+# then measure it (model card table and figure), make its int8 variant, measure int8, bf16 and fp16, refresh the docs.
 #   scripts/finish_bundled.sh WORK_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +23,8 @@ LOGS=("$WORK/train_log.jsonl")
 if .venv/bin/python -c "import onnxruntime as o, sys; sys.exit('OpenVINOExecutionProvider' not in o.get_available_providers())"; then
   .venv/bin/deepr quantize "$M" --precision bf16 --json "$M/bf16_quality.json"
 fi
+# fp16 (GPU providers): its arithmetic measured on onnxruntime's CPU float16 kernels.
+.venv/bin/python benchmarks/fp16_quality.py
+.venv/bin/python scripts/heldout_diagnosis.py --model "$M" --figure docs/heldout_cells.png
 .venv/bin/deepr demo -o deepr_quickstart
 cp deepr_quickstart/tilted_comparison.png docs/quickstart_comparison.png
