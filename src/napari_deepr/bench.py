@@ -185,14 +185,18 @@ def run_bench(
     }
     fpp = onnx_flops_per_pixel(m.generator_path)
     if on_gpu:
-        from .train.bench_torch import gpu_matmul_gflops
+        try:  # the GPU's matmul rates come from PyTorch (the train extra); without it, no floor
+            from .train.bench_torch import gpu_matmul_gflops
 
-        # fp32 convolutions run on tensor cores as TF32 by default (cuDNN, onnxruntime's CUDA provider).
-        gf = gpu_matmul_gflops("tf32")
-        result["machine"]["gpu"] = gpu_matmul_gflops.device_name
-        result["machine"]["gpu_strict_fp32_gflops"] = gpu_matmul_gflops("fp32")
-        result["floor_fp16"] = {"matmul_gflops": gpu_matmul_gflops("fp16")}
-        result["floor_fp16"]["floor_mp_s"] = result["floor_fp16"]["matmul_gflops"] * 1e9 / fpp / 1e6
+            # fp32 convolutions run on tensor cores as TF32 by default (cuDNN, onnxruntime's CUDA provider).
+            gf = gpu_matmul_gflops("tf32")
+            result["machine"]["gpu"] = gpu_matmul_gflops.device_name
+            result["machine"]["gpu_strict_fp32_gflops"] = gpu_matmul_gflops("fp32")
+            result["floor_fp16"] = {"matmul_gflops": gpu_matmul_gflops("fp16")}
+            result["floor_fp16"]["floor_mp_s"] = result["floor_fp16"]["matmul_gflops"] * 1e9 / fpp / 1e6
+        except Exception as exc:  # noqa: BLE001
+            gf = float("nan")
+            result["floor_unavailable"] = f"the GPU's matmul rate needs PyTorch with CUDA ({type(exc).__name__}: {exc})"
     else:
         gf = matmul_gflops()
     floor_mps = gf * 1e9 / fpp / 1e6 if fpp else float("nan")
@@ -274,7 +278,7 @@ def run_bench(
         if "torch_eager_s" in row:
             row["engine_vs_torch"] = row["torch_eager_s"] / t_engine
         row["engine_fraction_of_floor"] = row["engine_mp_s"] / floor_mps if floor_mps == floor_mps else None
-        if "engine_fp16_mp_s" in row:
+        if "engine_fp16_mp_s" in row and "floor_fp16" in result:
             row["engine_fp16_fraction_of_fp16_floor"] = row["engine_fp16_mp_s"] / result["floor_fp16"]["floor_mp_s"]
         row["peak_rss_mb"] = peak_rss_mb()
         if baselines and size <= 1024:
