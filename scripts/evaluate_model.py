@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from napari_deepr.evaluate import evaluate_model, markdown_table, quality_figure
+from napari_deepr.evaluate import evaluate_model, markdown_table, per_field_table, quality_figure
 
 
 def main() -> int:
@@ -55,6 +55,7 @@ def main() -> int:
     if "tilt_fitted_deg" in s:
         extra += f" 1.5° tilt fitted as **{s['tilt_fitted_deg']:.2f}°**."
     extra += "\n\nTargets: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s["targets"].items()) + "."
+    extra += "\n\n" + per_field_table(res)
     block = f"<!-- QUALITY -->\n{table}{extra}\n<!-- /QUALITY -->"
     text = md.read_text() if md.exists() else "<!-- QUALITY -->\n<!-- /QUALITY -->\n"
     text = re.sub(r"<!-- QUALITY -->.*<!-- /QUALITY -->", lambda _: block, text, flags=re.S)

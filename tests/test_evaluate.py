@@ -1,0 +1,28 @@
+"""The model card's tables: per-z and per-field numbers from an evaluation result."""
+
+from __future__ import annotations
+
+from napari_deepr.evaluate import markdown_table, per_field_table
+
+
+def _row(z, out_a, out_b):
+    fields = {
+        "a": {"ssim_input": 0.7, "ssim_output": out_a, "ssim_rl": 0.8, "ssim_landweber": 0.75, "dpm_mae": 1.0},
+        "b": {"ssim_input": 0.9, "ssim_output": out_b, "ssim_rl": 0.9, "ssim_landweber": 0.85, "dpm_mae": 0.2},
+    }
+    keys = ("ssim_input", "ssim_output", "ssim_rl", "ssim_landweber", "dpm_mae")
+    mean = {k: (fields["a"][k] + fields["b"][k]) / 2 for k in keys}
+    rmse = {f"rmse_{k}": 0.1 for k in ("input", "output", "rl", "landweber")}
+    return {"z_um": float(z), **mean, **rmse, "dpm_mae_all": 0.5, "fields": fields}
+
+
+def test_per_field_table_averages_each_field_over_the_z_band():
+    result = {"per_z": [_row(0, 0.99, 0.99), _row(2, 0.6, 0.95), _row(-3, 0.7, 0.97), _row(6, 0.1, 0.1)]}
+    table = per_field_table(result, 2, 5)
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| a") or line.startswith("| b")}
+    # only z = 2 and -3 count: field a (0.6 + 0.7) / 2, field b (0.95 + 0.97) / 2
+    assert "**0.650**" in lines["a"] and "**0.960**" in lines["b"]
+    assert "| 1.00 |" in lines["a"] and "| 0.20 |" in lines["b"]
+    assert "2 ≤ |z| ≤ 5" in table
+    assert per_field_table({"per_z": [{"z_um": 3.0}]}) == ""  # results from before per-field numbers
+    assert "**0.650**" not in markdown_table(result) and "| +2 |" in markdown_table(result)
