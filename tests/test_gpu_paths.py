@@ -153,3 +153,12 @@ def test_a_gpu_request_that_falls_back_gets_cpu_settings(tiny_model):
     with pytest.warns(RuntimeWarning, match="falling back to CPU"):
         job = RefocusJob(np.ones((100, 100), np.float32), tiny_model, providers="cuda")
     assert job.provider == "cpu" and not job.io_binding and not job.pipeline
+
+
+def test_no_stray_temporary_file_when_writing_beside_the_model_fails(bundled_copy, tmp_path, monkeypatch):
+    folder = tmp_path / "m2"
+    shutil.copytree(bundled_copy, folder, ignore=shutil.ignore_patterns("*.fp16.onnx"))
+    (folder / "dpm.fp16.onnx").mkdir()
+    monkeypatch.setenv("DEEPR_CACHE", str(tmp_path / "cache2"))
+    fp16_variant(folder / "dpm.onnx")
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".onnx") == ["dpm.onnx", "generator.onnx"]

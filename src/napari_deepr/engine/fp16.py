@@ -90,6 +90,7 @@ def fp16_variant(path: str | Path) -> Path:
     model = _tidy(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True))
     onnx.checker.check_model(model)
     for target in (beside, cached):
+        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
@@ -98,5 +99,7 @@ def fp16_variant(path: str | Path) -> Path:
             os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
             return target
         except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
             continue
     raise OSError(f"Could not write a float16 copy of {path.name} beside it or in {cache_dir()}.")
