@@ -161,4 +161,4 @@ def test_no_stray_temporary_file_when_writing_beside_the_model_fails(bundled_cop
     (folder / "dpm.fp16.onnx").mkdir()
     monkeypatch.setenv("DEEPR_CACHE", str(tmp_path / "cache2"))
     fp16_variant(folder / "dpm.onnx")
-    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".onnx") == ["dpm.onnx", "generator.onnx"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix == ".onnx") == ["dpm.onnx", "generator.onnx"]
