@@ -139,9 +139,8 @@ def quality_delta(model="default", precision: str = "int8", n: int = 12, seed: i
     m = load_model(model)
     rng = np.random.default_rng(seed)
     if pairs is None:
-        from ..optics.simulate import (
-            random_training_pair,  # psfmodels: only where pairs are simulated
-        )
+        # psfmodels is needed only where pairs are simulated (not on a machine given pairs)
+        from ..optics.simulate import random_training_pair
 
         pairs = (random_training_pair(rng, patch=512) for _ in range(n))
     scores: dict[str, list[float]] = {"fp32": [], precision: []}

@@ -22,6 +22,7 @@ from ..errors import Cancelled, InputError, ModelError
 from .fp16 import FP16_PROVIDERS, fp16_variant
 from .model import DeepRModel, load_model
 from .providers import (
+    SHORT_NAMES,
     bf16_provider_options,
     default_threads,
     get_session,
@@ -32,6 +33,7 @@ from .providers import (
 from .tiling import axis_weights, plan_axis, read_region
 
 _HOST_PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider")
+_FP16_SHORT_NAMES = {SHORT_NAMES[p] for p in FP16_PROVIDERS}
 _DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda", "rocm": "cuda", "directml": "dml"}
 
 
@@ -200,7 +202,9 @@ class RefocusJob:
         on_gpu = self.providers[0] not in _HOST_PROVIDERS
         # Tile and batch from the memory of the device that holds the activations: a GPU's own memory
         # when one runs the network (a fixed batch of 2048² tiles needs ~10 GB), else the host's.
-        memory = (gpu_free_memory() if on_gpu else None) or available_memory()
+        memory = None
+        if not tile or (on_gpu and not batch):  # asking a GPU costs a call to nvidia-smi (cached)
+            memory = (gpu_free_memory() if on_gpu else None) or available_memory()
         if batch is not None and int(batch) < 1:
             raise InputError("Batch must be at least 1.")
         mult = card.tile_multiple
@@ -293,19 +297,20 @@ class RefocusJob:
     # -- the run -----------------------------------------------------------------------------------
     def _open_sessions(self):
         opts = self.provider_options
-        if self.precision == "fp16":
-            try:
-                self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
-            except ModelError:  # the GPU provider failed to start and the CPU cannot run fp16 graphs
-                self.session, self.provider = None, "cpu"
-            if self.provider not in ("cuda", "tensorrt", "rocm", "directml"):
-                msg = "The GPU provider did not start, so fp16 cannot run; continuing in fp32 on the CPU."
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                self.warnings.append(msg)
-                self.precision = "fp32"
-                self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
-                self.providers = ["CPUExecutionProvider"]
-        self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
+        try:
+            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
+        except ModelError:
+            if self.precision != "fp16":
+                raise
+            self.session, self.provider = None, "cpu"  # the GPU did not start and the CPU refused the fp16 graph
+        if self.precision == "fp16" and self.provider not in _FP16_SHORT_NAMES:
+            msg = "The GPU provider did not start, so fp16 cannot run; continuing in fp32 on the CPU."
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self.warnings.append(msg)
+            self.precision = "fp32"
+            self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
+            self.providers = ["CPUExecutionProvider"]
+            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
         self.dpm_session = None
         if self.want_dpm:
             self.dpm_session, _ = get_session(self.dpm_path, self.providers, self.threads, self.arena, opts)
@@ -411,10 +416,10 @@ class RefocusJob:
         xs = list(enumerate(px.starts))
         ka, kb = self.tile_rows
         batches = [(ky, xs[b0:b0 + self.batch]) for ky in range(max(ka - 1, 0), kb) for b0 in range(0, len(xs), self.batch)]
-        bufs = [np.empty((min(self.batch, len(xs)), c, ty, tx), dtype=np.float32) for _ in range(2 if self.pipeline else 1)]
-        tmp = np.empty((c, ty, tx), dtype=np.float32)
         overlap_work = self.pipeline and len(batches) * len(self.planes) > 1  # nothing to overlap with one batch
         pool = ThreadPoolExecutor(1, thread_name_prefix="deepr-net") if overlap_work else None
+        bufs = [np.empty((min(self.batch, len(xs)), c, ty, tx), dtype=np.float32) for _ in range(2 if pool else 1)]
+        tmp = np.empty((c, ty, tx), dtype=np.float32)
         # Host passes are split by rows over the cores (numpy releases the GIL in them).
         workers = min(self.threads or default_threads(), 8)
         host = ThreadPoolExecutor(workers, thread_name_prefix="deepr-host") if workers > 1 else None
