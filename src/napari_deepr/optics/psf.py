@@ -17,18 +17,25 @@ Conventions
   the defocus maps (DPMs) everywhere in napari-deepr.
 * Every returned plane sums to 1 (energy conservation), because ``psfmodels`` with
   ``normalize=True`` scales the *peak* to 1, not the sum.
+
+PSF banks: :func:`write_psf_bank` stores computed planes in one ``.npz``; with the environment
+variable ``DEEPR_PSF_BANK`` naming such a file, :func:`defocus_psf` serves every plane it holds
+from it and calls ``psfmodels`` only for the others. This lets the trainer simulate on machines
+where ``psfmodels`` cannot be installed (GPU nodes without a build toolchain), with the planes
+``psfmodels`` computed here (stored in float32, renormalised on load).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import psfmodels
 from scipy.optimize import minimize_scalar
 
 __all__ = [
@@ -150,6 +157,18 @@ OPTICS_20X_075 = Optics()
 OPTICS_40X_095 = Optics(na=0.95, wavelength_um=0.6, pixel_size_um=0.1625)
 
 
+def _psfmodels() -> Any:
+    # Imported on first use so that a machine with only a PSF bank can still simulate.
+    try:
+        import psfmodels
+    except ImportError as exc:
+        raise ImportError(
+            "Computing a PSF needs the psfmodels package (pip install psfmodels), or a PSF bank "
+            "holding this plane named by DEEPR_PSF_BANK."
+        ) from exc
+    return psfmodels
+
+
 def _pm_kwargs(optics: Optics) -> dict[str, Any]:
     """Translate :class:`Optics` into ``psfmodels.make_psf`` keyword arguments."""
     return {
@@ -175,7 +194,7 @@ def _on_axis_intensity(z_abs: float, optics: Optics) -> float:
     # oversample_factor=0 corrupts the heap in psfmodels 0.3.3 (free(): invalid next size), so
     # the smallest safe setting (1) is used.
     dxy = 0.05 * optics.wavelength_um / optics.na
-    p = psfmodels.make_psf(
+    p = _psfmodels().make_psf(
         [z_abs], 5, dxy=dxy, oversample_factor=1, normalize=False, **_pm_kwargs(optics)
     )
     return float(p[0, 2, 2])
@@ -245,14 +264,85 @@ def psf_size(z_max_um: float, optics: Optics) -> int:
 
 def _quantize(z: float) -> float:
     # Keys of the cache: 1e-6 µm is far below any physical meaning but makes 0.1 + 0.2 and 0.3
-    # hit the same entry.
-    return round(float(z), 6)
+    # hit the same entry. ``+ 0.0`` turns -0.0 into 0.0: they hash alike in the lru_cache but
+    # json.dumps writes "-0.0", which would miss the plane 0.0 in a PSF bank.
+    return round(float(z), 6) + 0.0
+
+
+def _bank_key(optics: Optics, size: int, z: float) -> str:
+    return json.dumps([optics.to_dict(), int(size), _quantize(z)], sort_keys=True)
+
+
+@lru_cache(maxsize=4)
+def _load_bank(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        keys = json.loads(str(f["keys"]))
+        offsets = f["offsets"]
+        sizes = f["sizes"]
+        flat = f["planes"]
+    bank = {}
+    for key, off, n in zip(keys, offsets, sizes):
+        bank[key] = flat[int(off): int(off) + int(n) * int(n)].reshape(int(n), int(n))
+    return bank
+
+
+def _from_bank(z_key: tuple[float, ...], optics: Optics, size: int) -> np.ndarray | None:
+    path = os.environ.get("DEEPR_PSF_BANK")
+    if not path:
+        return None
+    bank = _load_bank(path)
+    planes = [bank.get(_bank_key(optics, size, z)) for z in z_key]
+    if any(p is None for p in planes):
+        return None
+    return np.stack(planes).astype(np.float64)
+
+
+def write_psf_bank(path: str | os.PathLike, optics: list[Optics], z_um: np.ndarray | list[float]) -> int:
+    """Compute defocus PSFs with ``psfmodels`` and store them for machines without it.
+
+    Each plane is stored at the window :func:`defocus_psf` uses by default for its own ``|z|``
+    (what the simulator asks for). Point ``DEEPR_PSF_BANK`` at the file to use it.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.npz`` file to write.
+    optics : list of Optics
+        Every optics to store (for example one per emission wavelength).
+    z_um : sequence of float
+        Defocus values (µm from best focus); stored quantized to 1e-6 µm.
+
+    Returns
+    -------
+    int
+        Number of planes written.
+    """
+    keys, chunks, offsets, sizes = [], [], [], []
+    off = 0
+    for opt in optics:
+        for z in np.asarray(z_um, dtype=float):
+            size = psf_size(abs(float(z)), opt) | 1
+            plane = defocus_psf(float(z), opt, size=size).astype(np.float32)
+            keys.append(_bank_key(opt, size, float(z)))
+            chunks.append(plane.ravel())
+            offsets.append(off)
+            sizes.append(size)
+            off += plane.size
+    np.savez_compressed(path, keys=np.array(json.dumps(keys)), offsets=np.array(offsets, np.int64),
+                        sizes=np.array(sizes, np.int32), planes=np.concatenate(chunks))
+    return len(keys)
 
 
 @lru_cache(maxsize=4096)
 def _psf_stack_cached(z_key: tuple[float, ...], optics: Optics, size: int) -> np.ndarray:
+    banked = _from_bank(z_key, optics, size)
+    if banked is not None:
+        p = np.clip(banked, 0.0, None)
+        p /= p.sum(axis=(1, 2), keepdims=True)
+        p.setflags(write=False)
+        return p
     z_abs = np.asarray(z_key, dtype=float) + best_focus_offset(optics)
-    p = psfmodels.make_psf(
+    p = _psfmodels().make_psf(
         z_abs,
         size,
         dxy=optics.pixel_size_um,

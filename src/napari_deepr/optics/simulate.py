@@ -696,8 +696,10 @@ def random_training_pair(
     # the object itself fills the margin, so only a thin reflect pad (PSF fits in `half`) is needed
     b = Blurrer(obj, psf_size(abs(z), opt) // 2)
     infocus = b.blur(defocus_psf(0.0, opt, copy=False))[half:-half, half:-half]
-    if infocus.max() <= 0:
-        infocus = infocus + 1.0  # an empty crop: keep a flat, valid image
+    # An empty crop holds only FFT rounding noise (~1e-16 of the object); the photon scaling would
+    # blow that up into a garbage pair, so it becomes a flat, valid image instead.
+    if float(infocus.max()) <= 1e-9 * float(np.abs(obj).max()):
+        infocus = np.zeros_like(infocus) + 1.0
     blurred = b.blur(defocus_psf(z, opt, copy=False))[half:-half, half:-half]
     photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
     scale = _percentile_scale(infocus, photons)

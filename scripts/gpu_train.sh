@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Train on a lent GPU machine that has PyTorch but no package index and no psfmodels.
+#
+#   bash scripts/gpu_train.sh KIT OUT [trainer arguments...]
+#
+# KIT is a folder made here (see docs/gpu_check.md, "Training on a lent GPU"):
+#   wh/*.whl         pure or cp312 wheels for whatever the machine's Python lacks (scipy, tifffile,
+#                    pytorch_msssim, pillow); each is unpacked into /tmp/site only if its module is missing
+#   psf_bank.npz     scripts/make_psf_bank.py CONFIG: every PSF plane the simulator will ask for
+#   synthetic.json   the training config, real_images_dir relative to KIT
+#   init.pt          optional: weights to fine-tune from ({"generator": ..., "dpm": ...})
+# OUT receives the model folder (checkpoint.pt, best.pt, previews) and train.log; export the ONNX
+# files afterwards on a machine with onnx (`python -m napari_deepr.train ... --resume`).
+set -euo pipefail
+KIT=$(cd "$1" && pwd); OUT=$2; shift 2
+PY=${PYTHON:-python3}
+SITE=/tmp/site
+mkdir -p "$SITE" "$OUT"
+for pair in scipy:scipy tifffile:tifffile pytorch_msssim:pytorch_msssim PIL:pillow; do
+    mod=${pair%%:*}; whl=${pair##*:}
+    if ! PYTHONPATH=$SITE $PY -c "import $mod" 2>/dev/null; then
+        f=$(ls "$KIT"/wh/"$whl"-*.whl 2>/dev/null | head -1)
+        if [ -z "$f" ]; then echo "missing $mod and no wheel for it in $KIT/wh" >&2; exit 2; fi
+        $PY -m zipfile -e "$f" "$SITE"
+        echo "unpacked $(basename "$f")"
+    fi
+done
+if [ -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia ]; then
+    N=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+    export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$N/cu13/lib:$N/cudnn/lib
+fi
+export PYTHONPATH=$SITE:$(cd "$(dirname "$0")/.." && pwd)/src PYTHONUNBUFFERED=1
+export DEEPR_PSF_BANK=$KIT/psf_bank.npz
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+INIT=()
+[ -f "$KIT/init.pt" ] && INIT=(--init-from "$KIT/init.pt")
+$PY -m napari_deepr.train "$KIT/synthetic.json" -o "$OUT/model" "${INIT[@]}" --no-export "$@" \
+    > "$OUT/train.log" 2> "$OUT/train.err" || { echo "trainer failed:"; tail -30 "$OUT/train.err"; tail -5 "$OUT/train.log"; exit 1; }
+tail -3 "$OUT/train.log"
