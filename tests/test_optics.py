@@ -166,3 +166,15 @@ def test_write_sample_set_calibrated(tmp_path):
     stack = read_image(tmp_path / "zstack.tif")
     assert stack.data.shape == (9, 64, 64)
     assert stack.pixel_size_um == pytest.approx(0.325) and stack.z_step_um == pytest.approx(0.5)
+
+
+def test_texture_family_spans_speckle_to_smooth():
+    # the point of the family is a wide range of spectra: the share of energy at the finest scales
+    # (above a quarter of the sampling frequency) must vary by an order of magnitude between draws
+    fine = []
+    for seed in range(12):
+        a = make_specimen("texture", 128, 0.325, seed).astype(float)
+        p = np.abs(np.fft.fft2(a - a.mean())) ** 2
+        f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
+        fine.append(p[f > 0.25].sum() / p.sum())
+    assert max(fine) > 10 * min(fine)

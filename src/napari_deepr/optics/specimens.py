@@ -227,6 +227,29 @@ def _cytoplasm(shape, px, rng, cell_diameter_um: tuple = (15.0, 35.0)):
     return np.clip(img, 0, None)
 
 
+def _texture(shape, px, rng):
+    # Domain randomization for texture statistics: a log-normal field with a power-law spectrum
+    # 1/f^beta (beta 0.5 = pixel-scale speckle ... 3.5 = smooth clouds) and random contrast, seen
+    # through smooth random patches (cells, tissue regions) of random coverage. Real stains span
+    # this range, and a network that meets only a few spectra learns their blur as the object's.
+    h, w = shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fy**2 + fx**2)
+    f[0, 0] = 1.0 / max(h, w)
+    beta = rng.uniform(0.5, 3.5)
+    g = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * f ** (-beta / 2), s=shape)
+    g = (g - g.mean()) / max(g.std(), 1e-12)
+    field = np.exp(rng.uniform(0.3, 1.2) * g)
+    scale_um = rng.uniform(5.0, 25.0)
+    patches = bandpass_noise(shape, rng, 0.5 * scale_um / px, 2.0 * scale_um / px)
+    edge = rng.uniform(0.05, 0.5)  # soft to sharp patch borders
+    mask = 1.0 / (1.0 + np.exp(-(patches - rng.uniform(-1.0, 1.0)) / edge))
+    img = field * mask
+    top = np.percentile(img, 99.5)
+    return np.clip(img / top if top > 0 else img, 0, None)
+
+
 def _seed_image(shape, seeds) -> np.ndarray:
     """Label image with seed ``k`` at its pixel as ``k + 1`` (0 elsewhere)."""
     lab = np.zeros(shape, np.int32)
@@ -244,6 +267,7 @@ _GENERATORS: dict[str, Callable] = {
     "cells": _cells,
     "cytoplasm": _cytoplasm,
     "mixed": _mixed,
+    "texture": _texture,
 }
 
 #: Names accepted by :func:`make_specimen`.
@@ -265,7 +289,9 @@ def make_specimen(
         clusters), ``"filaments"`` (worm-like chains, e.g. microtubules or actin),
         ``"nuclei"`` (DNA stain with chromatin texture and dark nucleoli), ``"tissue"``
         (fibre network with sparse nuclei, like autofluorescent tissue sections), ``"cells"``
-        (cytoplasm, organelles and nuclei) or ``"mixed"`` (a random sum of the first four).
+        (cytoplasm, organelles and nuclei), ``"cytoplasm"`` (confluent stained cell bodies),
+        ``"texture"`` (log-normal power-law textures of random spectral slope and contrast in
+        random patches) or ``"mixed"`` (a random sum of the first four).
     shape : int or tuple of int
         Image shape ``(H, W)`` (an int means square).
     pixel_size_um : float
