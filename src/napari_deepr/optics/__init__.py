@@ -10,6 +10,7 @@ from .psf import (
     best_focus_offset,
     defocus_psf,
     psf_size,
+    write_psf_bank,
 )
 from .simulate import (
     brightfield,
@@ -41,5 +42,6 @@ __all__ = [
     "simulate_stack",
     "sphere_dpm",
     "tilt_dpm",
+    "write_psf_bank",
     "write_sample_set",
 ]

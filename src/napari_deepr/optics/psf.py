@@ -328,8 +328,11 @@ def write_psf_bank(path: str | os.PathLike, optics: list[Optics], z_um: np.ndarr
             offsets.append(off)
             sizes.append(size)
             off += plane.size
-    np.savez_compressed(path, keys=np.array(json.dumps(keys)), offsets=np.array(offsets, np.int64),
-                        sizes=np.array(sizes, np.int32), planes=np.concatenate(chunks))
+    if not keys:
+        raise ValueError("A PSF bank needs at least one optics and one defocus value.")
+    with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a bare path
+        np.savez_compressed(f, keys=np.array(json.dumps(keys)), offsets=np.array(offsets, np.int64),
+                            sizes=np.array(sizes, np.int32), planes=np.concatenate(chunks))
     return len(keys)
 
 
