@@ -39,6 +39,7 @@ def main() -> int:
     }
     (model / "model.json").write_text(json.dumps(card, indent=1))
     _update_onnx_metadata(model / "generator.onnx", {"quality": card["quality"]})
+    Path(args.docs).mkdir(parents=True, exist_ok=True)
     fig = quality_figure(res, Path(args.docs) / f"{card['name']}_quality.png", model=model, real_dir=real, size=args.size)
     md = model / "MODEL_CARD.md"
     table = markdown_table(res)
