@@ -141,3 +141,9 @@ def test_empty_crop_is_flat_not_amplified_round_off():
     )
     assert np.ptp(infocus) == 0
     assert np.abs(noisy).max() < 100  # read noise and a little out-of-patch light, not 1e3+
+
+
+def test_bank_key_ignores_how_numbers_are_typed():
+    a = OPTICS_20X_075.replace(immersion_index=1)
+    b = OPTICS_20X_075.replace(immersion_index=np.float32(1.0))
+    assert psf._bank_key(a, 15, 0.0) == psf._bank_key(OPTICS_20X_075, 15, 0.0) == psf._bank_key(b, 15, 0.0)

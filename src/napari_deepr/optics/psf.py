@@ -270,7 +270,11 @@ def _quantize(z: float) -> float:
 
 
 def _bank_key(optics: Optics, size: int, z: float) -> str:
-    return json.dumps([optics.to_dict(), int(size), _quantize(z)], sort_keys=True)
+    # numbers as floats: Optics(immersion_index=1) equals Optics(immersion_index=1.0) and must find
+    # the same planes (and numpy scalars must serialize)
+    d = {k: float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v
+         for k, v in optics.to_dict().items()}
+    return json.dumps([d, int(size), _quantize(z)], sort_keys=True)
 
 
 @lru_cache(maxsize=4)
