@@ -9,8 +9,10 @@
 #   psf_bank.npz     scripts/make_psf_bank.py CONFIG: every PSF plane the simulator will ask for
 #   synthetic.json   the training config, real_images_dir relative to KIT
 #   init.pt          optional: weights to fine-tune from ({"generator": ..., "dpm": ...})
-# OUT receives the model folder (checkpoint.pt, best.pt, previews) and train.log; export the ONNX
-# files afterwards on a machine with onnx (`python -m napari_deepr.train ... --resume`).
+# The model folder stays on the machine (${DEEPR_GPU_WORK:-/tmp/deepr_gpu_model}): a resumable checkpoint with
+# three optimiser states is more than a lent machine's call brings back. OUT receives weights.pt
+# ({"generator", "dpm"}: export it here with --init-from, docs/gpu_check.md), train.log, train.err and the
+# last validation preview.
 set -euo pipefail
 KIT=$(cd "$1" && pwd); OUT=$2; shift 2
 PY=${PYTHON:-python3}
@@ -34,6 +36,13 @@ export DEEPR_PSF_BANK=$KIT/psf_bank.npz
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 INIT=()
 [ -f "$KIT/init.pt" ] && INIT=(--init-from "$KIT/init.pt")
-$PY -m napari_deepr.train "$KIT/synthetic.json" -o "$OUT/model" "${INIT[@]}" --no-export "$@" \
+WORK=${DEEPR_GPU_WORK:-/tmp/deepr_gpu_model}
+$PY -m napari_deepr.train "$KIT/synthetic.json" -o "$WORK" "${INIT[@]}" --no-export "$@" \
     > "$OUT/train.log" 2> "$OUT/train.err" || { echo "trainer failed:"; tail -30 "$OUT/train.err"; tail -5 "$OUT/train.log"; exit 1; }
+$PY - "$WORK/checkpoint.pt" "$OUT/weights.pt" <<'PY'
+import sys, torch
+s = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+torch.save({"generator": s["generator"], "dpm": s["dpm"], "phase": s["phase"]}, sys.argv[2])
+PY
+last=$(ls "$WORK"/previews/*.png 2>/dev/null | tail -1); [ -n "$last" ] && cp "$last" "$OUT/"
 tail -3 "$OUT/train.log"

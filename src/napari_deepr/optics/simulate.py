@@ -699,7 +699,7 @@ def random_training_pair(
     # An empty crop holds only FFT rounding noise (~1e-16 of the object); the photon scaling would
     # blow that up into a garbage pair, so it becomes a flat, valid image instead.
     if float(infocus.max()) <= 1e-9 * float(np.abs(obj).max()):
-        infocus = np.zeros_like(infocus) + 1.0
+        infocus = np.ones_like(infocus)
     blurred = b.blur(defocus_psf(z, opt, copy=False))[half:-half, half:-half]
     photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
     scale = _percentile_scale(infocus, photons)
