@@ -178,3 +178,40 @@ def test_texture_family_spans_speckle_to_smooth():
         f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
         fine.append(p[f > 0.25].sum() / p.sum())
     assert max(fine) > 10 * min(fine)
+
+
+def test_random_surface_dpm_span_mean_smoothness_and_variety():
+    from napari_deepr.optics import random_surface_dpm
+
+    maps = [random_surface_dpm((160, 200), 2.5, seed) for seed in range(6)]
+    for m in maps:
+        assert m.shape == (160, 200) and m.dtype == np.float32
+        assert np.ptp(m) == pytest.approx(2.5, rel=1e-5) and abs(float(m.mean())) < 1e-5
+        # Smooth: no pixel step anywhere near the span (a plane over 200 px steps 2.5/200 per px).
+        assert max(np.abs(np.diff(m, axis=0)).max(), np.abs(np.diff(m, axis=1)).max()) < 0.1
+    # Tilts, bowls and waves: the maps are not one shape rescaled.
+    corr = np.corrcoef([m.ravel() for m in maps])
+    assert np.abs(corr[np.triu_indices(6, 1)]).min() < 0.9
+    assert not random_surface_dpm((32, 32), 0.0, 1).any()
+
+
+def test_random_training_pair_surfaces_map_the_defocus_of_every_pixel():
+    kw = dict(patch=128, specimen_kinds=("tissue",), photons_range=(3000.0, 3000.0), read_noise_range=(1.0, 1.0))
+    x, y, z = random_training_pair(5, z_range_um=(0.0, 4.5), surface_fraction=1.0, surface_span_um=(4.0, 4.5), **kw)
+    assert z.shape == (128, 128) and z.dtype == np.float32
+    assert z.min() >= 0.0 and z.max() <= 4.5 and np.ptp(z) > 1.0
+    # Independent physics check: where the map says the sample is nearer focus, the image keeps
+    # more of the in-focus image's fine detail.
+    def hf(a):
+        a = a - np.mean(a)
+        return np.abs(np.diff(a, axis=0))[:, :-1] + np.abs(np.diff(a, axis=1))[:-1, :]
+
+    near = z[:-1, :-1] < np.percentile(z, 25)
+    far = z[:-1, :-1] > np.percentile(z, 75)
+    ratio = hf(x) / (hf(y).mean() + 1e-9)
+    assert ratio[near].mean() > 1.5 * ratio[far].mean()
+    # A pinned range (how validation sets are drawn) gives the same pair whatever the option.
+    a = random_training_pair(11, z_range_um=(2.0, 2.0), surface_fraction=0.0, **kw)
+    b = random_training_pair(11, z_range_um=(2.0, 2.0), surface_fraction=0.7, **kw)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[2] == b[2] == 2.0

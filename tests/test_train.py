@@ -184,6 +184,37 @@ def test_synthetic_source(tmp_path):
     assert not src._procs
 
 
+
+def test_synthetic_source_surface_maps_follow_the_augmentation(monkeypatch):
+    """A tilted/curved pair's defocus map gets the same flip/rotation as its images; flat pairs broadcast."""
+    import napari_deepr.train.data as data
+
+    spec = {"z_range_um": [-3, 3], "specimen_kinds": ["tissue"], "validation_pairs": 2}
+    src = SyntheticSource(spec, 32, seed=0, workers=0)
+    ramp = np.add.outer(np.arange(32.0), 0.1 * np.arange(32.0)).astype(np.float32) / 40.0  # no D4 symmetry
+    draws = iter(range(10**6))
+
+    def fake(kwargs, real, rng):
+        # The input image is the map itself, so after augmentation they must still coincide.
+        return (ramp.copy(), ramp.copy(), ramp.copy()) if next(draws) % 2 == 0 else (ramp.copy(), ramp.copy(), 1.5)
+
+    monkeypatch.setattr(data, "_generate", fake)
+    x, _, z = src.sample(np.random.default_rng(3), 8)
+    assert z.shape == (8, 1, 32, 32) and z.dtype == np.float32
+    maps = [i for i in range(8) if np.ptp(z[i]) > 0]
+    flats = [i for i in range(8) if np.ptp(z[i]) == 0]
+    assert maps and flats and all(np.all(z[i] == 1.5) for i in flats)
+    for i in maps:
+        zs = (z[i] - z[i].mean()) / z[i].std()
+        np.testing.assert_allclose(x[i], zs, atol=1e-4)
+    # several of the 8 transforms occurred, so the check above is not the identity every time
+    assert len({z[i].tobytes() for i in maps}) > 1
+    # A batch of flat pairs keeps the plain [n] shape.
+    monkeypatch.setattr(data, "_generate", lambda kwargs, real, rng: (ramp.copy(), ramp.copy(), 0.5))
+    _, _, z = src.sample(np.random.default_rng(0), 3)
+    assert z.shape == (3,)
+    src.close()
+
 def test_bad_datasets_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     bad_json = tmp_path / "bad.json"
@@ -296,6 +327,24 @@ def test_stop_file_and_resume(dataset, tmp_path, capsys):
     dpm_its = [e["iteration"] for e in events if e["event"] == "progress"]
     assert dpm_its == [1, 2, 3] and events[-1]["dpm_iterations"] == 3
 
+
+
+@pytest.mark.slow
+def test_dpm_decoder_trains_on_tilted_and_curved_samples(tmp_path, capsys):
+    """Synthetic surfaces give per-pixel DPM targets; the DPM phase trains on them and exports."""
+    spec = {"synthetic": {"z_range_um": [-2, 2], "specimen_kinds": ["tissue"], "validation_pairs": 4,
+                          "surface_fraction": 1.0, "surface_span_um": [1.0, 2.0]}}
+    cfg = tmp_path / "surfaces.json"
+    cfg.write_text(json.dumps(spec))
+    rc, events = _run([str(cfg), "-o", str(tmp_path / "m"), "--patch", "64", "--iterations", "2",
+                       "--dpm-iterations", "4", "--workers", "0", "--no-gan", *TINY], capsys)
+    assert rc == 0 and events[-1]["event"] == "done"
+    dpm = [e for e in events if e["event"] == "progress" and e["phase"] == "dpm"]
+    assert [e["iteration"] for e in dpm] == [1, 2, 3, 4]
+    assert all(np.isfinite(e["losses"]["mae_um"]) and e["losses"]["mae_um"] < 4.0 for e in dpm)
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert card["provenance"]["options"]["surface_fraction"] == 1.0  # the card says how it was trained
+    assert (tmp_path / "m" / "dpm.onnx").is_file()
 
 @pytest.mark.slow
 def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):

@@ -43,6 +43,7 @@ __all__ = [
     "defocus",
     "defocus_map",
     "photon_scale",
+    "random_surface_dpm",
     "random_training_pair",
     "simulate_stack",
     "sphere_dpm",
@@ -345,6 +346,55 @@ def tilt_dpm(
     return (center_um + np.tan(np.deg2rad(angle_deg)) * dist).astype(np.float32)
 
 
+def random_surface_dpm(shape: tuple[int, int], span_um: float, rng: np.random.Generator | int | None = None) -> np.ndarray:
+    """A random smooth sample surface: zero-mean defocus map whose peak-to-peak is ``span_um``.
+
+    A random mix of a tilt (random direction), a quadratic bowl or saddle (random axes and
+    signs) and a smooth random field a few features across, so that training sees the
+    tilted, curved and wavy samples the DPM is meant to map, not only uniform defocus.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(H, W)``.
+    span_um : float
+        Peak-to-peak defocus over the map, in micrometres (0 gives a flat map).
+    rng : numpy.random.Generator or int or None
+        Random generator or seed.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map in micrometres, mean 0.
+    """
+    rng = np.random.default_rng(rng)
+    h, w = shape
+    side = float(max(h, w))
+    y = (np.arange(h)[:, None] - (h - 1) / 2) / side
+    x = (np.arange(w)[None, :] - (w - 1) / 2) / side
+    d = rng.uniform(0, 2 * np.pi)
+    plane = x * np.cos(d) + y * np.sin(d)
+    a = rng.uniform(0, np.pi)
+    u, v = x * np.cos(a) + y * np.sin(a), -x * np.sin(a) + y * np.cos(a)
+    quad = rng.uniform(-1, 1) * u**2 + rng.uniform(-1, 1) * v**2
+    # Smooth field: white noise low-passed to a few cycles across the map.
+    noise = rng.standard_normal((h, w))
+    sigma = side / rng.uniform(3.0, 8.0)
+    wavy = ndimage.gaussian_filter(noise, sigma, mode="reflect")
+    parts = [plane, quad, wavy]
+    weights = rng.dirichlet(np.ones(3))
+    surf = np.zeros((h, w))
+    for wgt, part in zip(weights, parts, strict=True):
+        ptp = float(np.ptp(part))
+        if ptp > 1e-12:
+            surf += wgt * part / ptp
+    ptp = float(np.ptp(surf))
+    if ptp < 1e-12 or span_um <= 0:
+        return np.zeros((h, w), np.float32)
+    surf = surf / ptp * float(span_um)
+    return (surf - surf.mean()).astype(np.float32)
+
+
 def cylinder_dpm(
     shape: tuple[int, int],
     pixel_size_um: float,
@@ -630,7 +680,9 @@ def random_training_pair(
     background_fraction: tuple[float, float] = (0.0, 0.05),
     real_fraction: float = 0.5,
     z_quantum_um: float = 0.1,
-) -> tuple[np.ndarray, np.ndarray, float]:
+    surface_fraction: float = 0.0,
+    surface_span_um: tuple[float, float] = (0.5, 3.0),
+) -> tuple[np.ndarray, np.ndarray, float | np.ndarray]:
     """One synthetic (defocused, in-focus) training pair, generated on the fly.
 
     The object is drawn from ``specimen_kinds`` (or, with probability ``real_fraction``, a random
@@ -663,6 +715,15 @@ def random_training_pair(
         Probability of using a real image when ``real_images`` is given.
     z_quantum_um : float
         Quantisation of ``z`` (0 disables it).
+    surface_fraction : float
+        Probability that the sample is not flat but a random smooth surface
+        (:func:`random_surface_dpm`: tilt, curvature, waviness) whose peak-to-peak over the
+        simulated field is drawn from ``surface_span_um`` and which lies inside ``z_range_um``.
+        Its image is simulated per pixel as in :func:`defocus_map` (depths on a grid of
+        ``2 * z_quantum_um``, or 0.2 µm). The target is still the whole field in focus. Never
+        used when the range is a single value (validation pins the defocus that way).
+    surface_span_um : (float, float)
+        Range of the surface's peak-to-peak defocus.
 
     Returns
     -------
@@ -671,8 +732,8 @@ def random_training_pair(
     infocus : numpy.ndarray
         float32 noiseless target ``s · (O ⊛ PSF(0)) + b`` in the same units: the expected image of
         the in-focus plane. Both should be z-scored before training.
-    z_um : float
-        The defocus used.
+    z_um : float or numpy.ndarray
+        The defocus used: a float for a flat sample, a float32 ``(patch, patch)`` map for a surface.
     """
     rng = np.random.default_rng(rng)
     base = OPTICS_20X_075 if optics is None else optics
@@ -681,6 +742,9 @@ def random_training_pair(
     z = float(rng.uniform(*z_range_um))
     if z_quantum_um:
         z = round(round(z / z_quantum_um) * z_quantum_um, 6)
+    lo, hi = float(min(z_range_um)), float(max(z_range_um))
+    # The draw is skipped for a pinned range so validation sets do not depend on this option.
+    surface = surface_fraction > 0 and hi > lo and rng.random() < surface_fraction
     zmax = max(abs(z_range_um[0]), abs(z_range_um[1]))
     half = psf_size(zmax, opt) // 2
     side = patch + 2 * half
@@ -694,13 +758,27 @@ def random_training_pair(
                 raise ValueError(f"Unknown specimen kind {k!r}; choose from {SPECIMEN_KINDS}.")
         obj = make_specimen(kinds[rng.integers(len(kinds))], side, opt.pixel_size_um, rng)
     # the object itself fills the margin, so only a thin reflect pad (PSF fits in `half`) is needed
-    b = Blurrer(obj, psf_size(abs(z), opt) // 2)
+    if surface:
+        span = min(float(rng.uniform(*surface_span_um)), hi - lo)
+        centre = float(rng.uniform(lo + span / 2, hi - span / 2))
+        dpm = np.clip(centre + random_surface_dpm((side, side), span, rng), lo, hi)
+        step = 2 * z_quantum_um if z_quantum_um else 0.2
+        # Depths on a fixed grid so their PSFs come from the cache (or a PSF bank).
+        depths = np.arange(math.floor(dpm.min() / step - 1e-9), math.ceil(dpm.max() / step + 1e-9) + 1) * step
+        depths = np.round(depths, 6)
+        b = Blurrer(obj, psf_size(float(np.abs(depths).max()), opt) // 2)
+    else:
+        b = Blurrer(obj, psf_size(abs(z), opt) // 2)
     infocus = b.blur(defocus_psf(0.0, opt, copy=False))[half:-half, half:-half]
     # An empty crop holds only FFT rounding noise (~1e-16 of the object); the photon scaling would
     # blow that up into a garbage pair, so it becomes a flat, valid image instead.
     if float(infocus.max()) <= 1e-9 * float(np.abs(obj).max()):
         infocus = np.ones_like(infocus)
-    blurred = b.blur(defocus_psf(z, opt, copy=False))[half:-half, half:-half]
+    if surface:
+        blurred = _blend(b, dpm, depths, opt)[half:-half, half:-half]
+        z = dpm[half:-half, half:-half].astype(np.float32)
+    else:
+        blurred = b.blur(defocus_psf(z, opt, copy=False))[half:-half, half:-half]
     photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
     scale = _percentile_scale(infocus, photons)
     bg = float(rng.uniform(*background_fraction)) * photons

@@ -81,6 +81,13 @@ def defocus_bins(range_um: float, z_step_um: float | None = None) -> np.ndarray:
     return np.arange(-n, n + 1) * step
 
 
+def _z_batch(zs: list, patch: int) -> np.ndarray:
+    """Defocus of a batch: ``[n]`` when every sample is flat, else per-pixel maps ``[n, 1, P, P]``."""
+    if all(np.ndim(z) == 0 for z in zs):
+        return np.asarray(zs, np.float32)
+    return np.stack([np.broadcast_to(np.asarray(z, np.float32), (patch, patch)) for z in zs])[:, None].copy()
+
+
 def bin_of(z_um: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Index of the nearest bin centre for each defocus."""
     z = np.asarray(z_um, dtype=float).reshape(-1, 1)
@@ -104,7 +111,11 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``n`` augmented, z-scored training pairs ``(x [n,1,P,P], y [n,1,P,P], z_um [n])``."""
+        """Return ``n`` augmented, z-scored training pairs ``(x [n,1,P,P], y [n,1,P,P], z_um)``.
+
+        ``z_um`` is ``[n]`` for flat samples, or per-pixel defocus maps ``[n,1,P,P]`` when any
+        sample of the batch is tilted or curved.
+        """
 
     @abc.abstractmethod
     def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -289,7 +300,9 @@ def _generate(kwargs: dict, real: list | None, rng: np.random.Generator) -> tupl
     if real is not None:
         kwargs = dict(kwargs, real_images=real)
     x, y, z = fn(rng, **kwargs)
-    return np.asarray(x, np.float32), np.asarray(y, np.float32), float(z)
+    # A curved or tilted sample comes with its defocus map, a flat one with a number.
+    z = float(z) if np.ndim(z) == 0 else np.asarray(z, np.float32)
+    return np.asarray(x, np.float32), np.asarray(y, np.float32), z
 
 
 def _worker(kwargs: dict, real_dir: str | None, seed: list[int], out: Any, stop: Any) -> None:
@@ -471,8 +484,8 @@ class SyntheticSource(Source):
             k = int(rng.integers(0, 8))
             xs.append(zscore(d4(x, k)))
             ys.append(zscore(d4(y, k)))
-            zs.append(z)
-        return np.stack(xs)[:, None], np.stack(ys)[:, None], np.asarray(zs, np.float32)
+            zs.append(z if np.ndim(z) == 0 else d4(z, k))
+        return np.stack(xs)[:, None], np.stack(ys)[:, None], _z_batch(zs, self.patch)
 
     def validation(self):
         """See :meth:`Source.validation` (simulated once from ``validation_seed``, z spread evenly)."""

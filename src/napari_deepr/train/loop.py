@@ -714,7 +714,10 @@ class Trainer:
         return mode == "signed"
 
     def _dpm_target(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.float().view(-1, 1, 1, 1)
+        # [n] for flat samples, [n, 1, P, P] maps for tilted or curved ones.
+        z = z.float()
+        if z.dim() == 1:
+            z = z.view(-1, 1, 1, 1)
         return z if self.dpm_signed else z.abs()
 
     def _load_best_generator(self) -> None:
