@@ -196,7 +196,8 @@ def test_random_surface_dpm_span_mean_smoothness_and_variety():
 
 
 def test_random_training_pair_surfaces_map_the_defocus_of_every_pixel():
-    kw = dict(patch=128, specimen_kinds=("tissue",), photons_range=(3000.0, 3000.0), read_noise_range=(1.0, 1.0))
+    kw = {"patch": 128, "specimen_kinds": ("tissue",), "photons_range": (3000.0, 3000.0),
+          "read_noise_range": (1.0, 1.0)}
     x, y, z = random_training_pair(5, z_range_um=(0.0, 4.5), surface_fraction=1.0, surface_span_um=(4.0, 4.5), **kw)
     assert z.shape == (128, 128) and z.dtype == np.float32
     assert z.min() >= 0.0 and z.max() <= 4.5 and np.ptp(z) > 1.0

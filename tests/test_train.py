@@ -187,7 +187,7 @@ def test_synthetic_source(tmp_path):
 
 def test_synthetic_source_surface_maps_follow_the_augmentation(monkeypatch):
     """A tilted/curved pair's defocus map gets the same flip/rotation as its images; flat pairs broadcast."""
-    import napari_deepr.train.data as data
+    from napari_deepr.train import data
 
     spec = {"z_range_um": [-3, 3], "specimen_kinds": ["tissue"], "validation_pairs": 2}
     src = SyntheticSource(spec, 32, seed=0, workers=0)
