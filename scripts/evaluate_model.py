@@ -55,6 +55,12 @@ def main() -> int:
                   f"{100 * (s['oor_fraction_beyond_range'] or 0):.0f}% of pixels are flagged out of range.")
     if "tilt_fitted_deg" in s:
         extra += f" 1.5° tilt fitted as **{s['tilt_fitted_deg']:.2f}°**."
+    by_kind = res["tilt"].get("fitted_deg_by_specimen")
+    if by_kind:
+        fits = ", ".join(f"{k}{' (held out)' if k in res['tilt'].get('held_out_specimens', []) else ''} "
+                         + "/".join(f"{v:.2f}" for v in vals) for k, vals in by_kind.items())
+        extra += (f" For information, the same 1.5° tilt on two fields of each specimen type is fitted as {fits}° "
+                  f"(mean error {s['tilt_mean_error_deg_by_specimen']:.2f}°).")
     extra += "\n\nTargets: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s["targets"].items()) + "."
     extra += "\n\n" + per_field_table(res)
     block = f"<!-- QUALITY -->\n{table}{extra}\n<!-- /QUALITY -->"

@@ -26,3 +26,16 @@ def test_per_field_table_averages_each_field_over_the_z_band():
     assert "2 ≤ |z| ≤ 5" in table
     assert per_field_table({"per_z": [{"z_um": 3.0}]}) == ""  # results from before per-field numbers
     assert "**0.650**" not in markdown_table(result) and "| +2 |" in markdown_table(result)
+
+
+def test_summary_of_the_tilt_sweep_over_specimen_types():
+    from napari_deepr.evaluate import summarize
+
+    rows = [{**_row(z, 0.9, 0.9), "dpm_oor_fraction": 0.8} for z in (-6, -2, 0, 3, 6)]
+    tilt = {"true_deg": 1.5, "fitted_deg": 1.6, "error_deg": 0.1,
+            "fitted_deg_by_specimen": {"cells": [1.7, 1.9], "tissue": [1.4, 1.2]}}
+    s = summarize({"per_z": rows, "tilt": tilt}, (-5, 5))
+    assert s["tilt_fitted_deg"] == 1.6 and s["targets"]["tilt_within_0.15deg"]
+    # |1.7-1.5|, |1.9-1.5|, |1.4-1.5|, |1.2-1.5| -> mean 0.25; range over all fits
+    assert abs(s["tilt_mean_error_deg_by_specimen"] - 0.25) < 1e-9
+    assert s["tilt_fitted_range_deg_by_specimen"] == [1.2, 1.9]
