@@ -216,3 +216,29 @@ def test_random_training_pair_surfaces_map_the_defocus_of_every_pixel():
     b = random_training_pair(11, z_range_um=(2.0, 2.0), surface_fraction=0.7, **kw)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[2] == b[2] == 2.0
+
+
+def test_surface_depths_stay_on_the_grid_inside_the_range(monkeypatch):
+    """PSF banks hold planes only inside the trained range, on the z grid: surfaces must not ask for more."""
+    import napari_deepr.optics.simulate as sim
+
+    seen = []
+    blend = sim._blend
+
+    def spy(b, dpm, depths, optics):
+        seen.append((np.asarray(depths).copy(), np.asarray(dpm).copy()))
+        return blend(b, dpm, depths, optics)
+
+    monkeypatch.setattr(sim, "_blend", spy)
+    for lo, hi in ((0.0, 4.5), (-4.9, 4.9), (0.3, 4.7)):
+        for seed in range(4):
+            sim.random_training_pair(seed, patch=64, z_range_um=(lo, hi), surface_fraction=1.0,
+                                     surface_span_um=(3.0, 12.0), specimen_kinds=("beads",))
+            depths, dpm = seen[-1]
+            assert depths.min() >= lo - 1e-9 and depths.max() <= hi + 1e-9
+            np.testing.assert_allclose(depths / 0.2, np.round(depths / 0.2), atol=1e-6)
+            assert depths.min() <= dpm.min() + 1e-6 and depths.max() >= dpm.max() - 1e-6
+            # centred on its mid-range, a surface is not clipped into plateaus at the range ends
+            assert np.mean((dpm == dpm.min()) | (dpm == dpm.max())) < 0.01
+    with pytest.raises(ValueError, match="surface_span_um"):
+        random_training_pair(0, patch=64, surface_fraction=0.5, surface_span_um=2.0)

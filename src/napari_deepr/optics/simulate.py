@@ -736,6 +736,8 @@ def random_training_pair(
         The defocus used: a float for a flat sample, a float32 ``(patch, patch)`` map for a surface.
     """
     rng = np.random.default_rng(rng)
+    if surface_fraction > 0 and (np.shape(surface_span_um) != (2,) or min(surface_span_um) < 0):
+        raise ValueError("surface_span_um must be two non-negative numbers (µm), e.g. [0.5, 3.0].")
     base = OPTICS_20X_075 if optics is None else optics
     wl = round(float(rng.uniform(*wavelength_range_um)), 2)
     opt = base.replace(wavelength_um=wl)
@@ -759,12 +761,19 @@ def random_training_pair(
         obj = make_specimen(kinds[rng.integers(len(kinds))], side, opt.pixel_size_um, rng)
     # the object itself fills the margin, so only a thin reflect pad (PSF fits in `half`) is needed
     if surface:
-        span = min(float(rng.uniform(*surface_span_um)), hi - lo)
-        centre = float(rng.uniform(lo + span / 2, hi - span / 2))
-        dpm = np.clip(centre + random_surface_dpm((side, side), span, rng), lo, hi)
         step = 2 * z_quantum_um if z_quantum_um else 0.2
-        # Depths on a fixed grid so their PSFs come from the cache (or a PSF bank).
-        depths = np.arange(math.floor(dpm.min() / step - 1e-9), math.ceil(dpm.max() / step + 1e-9) + 1) * step
+        # Depths on a fixed grid so their PSFs come from the cache (or a PSF bank, which holds
+        # planes only inside the range): the surface stays between the grid points inside it.
+        lo_g, hi_g = math.ceil(lo / step - 1e-9) * step, math.floor(hi / step + 1e-9) * step
+        if hi_g < lo_g:
+            lo_g = hi_g = round(z / step) * step
+        span = min(float(rng.uniform(*surface_span_um)), hi_g - lo_g)
+        centre = float(rng.uniform(lo_g + span / 2, hi_g - span / 2))
+        shape = random_surface_dpm((side, side), span, rng)
+        shape -= (shape.max() + shape.min()) / 2  # mid-range at the centre, so nothing is clipped
+        dpm = np.clip(centre + shape, lo_g, hi_g)
+        # (a map touching a grid depth within round-off must not reach one depth beyond it)
+        depths = np.arange(math.floor(dpm.min() / step + 1e-6), math.ceil(dpm.max() / step - 1e-6) + 1) * step
         depths = np.round(depths, 6)
         b = Blurrer(obj, psf_size(float(np.abs(depths).max()), opt) // 2)
     else:
