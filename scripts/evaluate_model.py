@@ -61,6 +61,12 @@ def main() -> int:
                          + "/".join(f"{v:.2f}" for v in vals) for k, vals in by_kind.items())
         extra += (f" For information, the same 1.5° tilt on two fields of each specimen type is fitted as {fits}° "
                   f"(mean error {s['tilt_mean_error_deg_by_specimen']:.2f}°).")
+    if "reserve_ssim_output_2to5" in s:
+        extra += (f" Reserve held-out family ({', '.join(res['reserve_fields'])}; never trained on, not in the means "
+                  f"above): SSIM over 2 ≤ |z| ≤ 5 µm input {s['reserve_ssim_input_2to5']:.3f}, output "
+                  f"**{s['reserve_ssim_output_2to5']:.3f}**, RL {s['reserve_ssim_rl_2to5']:.3f}, Landweber "
+                  f"{s['reserve_ssim_landweber_2to5']:.3f}"
+                  + (f", DPM MAE {s['reserve_dpm_mae_2to5']:.2f} µm." if "reserve_dpm_mae_2to5" in s else "."))
     extra += "\n\nTargets: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s["targets"].items()) + "."
     extra += "\n\n" + per_field_table(res)
     block = f"<!-- QUALITY -->\n{table}{extra}\n<!-- /QUALITY -->"

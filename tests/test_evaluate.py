@@ -39,3 +39,18 @@ def test_summary_of_the_tilt_sweep_over_specimen_types():
     # |1.7-1.5|, |1.9-1.5|, |1.4-1.5|, |1.2-1.5| -> mean 0.25; range over all fits
     assert abs(s["tilt_mean_error_deg_by_specimen"] - 0.25) < 1e-9
     assert s["tilt_fitted_range_deg_by_specimen"] == [1.2, 1.9]
+
+
+def test_reserve_fields_are_summarized_apart_from_the_headline_means():
+    from napari_deepr.evaluate import summarize
+
+    rows = []
+    for z in (-3, 0, 2, 6):
+        r = {**_row(z, 0.6, 0.8), "dpm_oor_fraction": 0.8}
+        r["fields"]["m#0 (reserve)"] = {"ssim_input": 0.5, "ssim_output": 0.9 if z == 2 else 0.7, "ssim_rl": 0.6,
+                                         "ssim_landweber": 0.55, "dpm_mae": 0.3}
+        rows.append(r)
+    s = summarize({"per_z": rows, "reserve_fields": ["m#0 (reserve)"]}, (-5, 5))
+    # only z = -3 and 2 are in the 2-5 µm band: (0.7 + 0.9) / 2; the headline mean ignores the reserve
+    assert abs(s["reserve_ssim_output_2to5"] - 0.8) < 1e-12 and abs(s["reserve_dpm_mae_2to5"] - 0.3) < 1e-12
+    assert abs(s["mean_ssim_output_2to5"] - 0.7) < 1e-12

@@ -250,6 +250,50 @@ def _texture(shape, px, rng):
     return np.clip(img / top if top > 0 else img, 0, None)
 
 
+def _mitochondria(shape, px, rng, cell_diameter_um: tuple = (25.0, 50.0)):
+    # Reserve held-out family (never trained on): spread cells whose cytoplasm holds a network of
+    # short curved tubules (mitochondria, 1-5 µm long, ~0.3 µm wide), densest around the nucleus,
+    # a few vesicles and a dim diffuse cytosol; the nucleus itself is unstained.
+    h, w = shape
+    cells = np.zeros(shape)
+    tubules_yx, tubules_w, vesicles_yx = [], [], []
+    d_mean = np.mean(cell_diameter_um) / px
+    n_cells = max(1, rng.poisson(h * w / (1.2 * d_mean * d_mean)))
+    yy, xx = np.ogrid[0:h, 0:w]
+    step = 0.5
+    for _ in range(n_cells):
+        cy, cx = rng.uniform([0, 0], shape)
+        r = rng.uniform(*cell_diameter_um) / 2 / px
+        # irregular outline: radius modulated by a few angular harmonics
+        ang = np.arctan2(yy - cy, xx - cx)
+        rr = r * (1 + sum(rng.uniform(0, 0.18) * np.cos(k * ang + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)))
+        dist = np.hypot(yy - cy, xx - cx)
+        cells = np.maximum(cells, np.clip((rr - dist) / 3.0, 0, 1) * rng.uniform(0.5, 1.0))
+        n_tub = rng.poisson(0.12 * r * r * px * px)
+        for _t in range(n_tub):
+            # positions denser near the centre (perinuclear), outside the nucleus
+            rho = r * (0.3 + 0.65 * rng.beta(1.3, 2.0))
+            phi = rng.uniform(0, 2 * np.pi)
+            start = np.array([cy + rho * np.sin(phi), cx + rho * np.cos(phi)])
+            m = max(2, int(rng.uniform(1.0, 5.0) / px / step))
+            theta = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, np.sqrt(step * px / 2.0), m))
+            tubules_yx.append(start + np.cumsum(np.c_[np.sin(theta), np.cos(theta)] * step, axis=0))
+            tubules_w.append(np.full(m, rng.uniform(0.5, 1.0) * step))
+        n_ves = rng.poisson(0.01 * r * r * px * px)
+        if n_ves:
+            rho = r * rng.uniform(0.3, 0.95, n_ves)
+            phi = rng.uniform(0, 2 * np.pi, n_ves)
+            vesicles_yx.append(np.c_[cy + rho * np.sin(phi), cx + rho * np.cos(phi)])
+    img = 0.08 * cells
+    if tubules_yx:
+        tub = splat_points(shape, np.concatenate(tubules_yx), np.concatenate(tubules_w))
+        img += 1.4 * ndimage.gaussian_filter(tub, max(0.4, 0.13 / px)) * (cells > 0)
+    if vesicles_yx:
+        ves = splat_points(shape, np.concatenate(vesicles_yx), rng.uniform(0.3, 1.0, sum(len(v) for v in vesicles_yx)))
+        img += ndimage.gaussian_filter(ves, max(0.5, 0.15 / px)) * (cells > 0)
+    return img
+
+
 def _seed_image(shape, seeds) -> np.ndarray:
     """Label image with seed ``k`` at its pixel as ``k + 1`` (0 elsewhere)."""
     lab = np.zeros(shape, np.int32)
@@ -268,6 +312,7 @@ _GENERATORS: dict[str, Callable] = {
     "cytoplasm": _cytoplasm,
     "mixed": _mixed,
     "texture": _texture,
+    "mitochondria": _mitochondria,
 }
 
 #: Names accepted by :func:`make_specimen`.
@@ -291,7 +336,9 @@ def make_specimen(
         (fibre network with sparse nuclei, like autofluorescent tissue sections), ``"cells"``
         (cytoplasm, organelles and nuclei), ``"cytoplasm"`` (confluent stained cell bodies),
         ``"texture"`` (log-normal power-law textures of random spectral slope and contrast in
-        random patches) or ``"mixed"`` (a random sum of the first four).
+        random patches), ``"mitochondria"`` (spread cells with short curved tubules and vesicles
+        around an unstained nucleus; the bundled model's reserve held-out family, never trained
+        on) or ``"mixed"`` (a random sum of the first four).
     shape : int or tuple of int
         Image shape ``(H, W)`` (an int means square).
     pixel_size_um : float
