@@ -769,9 +769,9 @@ def random_training_pair(
             lo_g = hi_g = round(z / step) * step
         span = min(float(rng.uniform(*surface_span_um)), hi_g - lo_g)
         centre = float(rng.uniform(lo_g + span / 2, hi_g - span / 2))
-        shape = random_surface_dpm((side, side), span, rng)
-        shape -= (shape.max() + shape.min()) / 2  # mid-range at the centre, so nothing is clipped
-        dpm = np.clip(centre + shape, lo_g, hi_g)
+        surf = random_surface_dpm((side, side), span, rng)
+        surf -= (surf.max() + surf.min()) / 2  # mid-range at the centre, so nothing is clipped
+        dpm = np.clip(centre + surf, lo_g, hi_g)
         # (a map touching a grid depth within round-off must not reach one depth beyond it)
         depths = np.arange(math.floor(dpm.min() / step + 1e-6), math.ceil(dpm.max() / step - 1e-6) + 1) * step
         depths = np.round(depths, 6)
