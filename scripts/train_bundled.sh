@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Retrain the bundled model models/deepr-fluo-20x from scratch with the project's own trainer.
-#   scripts/train_bundled.sh [WORK_DIR]      (stages 1-3, 5, 6: about 5 h on 2 CPU cores; stage 4: ~11 min
+#   scripts/train_bundled.sh [WORK_DIR]      (stages 1-3, 5-7: about 6 h on 2 CPU cores; stage 4: ~11 min
 #   on an H200, hours on a CPU; needs the [train] extra)
-# Reads models/deepr-fluo-20x/train_config.json (six stages, see its "stages"); real in-focus images
+# Reads models/deepr-fluo-20x/train_config.json (seven stages, see its "stages"); real in-focus images
 # come from ${DEEPR_REAL_DATA:-../shared/data/real} at training time (nothing is copied into the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +29,11 @@ spec5 = dict(spec2, specimen_kinds=spec2["specimen_kinds"] + c["stage5_added_spe
 json.dump({"synthetic": spec5, **head}, open(os.path.join(work, "synthetic_stage5.json"), "w"), indent=1)
 spec6 = dict(spec5, **c["stage6_synthetic_additions"])
 json.dump({"synthetic": spec6, **head}, open(os.path.join(work, "synthetic_stage6.json"), "w"), indent=1)
+spec7 = dict(spec5, **c["stage7_synthetic_additions"])
+json.dump({"synthetic": spec7, **head}, open(os.path.join(work, "synthetic_stage7.json"), "w"), indent=1)
 for key, fname in (("trainer_args", "args1.txt"), ("dpm_redo_args", "args2.txt"), ("fine_tune_args", "args3.txt"),
                    ("gpu_stage_args", "args4.txt"), ("stage5_args", "args5.txt"),
-                   ("stage6_args", "args6.txt")):
+                   ("stage6_args", "args6.txt"), ("stage7_args", "args7.txt")):
     open(os.path.join(work, fname), "w").write(" ".join(c[key]))
 PY
 TRAIN=(.venv/bin/python -m napari_deepr.train)
@@ -53,6 +55,9 @@ rm -rf "$WORK/stage2" && cp -r "$WORK/stage1" "$WORK/stage2"
   $(cat "$WORK/args5.txt") | tee "$WORK/stage5_log.jsonl"
 # 6. 35 % of the samples on random tilted/curved/wavy surfaces (per-pixel DPM targets), 2 CPU cores
 "${TRAIN[@]}" "$WORK/synthetic_stage6.json" -o "$WORK/stage6" --name deepr-fluo-20x \
-  --init-from "$WORK/stage5/checkpoint.pt" $(cat "$WORK/args6.txt") | tee "$WORK/train_log.jsonl"
-rm -rf "$WORK/model" && mv "$WORK/stage6" "$WORK/model"
+  --init-from "$WORK/stage5/checkpoint.pt" $(cat "$WORK/args6.txt") | tee "$WORK/stage6_log.jsonl"
+# 7. the DPM decoder alone (one no-op generator update) with 60 % of the samples on surfaces
+"${TRAIN[@]}" "$WORK/synthetic_stage7.json" -o "$WORK/stage7" --name deepr-fluo-20x \
+  --init-from "$WORK/stage6/checkpoint.pt" $(cat "$WORK/args7.txt") | tee "$WORK/train_log.jsonl"
+rm -rf "$WORK/model" && mv "$WORK/stage7" "$WORK/model"
 scripts/finish_bundled.sh "$WORK"
