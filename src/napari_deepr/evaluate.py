@@ -157,9 +157,13 @@ def evaluate_model(
         # A magnitude-only DPM folds defocus at focus, so its tilted field lies on one side of focus
         # (0.3 … 4.7 µm); a signed DPM gets the paper's field centred on focus.
         dpm_true = tilt_dpm((size, size), px, 1.5, 90.0, 2.5 if magnitude else 0.0)
-        img = defocus_map(obj, dpm_true, optics, photons=photons, rng=rng)
-        out, dpm = refocus(img, m, dpm=True)
-        fit = fit_plane(dpm[10:-10, 10:-10], px, image=out[10:-10, 10:-10])
+
+        def tilted(o):
+            """Image ``o`` on the tilted plane, refocus it, fit a plane to its DPM: (fit, DPM)."""
+            o_out, o_dpm = refocus(defocus_map(o, dpm_true, optics, photons=photons, rng=rng), m, dpm=True)
+            return fit_plane(o_dpm[10:-10, 10:-10], px, image=o_out[10:-10, 10:-10]), o_dpm
+
+        fit, dpm = tilted(obj)
         tilt = {"true_deg": 1.5, "fitted_deg": fit.tilt_deg, "direction_deg": fit.direction_deg,
                 "error_deg": abs(fit.tilt_deg - 1.5), "mean_um": fit.mean_um,
                 "row_profile_um": row_profile(dpm).tolist(), "true_profile_um": row_profile(dpm_true).tolist()}
@@ -169,11 +173,8 @@ def evaluate_model(
         for kind in TILT_SPECIMENS:
             fits = []
             for i in range(2):
-                o = make_specimen(kind, (size, size), px, np.random.default_rng(seed + 40 + i))
-                o_img = defocus_map(o, dpm_true, optics, photons=photons, rng=rng)
-                o_out, o_dpm = refocus(o_img, m, dpm=True)
                 try:
-                    fits.append(fit_plane(o_dpm[10:-10, 10:-10], px, image=o_out[10:-10, 10:-10]).tilt_deg)
+                    fits.append(tilted(make_specimen(kind, (size, size), px, np.random.default_rng(seed + 40 + i)))[0].tilt_deg)
                 except ValueError:  # informational: a field with nothing to fit must not sink the table
                     fits.append(float("nan"))
             by_kind[kind] = fits
