@@ -61,6 +61,12 @@ def main() -> int:
                          + "/".join(f"{v:.2f}" for v in vals) for k, vals in by_kind.items())
         extra += (f" For information, the same 1.5° tilt on two fields of each specimen type is fitted as {fits}° "
                   f"(mean error {s['tilt_mean_error_deg_by_specimen']:.2f}°).")
+    through = res["tilt"].get("through_focus_fitted_deg_by_specimen")
+    if through:
+        fits = ", ".join(f"{k} " + "/".join(f"{v:.2f}" for v in vals) for k, vals in through.items())
+        extra += (f" Centred on focus, where this |defocus| map folds into a V and the fit models the fold "
+                  f"(`fit_plane(..., magnitude=True)`), it is fitted as {fits}° "
+                  f"(mean error {s['tilt_through_focus_mean_error_deg_by_specimen']:.2f}°; a plain plane reads about 0.1°).")
     if "reserve_ssim_output_2to5" in s:
         extra += (f" Reserve held-out family ({', '.join(res['reserve_fields'])}; never trained on, not in the means "
                   f"above): SSIM over 2 ≤ |z| ≤ 5 µm input {s['reserve_ssim_input_2to5']:.3f}, output "

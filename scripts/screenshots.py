@@ -94,6 +94,29 @@ def shot_refocus(app, model: Path, note: str) -> None:
     v.close()
 
 
+def shot_through_focus(app, model: Path, note: str) -> None:
+    """The same 1.5° tilt centred on focus: a |defocus| DPM folds into a V, and the readout says so."""
+    from napari_deepr._widgets.refocus import RefocusWidget
+    from napari_deepr.demo import tilted_sample
+
+    image, _, _, optics = tilted_sample(center_um=0.0)
+    px = optics.pixel_size_um
+    v = _viewer(f"napari-deepr: 1.5° tilt through focus ({note})")
+    v.add_image(image, name="tilted 1.5° through focus (simulated)", scale=(px, px), units=("µm", "µm"))
+    v.canvas.overlays["scale_bar"].visible = True
+    w = RefocusWidget(v)
+    v.window.add_dock_widget(w, name="Refocus (Deep-R)", area="right")
+    w.set_model(model)
+    w.refresh_layers(select=v.layers[0])
+    w.run()
+    if not _wait(app, lambda: w.worker is None, 300):
+        raise SystemExit("refocus did not finish in 5 minutes")
+    print("through focus:", w.status_label.text(), "|", w.readout_label.text())
+    v.reset_view()
+    _save(v, "refocus_through_focus")
+    v.close()
+
+
 def shot_pairs(app) -> None:
     from napari_deepr._sample_data import sample_zstack
     from napari_deepr._widgets.pairs import PairsWidget
@@ -140,11 +163,11 @@ def shot_training(app, iterations: int) -> None:
 
 
 def main(argv=None) -> int:
-    """Make the three screenshots (or the ones named with --only)."""
+    """Make the screenshots (or the ones named with --only)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model folder or .onnx for the refocus shot")
     p.add_argument("--iterations", type=int, default=40, help="training iterations for the training shot")
-    p.add_argument("--only", nargs="*", choices=("refocus", "pairs", "training"))
+    p.add_argument("--only", nargs="*", choices=("refocus", "through_focus", "pairs", "training"))
     args = p.parse_args(argv)
     import napari  # noqa: F401  (creates the Qt application napari expects)
     from napari._qt.qt_event_loop import get_qapp
@@ -152,12 +175,15 @@ def main(argv=None) -> int:
 
     app = get_qapp()
     assert isinstance(app, QApplication)
-    which = args.only or ["refocus", "pairs", "training"]
+    which = args.only or ["refocus", "through_focus", "pairs", "training"]
     with tempfile.TemporaryDirectory() as tmp:
         if "refocus" in which:
             model, note = _model(args.model, Path(tmp))
             print("refocus model:", note)
             shot_refocus(app, model, note)
+        if "through_focus" in which:
+            model, note = _model(args.model, Path(tmp))
+            shot_through_focus(app, model, note)
         if "pairs" in which:
             shot_pairs(app)
         if "training" in which:

@@ -243,6 +243,64 @@ def test_fit_plane_recovers_known_tilt():
     assert np.allclose(np.diff(prof), slope * px)
 
 
+def _folded_map(px, angle, direction, center, floor, noise, seed=0, size=512):
+    from napari_deepr.optics.simulate import tilt_dpm
+
+    t = tilt_dpm((size, size), px, angle, direction, center)
+    return np.sqrt(t**2 + floor**2) + np.random.default_rng(seed).normal(0, noise, t.shape)
+
+
+@pytest.mark.parametrize("direction, center", [(90.0, 0.0), (30.0, 0.8), (200.0, -0.5)])
+def test_fit_plane_through_focus_on_a_magnitude_dpm(direction, center):
+    """A |defocus| map of a sample tilted through focus is a V with a floor: the plain plane reads it
+    nearly flat, the magnitude fit recovers the tilt and the axis (the side above focus is unknown)."""
+    px = 0.325
+    dpm = _folded_map(px, 1.5, direction, center, floor=0.4, noise=0.2)
+    plain = fit_plane(dpm, px)
+    assert plain.tilt_deg < 1.0 and not plain.crosses_focus
+    fit = fit_plane(dpm, px, magnitude=True)
+    assert fit.crosses_focus
+    assert fit.tilt_deg == pytest.approx(1.5, abs=0.03)
+    axis_error = abs((fit.direction_deg - direction + 90.0) % 180.0 - 90.0)
+    assert axis_error < 2.0
+    assert fit.floor_um == pytest.approx(0.4, abs=0.1)
+    assert fit.residual_um == pytest.approx(0.2, abs=0.03)  # the noise, not the fold
+    assert fit.to_dict()["crosses_focus"] is True and "axis" in fit.describe()
+
+
+def test_magnitude_fit_keeps_the_plain_plane_away_from_focus():
+    """A field entirely on one side of focus is a plane for both fits: the same numbers."""
+    px = 0.325
+    dpm = _folded_map(px, 1.5, 90.0, 2.5, floor=0.3, noise=0.1)
+    plain, fit = fit_plane(dpm, px), fit_plane(dpm, px, magnitude=True)
+    assert not fit.crosses_focus and fit == plain
+    assert fit.tilt_deg == pytest.approx(1.5, abs=0.05)
+
+
+def test_bundled_dpm_recovers_a_tilt_through_focus(tmp_path):
+    """End to end on the bundled model: a 1.5° tissue field centred on focus, simulated with the
+    physical PSF; the |defocus| DPM folds, and only the magnitude fit sees the tilt."""
+    from napari_deepr.demo import model_optics
+    from napari_deepr.engine.model import load_model
+    from napari_deepr.optics.simulate import defocus_map, tilt_dpm
+    from napari_deepr.optics.specimens import make_specimen
+
+    m = load_model("default")
+    if not m.card.dpm_magnitude:
+        pytest.skip("the bundled DPM is signed: no fold")
+    optics = model_optics(m)
+    px = optics.pixel_size_um
+    obj = make_specimen("tissue", (512, 512), px, np.random.default_rng(3))
+    img = defocus_map(obj, tilt_dpm((512, 512), px, 1.5, 90.0, 0.0), optics, photons=600, rng=np.random.default_rng(4))
+    out, dpm = napari_deepr.refocus(img, m, dpm=True)
+    crop = (slice(10, -10), slice(10, -10))
+    assert fit_plane(dpm[crop], px, image=out[crop]).tilt_deg < 0.6
+    fit = fit_plane(dpm[crop], px, image=out[crop], magnitude=True)
+    assert fit.crosses_focus
+    assert fit.tilt_deg == pytest.approx(1.5, abs=0.3)
+    assert abs((fit.direction_deg - 90.0 + 90.0) % 180.0 - 90.0) < 10.0
+
+
 def test_fit_plane_ignores_background_when_given_the_image():
     """Where the field is empty the DPM is a guess; fitting only structured pixels recovers the tilt."""
     px = 0.325

@@ -71,23 +71,34 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     assert w.provider_label.text().startswith("Provider used: <b>cpu")
 
 
-def test_refocus_readout_warns_when_a_magnitude_dpm_folds(make_napari_viewer, qtbot, tmp_path):
-    """A |defocus| model whose map reaches ~0 (the field crosses focus) gets a warning in the readout."""
-    model = make_model_folder(tmp_path, "magnitude", dpm_target="magnitude")
+def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_napari_viewer, qtbot):
+    """The bundled |defocus| model on a 1.5° tilted field centred on focus (physical PSF): the map folds
+    into a V, and the readout gives the tilt through the fold and says its direction is ±180°."""
+    from napari_deepr.demo import model_optics
+    from napari_deepr.engine.model import load_model
+    from napari_deepr.optics.simulate import defocus_map, tilt_dpm
+    from napari_deepr.optics.specimens import make_specimen
+
+    m = load_model("default")
+    if not m.card.dpm_magnitude:
+        pytest.skip("the bundled DPM is signed: no fold")
+    optics = model_optics(m)
+    px = optics.pixel_size_um
+    obj = make_specimen("tissue", (512, 512), px, np.random.default_rng(3))
+    img = defocus_map(obj, tilt_dpm((512, 512), px, 1.5, 90.0, 0.0), optics, photons=600, rng=np.random.default_rng(4))
     viewer = make_napari_viewer()
-    viewer.add_image(_sample(), name="cells", scale=(0.325, 0.325))
-    w = _refocus_widget(viewer, model)
+    viewer.add_image(img, name="tilted", scale=(px, px), units=("µm", "µm"))
+    w = _refocus_widget(viewer, m.location)
     status, msg = _run_and_wait(qtbot, w)
     assert status == "done", msg
-    dpm = viewer.layers["cells DPM (µm)"].data
-    assert np.percentile(dpm, 5) < 0.5  # the tiny decoder's map reaches focus somewhere
+    assert w.fit.crosses_focus and abs(w.fit.tilt_deg - 1.5) < 0.3
     text = w.readout_label.text()
-    assert "Mean |defocus|" in text and "folds into a V" in text
+    assert "Mean |defocus|" in text and "crosses focus" in text and "±180°" in text
+    assert f"tilt {w.fit.tilt_deg:.2f}°" in text
+    assert viewer.layers["tilted DPM (µm)"].metadata["plane_fit"]["crosses_focus"] is True
 
 
 def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):
-    from onnx_builders import make_model_folder
-
     # A model trained for a narrow range, so the decoder's output leaves it on the bright structure.
     model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
     viewer = make_napari_viewer()

@@ -98,7 +98,7 @@ def cmd_refocus(args) -> int:
         dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
         if job.dpm.ndim == 2 and (img.pixel_size_um or card.pixel_size_um):
             fit = fit_plane(job.dpm, img.pixel_size_um or card.pixel_size_um, defocus_range_um=card.defocus_range_um,
-                            image=job.output if job.output.ndim == 2 else None)
+                            image=job.output if job.output.ndim == 2 else None, magnitude=card.dpm_magnitude)
             dmeta["plane_fit"] = fit.to_dict()
             summary["dpm_fit"] = fit.to_dict()
             print(f"DPM: {fit.describe()}", file=sys.stderr)

@@ -51,8 +51,9 @@ def model_optics(m):
     )
 
 
-def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, defocus_range_um, title=""):
-    """Input | refocused | ground truth | DPM with its row profile, saved as PNG."""
+def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, defocus_range_um, title="",
+                      magnitude=False):
+    """Input | refocused | ground truth | DPM with its row profile, saved as PNG (``magnitude``: |defocus| DPM)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +83,7 @@ def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, 
         ax[4].plot(y_um, row_profile(dpm), label="DPM row mean")
         if dpm_true is not None:
             ax[4].plot(y_um, row_profile(dpm_true), "k--", label="true defocus")
-        fit = fit_plane(dpm, pixel_size_um, image=output)
+        fit = fit_plane(dpm, pixel_size_um, image=output, magnitude=magnitude)
         ax[4].set_title(f"fitted tilt {fit.tilt_deg:.2f}°")
         ax[4].set_xlabel("y (µm)")
         ax[4].set_ylabel("defocus (µm)")
@@ -122,11 +123,12 @@ def run_demo(out_dir="deepr_quickstart", model="default", provider=None) -> dict
     s_in, s_out = ssim(image, truth), ssim(job.output, truth)
     title = f"{m.card.name}: SSIM to ground truth {s_in:.3f} (input) → {s_out:.3f} (Deep-R)"
     if job.dpm is not None:
-        fit = fit_plane(job.dpm, px, defocus_range_um=m.card.defocus_range_um, image=job.output)
+        fit = fit_plane(job.dpm, px, defocus_range_um=m.card.defocus_range_um, image=job.output, magnitude=m.card.dpm_magnitude)
         result["dpm"] = str(io.write_image(out / "tilted_dpm_um.tif", job.dpm, axes="YX", pixel_size_um=px, metadata=dict(meta, units="µm", plane_fit=fit.to_dict())))
         result["tilt"] = f"{fit.tilt_deg:.2f}° fitted (true 1.50°), mean defocus {fit.mean_um:+.2f} µm (true {float(dpm_true.mean()):+.2f})"
     result["comparison"] = str(
-        comparison_figure(out / "tilted_comparison.png", image, job.output, truth, job.dpm, dpm_true, px, m.card.defocus_range_um, title)
+        comparison_figure(out / "tilted_comparison.png", image, job.output, truth, job.dpm, dpm_true, px, m.card.defocus_range_um, title,
+                          magnitude=m.card.dpm_magnitude)
     )
     result["ssim"] = f"input {s_in:.3f} -> refocused {s_out:.3f}"
     result["provider"] = job.provider

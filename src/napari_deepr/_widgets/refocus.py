@@ -706,21 +706,24 @@ class RefocusWidget(QWidget):
         note = "" if layer_pixel_size_um(run.layer) else " (pixel size from the model card)"
         if not px:
             px, note = 1.0, " (no pixel size known: tilt per pixel)"
+        magnitude = card.dpm_magnitude
         try:
-            fit = fit_plane(plane2d, px, defocus_range_um=card.defocus_range_um, image=image2d)
+            fit = fit_plane(plane2d, px, defocus_range_um=card.defocus_range_um, image=image2d, magnitude=magnitude)
         except ValueError as exc:
             self.readout_label.show_message(one_sentence(exc), "error")
             return
         self.fit = fit
-        magnitude = card.dpm_magnitude
-        # A |defocus| map that reaches ~0 means the sample crosses focus there: the map folds into a V.
-        crosses = magnitude and float(np.nanpercentile(plane2d, 5)) < 0.5
-        fold = (" · this model maps |defocus| only and the sample reaches focus here, so the map folds "
-                "into a V and the tilt reads low") if crosses else ""
+        if fit.crosses_focus:
+            # The |defocus| map folds into a V where the sample passes through focus; the fit models the
+            # fold, but which side is above focus cannot be seen, so only the tilt axis is known.
+            towards = f"axis {fit.direction_deg % 180:.0f}°"
+            fold = " · the sample crosses focus: tilt fitted through the fold of this |defocus| map, direction ±180°"
+        else:
+            towards, fold = f"towards {fit.direction_deg:.0f}°", ""
         self.readout_label.show_message(
             f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · tilt {fit.tilt_deg:.2f}° "
-            f"towards {fit.direction_deg:.0f}° · residual {fit.residual_um:.2f} µm{note}{fold}",
-            "warning" if crosses else "info",
+            f"{towards} · residual {fit.residual_um:.2f} µm{note}{fold}",
+            "info",
         )
         lay.metadata["plane_fit"] = fit.to_dict()
         mask = out_of_range_mask(dpm, card.defocus_range_um)  # lazy (dask) when the DPM is on disk

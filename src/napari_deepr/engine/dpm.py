@@ -26,6 +26,11 @@ class PlaneFit:
         RMS of the DPM about the plane, µm (large for curved samples or noisy maps).
     out_of_range_fraction : float
         Fraction of pixels whose |defocus| exceeds the trained range (when a range was given).
+    crosses_focus : bool
+        A |defocus| map whose sample passes through focus: the plane was fitted through the fold
+        (see :func:`fit_plane`), so ``direction_deg`` is known only up to 180°.
+    floor_um : float
+        For a folded fit, the map's reading at focus (a magnitude DPM cannot go below it).
     """
 
     mean_um: float
@@ -35,15 +40,22 @@ class PlaneFit:
     direction_deg: float
     residual_um: float
     out_of_range_fraction: float = 0.0
+    crosses_focus: bool = False
+    floor_um: float = 0.0
 
     def to_dict(self) -> dict:
-        """Plain-float dictionary (JSON-ready)."""
-        return {k: float(v) for k, v in asdict(self).items()}
+        """Plain-float dictionary (JSON-ready); ``crosses_focus`` stays a bool."""
+        return {k: (v if isinstance(v, bool) else float(v)) for k, v in asdict(self).items()}
 
     def describe(self) -> str:
         """One line for a readout: mean defocus, tilt and direction."""
+        if self.crosses_focus:
+            towards = (f"axis {self.direction_deg % 180:.0f}°/{self.direction_deg % 180 + 180:.0f}° "
+                       "(the sample crosses focus; the sign of |defocus| maps is unknown)")
+        else:
+            towards = f"towards {self.direction_deg:.0f}°"
         return (
-            f"mean defocus {self.mean_um:+.2f} µm, tilt {self.tilt_deg:.2f}° towards {self.direction_deg:.0f}°, "
+            f"mean defocus {self.mean_um:+.2f} µm, tilt {self.tilt_deg:.2f}° {towards}, "
             f"residual {self.residual_um:.2f} µm"
             + (f", {100 * self.out_of_range_fraction:.0f}% outside the trained range" if self.out_of_range_fraction else "")
         )
@@ -109,8 +121,16 @@ def out_of_range_mask(dpm: np.ndarray, defocus_range_um, margin_um: float = 0.0)
 
 
 def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None = None, defocus_range_um=None,
-              image: np.ndarray | None = None) -> PlaneFit:
+              image: np.ndarray | None = None, magnitude: bool = False) -> PlaneFit:
     """Fit a plane to a 2-D DPM and report mean defocus, tilt angle and direction.
+
+    A model that maps |defocus| (``magnitude=True``) folds a sample that passes through focus into
+    a V, and near focus it reads a floor rather than 0, so a plane through such a map reads the tilt
+    far too low (a 1.5° sample centred on focus reads ~0.1°). For these maps the model
+    ``|dpm| = sqrt(plane² + floor²)`` is also fitted (robust least squares, several starts); when
+    its plane puts a real share of the field on each side of focus, that fit is returned with
+    ``crosses_focus=True``. Otherwise the plain plane is kept: away from focus the two agree and
+    the floor cannot be told from curvature.
 
     Parameters
     ----------
@@ -122,6 +142,8 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
         Pixels to use (e.g. where the sample has signal); all finite pixels by default.
     defocus_range_um : (float, float), optional
         When given, also report the out-of-range fraction.
+    magnitude : bool
+        The DPM holds |defocus| (``ModelCard.dpm_magnitude``): fit through the fold at focus.
     image : ndarray, shape (Y, X), optional
         The (refocused) image the DPM belongs to: only pixels where it has structure
         (:func:`structure_mask`) are fitted, since the defocus of empty background is a guess. Ignored
@@ -148,6 +170,16 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
     resid = z - a @ coef
     gx, gy = coef[1], coef[2]
     oor = float(out_of_range_mask(d, defocus_range_um).mean()) if defocus_range_um is not None else 0.0
+    if magnitude and z.size >= FOLD_MIN_POINTS:
+        folded = _fit_folded(x, y, z, coef)
+        if folded is not None:
+            (a, gx, gy, floor), rms = folded
+            return PlaneFit(
+                mean_um=float(z.mean()), slope_x=float(gx), slope_y=float(gy),
+                tilt_deg=float(np.degrees(np.arctan(np.hypot(gx, gy)))),
+                direction_deg=float(np.degrees(np.arctan2(gy, gx)) % 360.0),
+                residual_um=rms, out_of_range_fraction=oor, crosses_focus=True, floor_um=float(floor),
+            )
     return PlaneFit(
         mean_um=float(z.mean()),
         slope_x=float(gx),
@@ -157,6 +189,72 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
         residual_um=float(np.sqrt(np.mean(resid**2))),
         out_of_range_fraction=oor,
     )
+
+
+# A folded fit counts as crossing focus when at least this share of the fitted pixels lies on each
+# side of focus, beyond the floor (and beyond FOLD_MARGIN_UM): a V needs both arms to be seen.
+FOLD_MIN_SIDE = 0.05
+FOLD_MARGIN_UM = 0.25
+FOLD_MAX_POINTS = 8000
+# Measured on the bundled model: untilted fields near focus give ratios 0.52-1.0, fields tilted
+# through focus 0.04-0.51 (cells, the held-out type, are the highest).
+FOLD_MAX_COST_RATIO = 0.6
+FOLD_MIN_POINTS = 256  # a V and its floor from fewer pixels would be fitted noise
+
+
+def _fit_folded(x, y, z, plane_coef):
+    """Fit ``z ≈ sqrt((a + gx·x + gy·y)² + floor²)``; ``((a, gx, gy, floor), rms)`` or None.
+
+    None when the best fit keeps the whole field on one side of focus (then the plain plane holds).
+    """
+    from scipy.optimize import least_squares
+
+    n = z.size
+    if n > FOLD_MAX_POINTS:  # a plane has 3 unknowns: a deterministic subsample keeps it fast
+        pick = np.random.default_rng(0).choice(n, FOLD_MAX_POINTS, replace=False)
+        xs, ys, zs = x[pick], y[pick], z[pick]
+    else:
+        xs, ys, zs = x, y, z
+    span = max(float(np.ptp(zs)), 1e-3)
+    floor_max = max(float(np.percentile(zs, 50)), 1e-3)
+
+    def residual(p):
+        return np.sqrt((p[0] + p[1] * xs + p[2] * ys) ** 2 + p[3] ** 2) - zs
+
+    # Starts: the plain plane, and a V along each of 12 directions with its vertex where the map is
+    # lowest (a V is a local minimum no plane start reaches).
+    low = zs <= np.percentile(zs, 3)
+    starts = [[plane_coef[0], plane_coef[1], plane_coef[2], 0.1 * floor_max]]
+    for theta in np.radians(np.arange(0, 180, 15)):
+        c, s = np.cos(theta), np.sin(theta)
+        u = xs * c + ys * s
+        half = max(0.5 * float(np.ptp(u)), 1e-6)
+        slope = span / half
+        u0 = float(np.median(u[low]))
+        starts.append([-slope * u0, slope * c, slope * s, 0.1 * floor_max])
+    best = None
+    for p0 in starts:
+        p0 = list(p0)
+        p0[3] = min(max(p0[3], 0.0), floor_max)
+        r = least_squares(residual, p0, bounds=([-np.inf, -np.inf, -np.inf, 0.0], [np.inf, np.inf, np.inf, floor_max]),
+                          loss="soft_l1", f_scale=0.5, max_nfev=200)
+        if best is None or r.cost < best.cost:
+            best = r
+    a, gx, gy, floor = best.x
+    # The fold must explain the map clearly better than the plain plane (same robust loss), or a
+    # near-focus map with patchy readings would pass for a shallow V.
+    plain = least_squares(lambda p: p[0] + p[1] * xs + p[2] * ys - zs, plane_coef, loss="soft_l1", f_scale=0.5,
+                          max_nfev=200)
+    if best.cost > FOLD_MAX_COST_RATIO * plain.cost:
+        return None
+    plane = a + gx * x + gy * y
+    margin = max(float(floor), FOLD_MARGIN_UM)
+    if min(np.mean(plane < -margin), np.mean(plane > margin)) < FOLD_MIN_SIDE:
+        return None
+    if plane.mean() < 0:  # the sign of a |defocus| map is unknown: report the plane mostly above focus
+        a, gx, gy = -a, -gx, -gy
+    rms = float(np.sqrt(np.mean((np.sqrt(plane**2 + floor**2) - z) ** 2)))
+    return (float(a), float(gx), float(gy), float(floor)), rms
 
 
 def row_profile(dpm: np.ndarray, axis: int = 1) -> np.ndarray:
