@@ -67,6 +67,13 @@ def main() -> int:
         extra += (f" Centred on focus, where this |defocus| map folds into a V and the fit models the fold "
                   f"(`fit_plane(..., magnitude=True)`), it is fitted as {fits}° "
                   f"(mean error {s['tilt_through_focus_mean_error_deg_by_specimen']:.2f}°; a plain plane reads about 0.1°).")
+    cyl = res["tilt"].get("cylinder")
+    if cyl:
+        fits = ", ".join(f"{k} {v['radius_mm']:.2f}" if v["shape"] == "cylinder" else f"{k} ({v['shape']})"
+                         for k, v in cyl["fitted_by_specimen"].items())
+        extra += (f" A sample curved on a cylinder of radius {cyl['true_radius_mm']:.1f} mm (1.0 µm from focus at its "
+                  f"crest, 4.5 µm at the edges; `fit_surface`) is recognized as a cylinder on "
+                  f"{s['cylinder_recognized']} specimen types, radius {fits} mm.")
     if "reserve_ssim_output_2to5" in s:
         extra += (f" Reserve held-out family ({', '.join(res['reserve_fields'])}; never trained on, not in the means "
                   f"above): SSIM over 2 ≤ |z| ≤ 5 µm input {s['reserve_ssim_input_2to5']:.3f}, output "

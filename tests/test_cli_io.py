@@ -50,6 +50,11 @@ def test_cli_refocus_tiff_keeps_pixel_size_and_writes_dpm(tiny_model, tmp_path, 
     np.testing.assert_allclose(out.data, reference_output(a), atol=1e-4 * np.ptp(out.data))
     dpm = io.read_image(tmp_path / "dpm.tif")
     assert dpm.data.shape == a.shape and dpm.pixel_size_um == pytest.approx(0.325)
+    from napari_deepr.engine.dpm import fit_surface
+
+    surface = fit_surface(dpm.data, 0.325, image=out.data)
+    assert summary["dpm_surface"]["sag_um"] == pytest.approx(surface.sag_um, rel=1e-4)
+    assert summary["dpm_surface"]["shape"] == surface.shape
 
 
 def test_cli_refocus_zarr_stack(tiny_model, tmp_path):

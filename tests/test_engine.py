@@ -301,6 +301,93 @@ def test_bundled_dpm_recovers_a_tilt_through_focus(tmp_path):
     assert abs((fit.direction_deg - 90.0 + 90.0) % 180.0 - 90.0) < 10.0
 
 
+@pytest.mark.parametrize("kind", ["cylinder", "bowl", "saddle", "tilt", "noise"])
+def test_fit_surface_recovers_known_curvature(kind):
+    """Principal curvatures of known surfaces (exact sag formulas), and no curvature for a plane or noise."""
+    from napari_deepr.engine.dpm import fit_surface
+    from napari_deepr.optics.simulate import cylinder_dpm, sphere_dpm, tilt_dpm
+
+    px, shape = 0.325, (512, 512)
+    rng = np.random.default_rng(2)
+    if kind == "cylinder":
+        dpm = cylinder_dpm(shape, px, 1500.0, axis_deg=30.0, center_um=1.0)
+    elif kind == "bowl":
+        dpm = sphere_dpm(shape, px, 2000.0, center_um=-3.0, convex=False)  # a dome below focus
+    elif kind == "saddle":
+        yy, xx = np.mgrid[0:512, 0:512]
+        x, y = (xx - 255.5) * px, (yy - 255.5) * px
+        dpm = 2.0 + (x**2 - y**2) / (2 * 1200.0)  # curvatures ±1/1.2 mm
+    elif kind == "tilt":
+        dpm = tilt_dpm(shape, px, 1.5, 45.0, 2.5)
+    else:
+        dpm = np.full(shape, 2.0)
+    dpm = dpm + rng.normal(0, 0.2, shape)
+    fit = fit_surface(dpm, px)
+    if kind in ("tilt", "noise"):
+        assert fit.shape == "flat" and fit.sag_um < 0.2
+        return
+    assert fit.shape == kind
+    if kind == "cylinder":
+        assert fit.radius_mm[0] == pytest.approx(1.5, rel=0.05) and fit.radius_mm[1] > 50
+        assert (fit.axis_deg + 90) % 180 == pytest.approx(30.0, abs=2.0)  # the cylinder's axis
+        assert fit.curvature_per_mm[0] > 0 and "cylinder of radius 1.5 mm" in fit.describe()
+    elif kind == "bowl":
+        assert fit.radius_mm == pytest.approx((2.0, 2.0), rel=0.05)
+        assert max(fit.curvature_per_mm) < 0  # a dome: defocus falls away from the centre
+    else:
+        assert fit.radius_mm == pytest.approx((1.2, 1.2), rel=0.05)
+        assert fit.curvature_per_mm[0] * fit.curvature_per_mm[1] < 0
+    assert fit.residual_um == pytest.approx(0.2, abs=0.02) and fit.plane_residual_um > 0.5
+    assert fit.to_dict()["radius_mm"][0] == pytest.approx(fit.radius_mm[0])
+
+
+@pytest.mark.parametrize("case, readings", [
+    ("tilt", {"plane"}), ("through_focus", {"fold", "fold_or_curved"}), ("bowl_near_focus", {"curved"}),
+    ("cylinder_away", {"curved"}), ("cylinder_near_focus", {"fold_or_curved", "curved_or_fold"}),
+])
+def test_dpm_geometry_tells_tilt_fold_and_curvature_apart(case, readings):
+    """|defocus| maps with the DPM's floor at focus: which reading the readout gives, and its numbers."""
+    from napari_deepr.engine.dpm import dpm_geometry
+    from napari_deepr.optics.simulate import cylinder_dpm, sphere_dpm, tilt_dpm
+
+    px, shape = 0.325, (512, 512)
+    true = {"tilt": tilt_dpm(shape, px, 1.5, 90.0, 2.5), "through_focus": tilt_dpm(shape, px, 1.5, 90.0, 0.0),
+            "bowl_near_focus": sphere_dpm(shape, px, 2000.0, 0.5),
+            "cylinder_away": cylinder_dpm(shape, px, 1500.0, 0.0, 4.5, convex=False),
+            "cylinder_near_focus": cylinder_dpm(shape, px, 1500.0, 0.0, 0.3)}[case]
+    dpm = np.sqrt(true**2 + 0.3**2) + np.random.default_rng(6).normal(0, 0.1, shape)
+    g = dpm_geometry(dpm, px, magnitude=True)
+    assert g.reading in readings
+    if case in ("tilt", "through_focus"):
+        assert g.plane.tilt_deg == pytest.approx(1.5, abs=0.1)
+    elif case == "cylinder_near_focus":  # a U reaching focus: both readings, with the curvature right
+        assert g.surface.radius_mm[0] == pytest.approx(1.5, rel=0.2) and "through focus" in g.describe()
+    else:
+        assert g.surface.radius_mm[0] == pytest.approx(2.0 if case == "bowl_near_focus" else 1.5, rel=0.2)
+        assert g.plane.tilt_deg < 0.3 and "radi" in g.describe()
+    assert g.to_dict()["reading"] == g.reading
+
+
+def test_bundled_dpm_recognizes_a_cylinder():
+    """End to end: a tissue field on a cylinder of radius 1 mm (physical PSF, 1.0-4.5 µm defocus)."""
+    from napari_deepr.demo import model_optics
+    from napari_deepr.engine.dpm import fit_surface
+    from napari_deepr.engine.model import load_model
+    from napari_deepr.optics.simulate import cylinder_dpm, defocus_map
+    from napari_deepr.optics.specimens import make_specimen
+
+    m = load_model("default")
+    optics = model_optics(m)
+    px = optics.pixel_size_um
+    obj = make_specimen("tissue", (512, 512), px, np.random.default_rng(3))
+    truth = cylinder_dpm((512, 512), px, 1000.0, 0.0, 1.0)
+    out, dpm = napari_deepr.refocus(defocus_map(obj, truth, optics, photons=600, rng=np.random.default_rng(5)), m, dpm=True)
+    fit = fit_surface(dpm[10:-10, 10:-10], px, image=out[10:-10, 10:-10])
+    assert fit.shape == "cylinder"
+    assert 0.8 < fit.radius_mm[0] < 1.6  # the DPM's floor near focus flattens the crest a little
+    assert abs((fit.axis_deg + 90) % 180 - 90) > 80  # axis along x (0°/180°)
+
+
 def test_fit_plane_ignores_background_when_given_the_image():
     """Where the field is empty the DPM is a guess; fitting only structured pixels recovers the tilt."""
     px = 0.325

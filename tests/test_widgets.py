@@ -71,21 +71,27 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     assert w.provider_label.text().startswith("Provider used: <b>cpu")
 
 
-def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_napari_viewer, qtbot):
-    """The bundled |defocus| model on a 1.5° tilted field centred on focus (physical PSF): the map folds
-    into a V, and the readout gives the tilt through the fold and says its direction is ±180°."""
+def _bundled_field(true_dpm):
+    """A tissue field imaged on the defocus map ``true_dpm`` (physical PSF) and the bundled model."""
     from napari_deepr.demo import model_optics
     from napari_deepr.engine.model import load_model
-    from napari_deepr.optics.simulate import defocus_map, tilt_dpm
+    from napari_deepr.optics.simulate import defocus_map
     from napari_deepr.optics.specimens import make_specimen
 
     m = load_model("default")
+    optics = model_optics(m)
+    obj = make_specimen("tissue", true_dpm.shape, optics.pixel_size_um, np.random.default_rng(3))
+    return m, defocus_map(obj, true_dpm, optics, photons=600, rng=np.random.default_rng(4)), optics.pixel_size_um
+
+
+def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_napari_viewer, qtbot):
+    """The bundled |defocus| model on a 1.5° tilted field centred on focus (physical PSF): the map folds
+    into a V, and the readout gives the tilt through the fold and says its direction is ±180°."""
+    from napari_deepr.optics.simulate import tilt_dpm
+
+    m, img, px = _bundled_field(tilt_dpm((512, 512), 0.325, 1.5, 90.0, 0.0))
     if not m.card.dpm_magnitude:
         pytest.skip("the bundled DPM is signed: no fold")
-    optics = model_optics(m)
-    px = optics.pixel_size_um
-    obj = make_specimen("tissue", (512, 512), px, np.random.default_rng(3))
-    img = defocus_map(obj, tilt_dpm((512, 512), px, 1.5, 90.0, 0.0), optics, photons=600, rng=np.random.default_rng(4))
     viewer = make_napari_viewer()
     viewer.add_image(img, name="tilted", scale=(px, px), units=("µm", "µm"))
     w = _refocus_widget(viewer, m.location)
@@ -94,8 +100,23 @@ def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_
     assert w.fit.crosses_focus and abs(w.fit.tilt_deg - 1.5) < 0.3
     text = w.readout_label.text()
     assert "Mean |defocus|" in text and "crosses focus" in text and "±180°" in text
-    assert f"tilt {w.fit.tilt_deg:.2f}°" in text
+    assert f"tilt {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
     assert viewer.layers["tilted DPM (µm)"].metadata["plane_fit"]["crosses_focus"] is True
+
+
+def test_refocus_readout_reports_a_curved_sample(make_napari_viewer, qtbot):
+    """A field on a cylinder of radius 1 mm (1.0-4.5 µm defocus): the readout names the curvature."""
+    from napari_deepr.optics.simulate import cylinder_dpm
+
+    m, img, px = _bundled_field(cylinder_dpm((512, 512), 0.325, 1000.0, 0.0, 1.0))
+    viewer = make_napari_viewer()
+    viewer.add_image(img, name="curved", scale=(px, px), units=("µm", "µm"))
+    w = _refocus_widget(viewer, m.location)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    surface = viewer.layers["curved DPM (µm)"].metadata["surface_fit"]
+    assert surface["shape"] == "cylinder" and 0.8 < surface["radius_mm"][0] < 1.6
+    assert "curved like a cylinder of radius" in w.readout_label.text()
 
 
 def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):

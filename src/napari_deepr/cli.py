@@ -55,7 +55,7 @@ def _cancel_on_sigint() -> threading.Event:
 # -- refocus ----------------------------------------------------------------------------------------
 def cmd_refocus(args) -> int:
     from . import io
-    from .engine.dpm import fit_plane
+    from .engine.dpm import dpm_geometry
     from .engine.refocus import RefocusJob
 
     out_path = io.check_output_path(args.output, args.input)
@@ -97,11 +97,17 @@ def cmd_refocus(args) -> int:
         dpm_axes = "".join(a for i, a in enumerate(axes) if i != job.layout.channel_axis)
         dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
         if job.dpm.ndim == 2 and (img.pixel_size_um or card.pixel_size_um):
-            fit = fit_plane(job.dpm, img.pixel_size_um or card.pixel_size_um, defocus_range_um=card.defocus_range_um,
-                            image=job.output if job.output.ndim == 2 else None, magnitude=card.dpm_magnitude)
-            dmeta["plane_fit"] = fit.to_dict()
-            summary["dpm_fit"] = fit.to_dict()
-            print(f"DPM: {fit.describe()}", file=sys.stderr)
+            geometry = dpm_geometry(job.dpm, img.pixel_size_um or card.pixel_size_um,
+                                    defocus_range_um=card.defocus_range_um,
+                                    image=job.output if job.output.ndim == 2 else None, magnitude=card.dpm_magnitude)
+            fit = geometry.plane
+            dmeta["plane_fit"] = summary["dpm_fit"] = fit.to_dict()
+            dmeta["dpm_reading"] = summary["dpm_reading"] = geometry.reading
+            if geometry.surface is not None:
+                dmeta["surface_fit"] = summary["dpm_surface"] = geometry.surface.to_dict()
+            print(f"DPM: mean defocus {fit.mean_um:+.2f} µm, {geometry.describe()}, residual {fit.residual_um:.2f} µm"
+                  + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),
+                  file=sys.stderr)
         io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta)
         summary["dpm"] = str(Path(args.dpm).resolve())
     if img.pixel_size_um and card.pixel_size_um and abs(img.pixel_size_um / card.pixel_size_um - 1) > 0.1:

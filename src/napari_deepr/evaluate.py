@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.dpm import fit_plane, out_of_range_mask, row_profile, structure_mask
+from .engine.dpm import (
+    fit_plane,
+    fit_surface,
+    out_of_range_mask,
+    row_profile,
+    structure_mask,
+)
 from .engine.model import load_model
 from .engine.refocus import refocus
 
@@ -29,6 +35,7 @@ HELD_OUT_KINDS = ("cells",)
 RESERVE_KINDS = ("mitochondria",)
 # Specimen types of the informational tilt sweep (the held-out 'cells' and training families).
 TILT_SPECIMENS = ("cells", "tissue", "nuclei", "mixed", "filaments", "texture")
+CYLINDER_RADIUS_UM = 1000.0  # sag 3.5 µm over a 512 px field at 0.325 µm
 HELD_OUT_REAL = ("bbbc022_IXMtest_A02_s9_w1_2d.tif", "sephace_dapi_set2_2d.tif")
 
 
@@ -78,7 +85,7 @@ def evaluate_model(
         ``out_of_range``, and a ``summary`` checked against the project's targets.
     """
     from .optics.psf import defocus_psf
-    from .optics.simulate import defocus, defocus_map, tilt_dpm
+    from .optics.simulate import cylinder_dpm, defocus, defocus_map, tilt_dpm
     from .optics.specimens import make_specimen
     from .science.deconvolve import landweber, richardson_lucy
     from .science.metrics import bead_fwhm, rmse, ssim
@@ -195,6 +202,19 @@ def evaluate_model(
                         fits.append(float("nan"))
                 by_kind0[kind] = fits
             tilt["through_focus_fitted_deg_by_specimen"] = by_kind0
+        # A curved sample (the paper's other DPM use): a cylinder of radius 1 mm, 1.0 µm from focus
+        # at its crest and 4.5 µm at the field's edges, one field per specimen type, for information.
+        cylinder = cylinder_dpm((size, size), px, CYLINDER_RADIUS_UM, 0.0, 1.0)
+        radii = {}
+        for kind in TILT_SPECIMENS:
+            o = make_specimen(kind, (size, size), px, np.random.default_rng(seed + 60))
+            c_out, c_dpm = refocus(defocus_map(o, cylinder, optics, photons=photons, rng=rng), m, dpm=True)
+            try:
+                sf = fit_surface(c_dpm[10:-10, 10:-10], px, image=c_out[10:-10, 10:-10])
+                radii[kind] = {"shape": sf.shape, "radius_mm": sf.radius_mm[0], "axis_deg": (sf.axis_deg + 90) % 180}
+            except ValueError:
+                radii[kind] = {"shape": "unfitted", "radius_mm": float("nan"), "axis_deg": float("nan")}
+        tilt["cylinder"] = {"true_radius_mm": CYLINDER_RADIUS_UM / 1000.0, "true_axis_deg": 0.0, "fitted_by_specimen": radii}
     result = {"model": card.name, "optics": optics.to_dict(), "dpm_target": "magnitude" if magnitude else "signed", "fields": [n for n, _ in fields],
               "reserve_fields": [n for n, _ in reserve], "photons": photons,
               "per_z": rows, "tilt": tilt, "bead_counts": [int(n_in), int(n_out)],
@@ -242,6 +262,11 @@ def summarize(result: dict, defocus_range_um) -> dict:
             every = [v for fits in by_kind.values() for v in fits]
             s["tilt_mean_error_deg_by_specimen"] = float(np.nanmean(errs))
             s["tilt_fitted_range_deg_by_specimen"] = [float(np.nanmin(every)), float(np.nanmax(every))]
+        cyl = result["tilt"].get("cylinder")
+        if cyl:
+            fitted = [v["radius_mm"] for v in cyl["fitted_by_specimen"].values() if v["shape"] == "cylinder"]
+            s["cylinder_radius_mm_by_specimen"] = [float(np.min(fitted)), float(np.max(fitted))] if fitted else None
+            s["cylinder_recognized"] = f"{len(fitted)}/{len(cyl['fitted_by_specimen'])}"
         through = result["tilt"].get("through_focus_fitted_deg_by_specimen")
         if through:
             errs = [abs(v - result["tilt"]["true_deg"]) for fits in through.values() for v in fits]

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.dpm import fit_plane, out_of_range_mask
+from ..engine.dpm import dpm_geometry, out_of_range_mask
 from ..engine.model import list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
@@ -708,23 +708,21 @@ class RefocusWidget(QWidget):
             px, note = 1.0, " (no pixel size known: tilt per pixel)"
         magnitude = card.dpm_magnitude
         try:
-            fit = fit_plane(plane2d, px, defocus_range_um=card.defocus_range_um, image=image2d, magnitude=magnitude)
+            geometry = dpm_geometry(plane2d, px, defocus_range_um=card.defocus_range_um, image=image2d,
+                                    magnitude=magnitude)
         except ValueError as exc:
             self.readout_label.show_message(one_sentence(exc), "error")
             return
-        self.fit = fit
-        if fit.crosses_focus:
-            # The |defocus| map folds into a V where the sample passes through focus; the fit models the
-            # fold, but which side is above focus cannot be seen, so only the tilt axis is known.
-            towards = f"axis {fit.direction_deg % 180:.0f}°"
-            fold = " · the sample crosses focus: tilt fitted through the fold of this |defocus| map, direction ±180°"
-        else:
-            towards, fold = f"towards {fit.direction_deg:.0f}°", ""
+        fit = self.fit = geometry.plane
+        self.geometry = geometry
         self.readout_label.show_message(
-            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · tilt {fit.tilt_deg:.2f}° "
-            f"{towards} · residual {fit.residual_um:.2f} µm{note}{fold}",
+            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · {geometry.describe()} · "
+            f"residual {fit.residual_um:.2f} µm{note}",
             "info",
         )
+        lay.metadata["dpm_reading"] = geometry.reading
+        if geometry.surface is not None:
+            lay.metadata["surface_fit"] = geometry.surface.to_dict()
         lay.metadata["plane_fit"] = fit.to_dict()
         mask = out_of_range_mask(dpm, card.defocus_range_um)  # lazy (dask) when the DPM is on disk
         frac = float(mask.mean())
