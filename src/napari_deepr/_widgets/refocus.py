@@ -716,8 +716,7 @@ class RefocusWidget(QWidget):
         fit = self.fit = geometry.plane
         self.geometry = geometry
         self.readout_label.show_message(
-            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · {geometry.describe()} · "
-            f"residual {fit.residual_um:.2f} µm{note}",
+            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · {geometry.describe()}{note}",
             "info",
         )
         lay.metadata["dpm_reading"] = geometry.reading

@@ -330,15 +330,16 @@ class DpmGeometry:
     fold: PlaneFit | None = None  # the fold fit set aside for a curvature, if one was fitted
 
     def describe(self) -> str:
-        """The shape part of a readout: tilt, direction, and curvature when there is one."""
+        """The shape part of a readout: tilt, direction, residual, and curvature when there is one."""
         p, sf = self.plane, self.surface
+        residual = f" · residual {p.residual_um:.2f} µm"
         if self.reading in ("fold", "fold_or_curved"):
-            text = (f"tilt {p.tilt_deg:.2f}° axis {p.direction_deg % 180:.0f}° · the sample crosses focus: "
+            text = (f"tilt {p.tilt_deg:.2f}° axis {p.direction_deg % 180:.0f}°{residual} · the sample crosses focus: "
                     f"tilt fitted through the fold of this |defocus| map, direction ±180°")
             if self.reading == "fold_or_curved":
                 text += f" · or it is {sf.describe()} near focus: a |defocus| map cannot tell these apart"
             return text
-        text = f"tilt {p.tilt_deg:.2f}° towards {p.direction_deg:.0f}°"
+        text = f"tilt {p.tilt_deg:.2f}° towards {p.direction_deg:.0f}°{residual}"
         if self.reading == "curved_or_fold":
             alt = f"tilted {self.fold.tilt_deg:.2f}° through focus" if self.fold else "tilted through focus"
             return (text + f" · {sf.describe()}; its low side is near focus, where this |defocus| map would "
