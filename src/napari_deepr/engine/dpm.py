@@ -257,8 +257,8 @@ def fit_surface(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | Non
     """Fit ``z = plane + c_xx·x² + c_xy·x·y + c_yy·y²`` to a 2-D DPM and report its curvature.
 
     The principal curvatures are the eigenvalues of the surface's Hessian. A sample that crosses
-    focus under a |defocus| model folds (see :func:`fit_plane`) and would read as a bowl: check
-    ``fit_plane(..., magnitude=True).crosses_focus`` first.
+    focus under a |defocus| model folds (see :func:`fit_plane`) and reads as a U here:
+    :func:`dpm_geometry` weighs the two readings.
 
     Parameters
     ----------
@@ -347,7 +347,7 @@ class DpmGeometry:
         return text + (f" · {sf.describe()}" if self.reading == "curved" else "")
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``plane_fit``, ``surface_fit`` and ``reading``."""
+        """JSON-ready: ``plane_fit``, ``surface_fit``, ``reading`` and ``fold_fit``."""
         return {"plane_fit": self.plane.to_dict(), "surface_fit": self.surface.to_dict() if self.surface else None,
                 "reading": self.reading, "fold_fit": self.fold.to_dict() if self.fold else None}
 
