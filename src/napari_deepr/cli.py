@@ -105,7 +105,8 @@ def cmd_refocus(args) -> int:
             dmeta["dpm_reading"] = summary["dpm_reading"] = geometry.reading
             if geometry.surface is not None:
                 dmeta["surface_fit"] = summary["dpm_surface"] = geometry.surface.to_dict()
-            print(f"DPM: mean defocus {fit.mean_um:+.2f} µm · {geometry.describe()}"
+            mean = f"mean |defocus| {fit.mean_um:.2f}" if card.dpm_magnitude else f"mean defocus {fit.mean_um:+.2f}"
+            print(f"DPM: {mean} µm · {geometry.describe()}"
                   + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),
                   file=sys.stderr)
         io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta)

@@ -716,7 +716,8 @@ class RefocusWidget(QWidget):
         fit = self.fit = geometry.plane
         self.geometry = geometry
         self.readout_label.show_message(
-            f"{'Mean |defocus|' if magnitude else 'Mean defocus'} {fit.mean_um:+.2f} µm · {geometry.describe()}{note}",
+            f"{f'Mean |defocus| {fit.mean_um:.2f}' if magnitude else f'Mean defocus {fit.mean_um:+.2f}'} µm · "
+            f"{geometry.describe()}{note}",
             "info",
         )
         lay.metadata["dpm_reading"] = geometry.reading
