@@ -388,6 +388,22 @@ def test_bundled_dpm_recognizes_a_cylinder():
     assert abs((fit.axis_deg + 90) % 180 - 90) > 80  # axis along x (0°/180°)
 
 
+def test_large_dpm_is_fitted_on_a_sub_grid_with_the_same_result(monkeypatch):
+    """Above FIT_MAX_POINTS usable pixels the fits use a regular sub-grid: same tilt and curvature."""
+    import napari_deepr.engine.dpm as dpm_mod
+    from napari_deepr.optics.simulate import cylinder_dpm
+
+    px = 0.325
+    dpm = cylinder_dpm((600, 600), px, 1500.0, 30.0, 2.0) + np.random.default_rng(3).normal(0, 0.1, (600, 600))
+    full = dpm_mod.dpm_geometry(dpm, px)
+    monkeypatch.setattr(dpm_mod, "FIT_MAX_POINTS", 40_000)  # 360 000 pixels: every 4th row and column
+    sub = dpm_mod.dpm_geometry(dpm, px)
+    assert sub.reading == full.reading == "curved"
+    assert sub.surface.radius_mm[0] == pytest.approx(full.surface.radius_mm[0], rel=0.03)
+    assert sub.plane.tilt_deg == pytest.approx(full.plane.tilt_deg, abs=0.02)
+    assert sub.plane.mean_um == pytest.approx(full.plane.mean_um, abs=0.01)
+
+
 def test_fit_plane_ignores_background_when_given_the_image():
     """Where the field is empty the DPM is a guess; fitting only structured pixels recovers the tilt."""
     px = 0.325
