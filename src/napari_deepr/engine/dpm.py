@@ -254,7 +254,11 @@ class SurfaceFit:
         if self.shape == "cylinder":
             return (f"curved like a cylinder of radius {r[0]:.2g} mm, axis {(self.axis_deg + 90) % 180:.0f}° "
                     f"(sag {self.sag_um:.1f} µm)")
-        return f"{self.shape}, radii {r[0]:.2g} and {r[1]:.2g} mm (sag {self.sag_um:.1f} µm)"
+        if self.shape == "bowl":  # the defocus rises (bowl) or falls (dome) towards the edges
+            kind = "bowl-shaped" if self.curvature_per_mm[0] > 0 else "dome-shaped"
+        else:
+            kind = "saddle-shaped"
+        return f"{kind}, radii {r[0]:.2g} and {r[1]:.2g} mm (sag {self.sag_um:.1f} µm)"
 
 
 # A curvature is reported when the quadratic part rises at least this far over the field and explains
