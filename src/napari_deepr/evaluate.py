@@ -175,26 +175,32 @@ def evaluate_model(
                 "error_deg": abs(fit.tilt_deg - 1.5), "mean_um": fit.mean_um,
                 "row_profile_um": row_profile(dpm).tolist(), "true_profile_um": row_profile(dpm_true).tolist()}
         def sweep(true):
-            """The tilt fitted on two fields of each specimen type imaged on ``true``: {kind: [deg, deg]}."""
-            by_kind = {}
+            """The tilt fitted on two fields of each specimen type imaged on ``true``: {kind: [deg, deg]},
+            and the first held-out field's DPM row profile."""
+            by_kind, profile = {}, None
             for kind in TILT_SPECIMENS:
                 fits = []
                 for i in range(2):
                     try:
-                        fits.append(tilted(make_specimen(kind, (size, size), px, np.random.default_rng(seed + 40 + i)), true)[0].tilt_deg)
+                        f, d = tilted(make_specimen(kind, (size, size), px, np.random.default_rng(seed + 40 + i)), true)
+                        fits.append(f.tilt_deg)
+                        if profile is None and kind in HELD_OUT_KINDS:
+                            profile = row_profile(d).tolist()
                     except ValueError:  # informational: a field with nothing to fit must not sink the table
                         fits.append(float("nan"))
                 by_kind[kind] = fits
-            return by_kind
+            return by_kind, profile
 
         # One field says little about how the fit depends on the specimen: the same tilt on other
         # specimen types (training families included, labelled as such), for information.
-        tilt["fitted_deg_by_specimen"] = sweep(dpm_true)
+        tilt["fitted_deg_by_specimen"] = sweep(dpm_true)[0]
         tilt["held_out_specimens"] = [k for k in TILT_SPECIMENS if k in HELD_OUT_KINDS]
         if magnitude:
             # Most users focus on the middle of a tilted sample, where a |defocus| map folds into a V:
             # the same tilt centred on focus (after the fields above, so their noise and numbers do not change).
-            tilt["through_focus_fitted_deg_by_specimen"] = sweep(tilt_dpm((size, size), px, 1.5, 90.0, 0.0))
+            through = tilt_dpm((size, size), px, 1.5, 90.0, 0.0)
+            tilt["through_focus_fitted_deg_by_specimen"], tilt["through_focus_profile_um"] = sweep(through)
+            tilt["through_focus_true_profile_um"] = row_profile(np.abs(through)).tolist()
         # A curved sample (the paper's other DPM use): a cylinder of radius 1 mm, 1.0 µm from focus
         # at its crest and 4.5 µm at the field's edges, one field per specimen type, for information.
         cylinder = cylinder_dpm((size, size), px, CYLINDER_RADIUS_UM, 0.0, 1.0)
@@ -207,7 +213,10 @@ def evaluate_model(
                 radii[kind] = {"shape": sf.shape, "radius_mm": sf.radius_mm[0], "axis_deg": (sf.axis_deg + 90) % 180}
             except ValueError:
                 radii[kind] = {"shape": "unfitted", "radius_mm": float("nan"), "axis_deg": float("nan")}
+            if kind in HELD_OUT_KINDS and "cylinder_profile_um" not in tilt:
+                tilt["cylinder_profile_um"] = row_profile(c_dpm).tolist()
         tilt["cylinder"] = {"true_radius_mm": CYLINDER_RADIUS_UM / 1000.0, "true_axis_deg": 0.0, "fitted_by_specimen": radii}
+        tilt["cylinder_true_profile_um"] = row_profile(cylinder).tolist()
     result = {"model": card.name, "optics": optics.to_dict(), "dpm_target": "magnitude" if magnitude else "signed", "fields": [n for n, _ in fields],
               "reserve_fields": [n for n, _ in reserve], "photons": photons,
               "per_z": rows, "tilt": tilt, "bead_counts": [int(n_in), int(n_out)],
@@ -300,8 +309,11 @@ def quality_figure(result: dict, path, model="default", real_dir=None, size: int
     m = load_model(model)
     name, obj = held_out_fields(size, optics.pixel_size_um, Path(real_dir) if real_dir else None)[0]
     gt = defocus(obj, 0.0, optics, photons=result["photons"], noise=False, offset=0.0)
-    fig = plt.figure(figsize=(16, 4 * len(z_show) / 1.6 + 4.5))
-    gs = fig.add_gridspec(len(z_show) + 1, 4)
+    t = result.get("tilt") or {}
+    shapes = [k for k in ("through_focus", "cylinder") if t.get(f"{k}_profile_um")]
+    extra_rows = 1 if shapes else 0
+    fig = plt.figure(figsize=(16, 4 * len(z_show) / 1.6 + 4.5 * (1 + extra_rows)))
+    gs = fig.add_gridspec(len(z_show) + 1 + extra_rows, 4)
     rng = np.random.default_rng(3)
 
     def show(ax, im, title):
@@ -321,21 +333,22 @@ def quality_figure(result: dict, path, model="default", real_dir=None, size: int
         show(fig.add_subplot(gs[i, 3]), rl, "RL-100, true PSF")
     rows = result["per_z"]
     z = [r["z_um"] for r in rows]
-    ax = fig.add_subplot(gs[-1, 0])
+    last = len(z_show)  # the row of curves
+    ax = fig.add_subplot(gs[last, 0])
     for key, lab in (("ssim_input", "input"), ("ssim_output", "Deep-R"), ("ssim_rl", "RL-100"), ("ssim_landweber", "Landweber-100")):
         ax.plot(z, [r[key] for r in rows], "o-", ms=3, label=lab)
     ax.set_xlabel("defocus z (µm)")
     ax.set_ylabel("SSIM")
     ax.legend(fontsize=7)
     ax.set_title("held-out fields", fontsize=9)
-    ax = fig.add_subplot(gs[-1, 1])
+    ax = fig.add_subplot(gs[last, 1])
     if "fwhm_input_um" in rows[0]:
         ax.errorbar(z, [r["fwhm_input_um"] for r in rows], [r["fwhm_input_std_um"] for r in rows], fmt="o-", ms=3, label="input")
         ax.errorbar(z, [r["fwhm_output_um"] for r in rows], [r["fwhm_output_std_um"] for r in rows], fmt="o-", ms=3, label="Deep-R")
         ax.set_ylabel("bead lateral FWHM (µm)")
         ax.legend(fontsize=7)
     ax.set_xlabel("defocus z (µm)")
-    ax = fig.add_subplot(gs[-1, 2])
+    ax = fig.add_subplot(gs[last, 2])
     if rows and "dpm_mae" in rows[0]:
         ax.plot(z, [r["dpm_mae"] for r in rows], "o-", ms=3, label="|DPM − z| mean (structure)")
         if "dpm_mae_all" in rows[0]:
@@ -345,8 +358,7 @@ def quality_figure(result: dict, path, model="default", real_dir=None, size: int
         ax.set_xlabel("defocus z (µm)")
         ax.set_ylabel("µm")
         ax.legend(fontsize=7)
-    ax = fig.add_subplot(gs[-1, 3])
-    t = result.get("tilt")
+    ax = fig.add_subplot(gs[last, 3])
     if t:
         y = np.arange(len(t["row_profile_um"])) * optics.pixel_size_um
         ax.plot(y, t["row_profile_um"], label="DPM row mean")
@@ -355,8 +367,25 @@ def quality_figure(result: dict, path, model="default", real_dir=None, size: int
         ax.set_xlabel("y (µm)")
         ax.set_ylabel("defocus (µm)")
         ax.legend(fontsize=7)
+    held = (t.get("held_out_specimens") or ["cells"])[0]
+    for col, key in enumerate(shapes):
+        ax = fig.add_subplot(gs[last + 1, col])
+        y = np.arange(len(t[f"{key}_profile_um"])) * optics.pixel_size_um
+        ax.plot(y, t[f"{key}_profile_um"], label="DPM row mean")
+        if key == "through_focus":
+            ax.plot(y, t["through_focus_true_profile_um"], "k--", label="true |defocus| (1.5°)")
+            fits = t["through_focus_fitted_deg_by_specimen"].get(held, [float("nan")])
+            title = f"1.5° tilt centred on focus ({held}): fitted through the fold {fits[0]:.2f}°"
+        else:
+            ax.plot(y, t["cylinder_true_profile_um"], "k--", label=f"true (cylinder, R {t['cylinder']['true_radius_mm']:.1f} mm)")
+            fit = t["cylinder"]["fitted_by_specimen"].get(held, {})
+            title = f"curved field ({held}): {fit.get('shape', '?')}, R {fit.get('radius_mm', float('nan')):.2f} mm"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("y (µm)")
+        ax.set_ylabel("defocus (µm)")
+        ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']} on held-out {name} (and {len(result['fields']) - 1} more fields in the curves)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # keep the suptitle clear of the first row's titles
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
