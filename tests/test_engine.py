@@ -388,6 +388,27 @@ def test_bundled_dpm_recognizes_a_cylinder():
     assert abs((fit.axis_deg + 90) % 180 - 90) > 80  # axis along x (0°/180°)
 
 
+def test_focus_line_is_where_the_fitted_plane_crosses_zero():
+    """The in-focus line of a signed tilt, and of a folded |defocus| map, against the exact zero line."""
+    from napari_deepr.engine.dpm import focus_line
+    from napari_deepr.optics.simulate import tilt_dpm
+
+    px = 0.325
+    true = tilt_dpm((512, 512), px, 1.5, 30.0, 0.5)
+    rows, cols = np.nonzero(np.abs(true) < 0.005)
+    for dpm, magnitude in ((true, False), (np.sqrt(true**2 + 0.3**2) + np.random.default_rng(0).normal(0, 0.1, true.shape), True)):
+        fit = fit_plane(dpm, px, magnitude=magnitude)
+        line = focus_line(fit, dpm.shape, px)
+        assert line is not None and line.shape == (2, 2)
+        # every pixel of the true zero line lies within 3 px of the fitted segment's line
+        (r0, c0), (r1, c1) = line
+        dist = np.abs((r1 - r0) * (cols - c0) - (c1 - c0) * (rows - r0)) / np.hypot(r1 - r0, c1 - c0)
+        assert dist.max() < 3.0
+    # a field that stays on one side of focus has no in-focus line
+    assert focus_line(fit_plane(tilt_dpm((512, 512), px, 1.5, 90.0, 2.5), px), (512, 512), px) is None
+    assert focus_line(fit_plane(np.full((64, 64), 1.0), px), (64, 64), px) is None
+
+
 def test_large_dpm_is_fitted_on_a_sub_grid_with_the_same_result(monkeypatch):
     """Above FIT_MAX_POINTS usable pixels the fits use a regular sub-grid: same tilt and curvature."""
     import napari_deepr.engine.dpm as dpm_mod

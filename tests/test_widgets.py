@@ -102,6 +102,12 @@ def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_
     assert "Mean |defocus|" in text and "crosses focus" in text and "±180°" in text
     assert f"tilt {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
     assert viewer.layers["tilted DPM (µm)"].metadata["plane_fit"]["crosses_focus"] is True
+    # the in-focus line: the true one is the middle row (the tilt runs along y, centred on focus)
+    line = viewer.layers["tilted in focus (DPM fit)"]
+    assert line.shape_type == ["line"] and "white line marks where the sample is in focus" in text
+    (r0, c0), (r1, c1) = line.data[0]
+    assert abs(r0 - 255.5) < 40 and abs(r1 - 255.5) < 40 and abs(c1 - c0) > 400
+    assert tuple(line.scale) == tuple(viewer.layers["tilted DPM (µm)"].scale)
 
 
 def test_refocus_readout_reports_a_curved_sample(make_napari_viewer, qtbot):

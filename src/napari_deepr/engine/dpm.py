@@ -31,6 +31,11 @@ class PlaneFit:
         (see :func:`fit_plane`), so ``direction_deg`` is known only up to 180°.
     floor_um : float
         For a folded fit, the map's reading at focus (a magnitude DPM cannot go below it).
+    offset_um : float
+        The fitted plane's value at ``center_px`` (signed for a folded fit: where it is 0 the sample
+        is in focus, see :func:`focus_line`).
+    center_px : (float, float)
+        Centroid ``(x, y)`` of the fitted pixels, in pixels (column, row).
     """
 
     mean_um: float
@@ -42,10 +47,13 @@ class PlaneFit:
     out_of_range_fraction: float = 0.0
     crosses_focus: bool = False
     floor_um: float = 0.0
+    offset_um: float = float("nan")
+    center_px: tuple = (float("nan"), float("nan"))
 
     def to_dict(self) -> dict:
-        """Plain-float dictionary (JSON-ready); ``crosses_focus`` stays a bool."""
-        return {k: (v if isinstance(v, bool) else float(v)) for k, v in asdict(self).items()}
+        """Plain-float dictionary (JSON-ready); ``crosses_focus`` stays a bool, ``center_px`` a pair."""
+        return {k: (v if isinstance(v, bool) else [float(c) for c in v] if isinstance(v, tuple) else float(v))
+                for k, v in asdict(self).items()}
 
     def describe(self) -> str:
         """One line for a readout: mean defocus, tilt and direction."""
@@ -149,12 +157,12 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
         (:func:`structure_mask`) are fitted, since the defocus of empty background is a guess. Ignored
         when fewer than 5 % of the pixels qualify.
     """
-    d, x, y, z = _fit_points(dpm, pixel_size_um, mask, image, "fit_plane", 3)
+    d, x, y, z, center = _fit_points(dpm, pixel_size_um, mask, image, "fit_plane", 3)
     oor = float(out_of_range_mask(d, defocus_range_um).mean()) if defocus_range_um is not None else 0.0
-    return _plane(x, y, z, magnitude, oor)
+    return _plane(x, y, z, magnitude, oor, center)
 
 
-def _plane(x, y, z, magnitude: bool, oor: float) -> PlaneFit:
+def _plane(x, y, z, magnitude: bool, oor: float, center) -> PlaneFit:
     a = np.column_stack([np.ones_like(x), x, y])
     coef, *_ = np.linalg.lstsq(a, z, rcond=None)
     resid = z - a @ coef
@@ -168,6 +176,7 @@ def _plane(x, y, z, magnitude: bool, oor: float) -> PlaneFit:
                 tilt_deg=float(np.degrees(np.arctan(np.hypot(gx, gy)))),
                 direction_deg=float(np.degrees(np.arctan2(gy, gx)) % 360.0),
                 residual_um=rms, out_of_range_fraction=oor, crosses_focus=True, floor_um=float(floor),
+                offset_um=float(a), center_px=center,
             )
     return PlaneFit(
         mean_um=float(z.mean()),
@@ -177,6 +186,8 @@ def _plane(x, y, z, magnitude: bool, oor: float) -> PlaneFit:
         direction_deg=float(np.degrees(np.arctan2(gy, gx)) % 360.0),
         residual_um=float(np.sqrt(np.mean(resid**2))),
         out_of_range_fraction=oor,
+        offset_um=float(coef[0]),
+        center_px=center,
     )
 
 
@@ -186,7 +197,8 @@ FIT_MAX_POINTS = 1_000_000
 
 
 def _fit_points(dpm, pixel_size_um, mask, image, who: str, minimum: int):
-    """The DPM as float and its usable pixels: ``(dpm, x_um, y_um, z_um)``, x/y centred on their mean."""
+    """The DPM as float and its usable pixels: ``(dpm, x_um, y_um, z_um, (x0_px, y0_px))``, x/y centred on
+    their mean ``(x0_px, y0_px)``."""
     d = np.asarray(dpm, dtype=np.float64)
     if d.ndim != 2:
         raise ValueError(f"{who} needs a 2-D DPM, got shape {d.shape}.")
@@ -203,9 +215,10 @@ def _fit_points(dpm, pixel_size_um, mask, image, who: str, minimum: int):
     step = max(1, int(np.ceil(np.sqrt(n / FIT_MAX_POINTS))))
     iy, ix = np.nonzero(use[::step, ::step])
     iy, ix = iy * step, ix * step
-    x = (ix - ix.mean()) * pixel_size_um
-    y = (iy - iy.mean()) * pixel_size_um
-    return d, x, y, d[iy, ix]
+    center = (float(ix.mean()), float(iy.mean()))
+    x = (ix - center[0]) * pixel_size_um
+    y = (iy - center[1]) * pixel_size_um
+    return d, x, y, d[iy, ix], center
 
 
 @dataclass
@@ -285,7 +298,7 @@ def fit_surface(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | Non
     mask, image : ndarray, optional
         As in :func:`fit_plane`: pixels to use, or the refocused image whose structured pixels are used.
     """
-    _, x, y, z = _fit_points(dpm, pixel_size_um, mask, image, "fit_surface", 6)
+    _, x, y, z, _ = _fit_points(dpm, pixel_size_um, mask, image, "fit_surface", 6)
     return _surface(x, y, z)
 
 
@@ -395,9 +408,9 @@ def dpm_geometry(dpm: np.ndarray, pixel_size_um: float, *, image: np.ndarray | N
     defocus_range_um : optional
         The model's trained range, for the out-of-range fraction.
     """
-    d, x, y, z = _fit_points(dpm, pixel_size_um, None, image, "dpm_geometry", 3)
+    d, x, y, z, center = _fit_points(dpm, pixel_size_um, None, image, "dpm_geometry", 3)
     oor = float(out_of_range_mask(d, defocus_range_um).mean()) if defocus_range_um is not None else 0.0
-    plane = _plane(x, y, z, magnitude, oor)
+    plane = _plane(x, y, z, magnitude, oor, center)
     if z.size < 6:  # too few pixels for a curvature: the plane is all there is
         return DpmGeometry(plane, None, "fold" if plane.crosses_focus else "plane")
     surface = _surface(x, y, z)
@@ -411,7 +424,7 @@ def dpm_geometry(dpm: np.ndarray, pixel_size_um: float, *, image: np.ndarray | N
         return DpmGeometry(plane, surface, "curved_or_fold" if near_focus else "curved")
     if curved and surface.residual_um < CLEARLY_BETTER * plane.residual_um:
         # The curvature explains the map much better than a V: the plain plane gives its tilt.
-        plain = _plane(x, y, z, False, oor)
+        plain = _plane(x, y, z, False, oor, center)
         reading = "curved_or_fold" if surface.shape == "cylinder" else "curved"
         return DpmGeometry(plain, surface, reading, fold=plane)
     if curved and plane.residual_um >= CLEARLY_BETTER * surface.residual_um:
@@ -483,6 +496,47 @@ def _fit_folded(x, y, z, plane_coef):
         a, gx, gy = -a, -gx, -gy
     rms = float(np.sqrt(np.mean((np.sqrt(plane**2 + floor**2) - z) ** 2)))
     return (float(a), float(gx), float(gy), float(floor)), rms
+
+
+def focus_line(fit: PlaneFit, shape, pixel_size_um: float):
+    """Where a fitted plane crosses focus inside the image: ``[[row, col], [row, col]]`` or None.
+
+    For a signed DPM, or a |defocus| map fitted through its fold (``fit.crosses_focus``), the plane
+    is 0 along a straight line: the part of a tilted sample that is in focus.
+
+    Parameters
+    ----------
+    fit : PlaneFit
+        From :func:`fit_plane` (or ``dpm_geometry(...).plane``).
+    shape : (int, int)
+        ``(rows, cols)`` of the DPM.
+    pixel_size_um : float
+        The pixel size the fit was made with.
+    """
+    gx, gy = fit.slope_x * pixel_size_um, fit.slope_y * pixel_size_um  # µm of defocus per pixel
+    if not np.isfinite(fit.offset_um) or np.hypot(gx, gy) < 1e-9:
+        return None
+    cx, cy = fit.center_px
+    rows, cols = shape
+    # z(col, row) = offset + gx·(col − cx) + gy·(row − cy) = 0, cut by the image's four edges
+    points = []
+    for col in (0.0, cols - 1.0):
+        if abs(gy) > 1e-12:
+            row = cy - (fit.offset_um + gx * (col - cx)) / gy
+            if 0 <= row <= rows - 1:
+                points.append((row, col))
+    for row in (0.0, rows - 1.0):
+        if abs(gx) > 1e-12:
+            col = cx - (fit.offset_um + gy * (row - cy)) / gx
+            if 0 <= col <= cols - 1:
+                points.append((row, col))
+    unique = []
+    for pt in points:
+        if all(np.hypot(pt[0] - q[0], pt[1] - q[1]) > 1e-6 for q in unique):
+            unique.append(pt)
+    if len(unique) < 2:
+        return None
+    return np.array(unique[:2], dtype=np.float64)
 
 
 def row_profile(dpm: np.ndarray, axis: int = 1) -> np.ndarray:
