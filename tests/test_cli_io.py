@@ -55,6 +55,11 @@ def test_cli_refocus_tiff_keeps_pixel_size_and_writes_dpm(tiny_model, tmp_path, 
     surface = fit_surface(dpm.data, 0.325, image=out.data)
     assert summary["dpm_surface"]["sag_um"] == pytest.approx(surface.sag_um, rel=1e-4)
     assert summary["dpm_surface"]["shape"] == surface.shape
+    from napari_deepr.engine.dpm import dpm_geometry, focus_line
+
+    g = dpm_geometry(dpm.data, 0.325, image=out.data)  # the tiny model's DPM is signed
+    line = focus_line(g.plane, dpm.data.shape, 0.325) if g.reading != "curved" else None
+    assert summary.get("focus_line_px") == (line.tolist() if line is not None else None)
 
 
 def test_cli_refocus_zarr_stack(tiny_model, tmp_path):
