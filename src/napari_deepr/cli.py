@@ -55,7 +55,7 @@ def _cancel_on_sigint() -> threading.Event:
 # -- refocus ----------------------------------------------------------------------------------------
 def cmd_refocus(args) -> int:
     from . import io
-    from .engine.dpm import dpm_geometry, focus_line
+    from .engine.dpm import dpm_geometry
     from .engine.refocus import RefocusJob
 
     out_path = io.check_output_path(args.output, args.input)
@@ -105,10 +105,8 @@ def cmd_refocus(args) -> int:
             dmeta["dpm_reading"] = summary["dpm_reading"] = geometry.reading
             if geometry.surface is not None:
                 dmeta["surface_fit"] = summary["dpm_surface"] = geometry.surface.to_dict()
-            if (fit.crosses_focus or not card.dpm_magnitude) and geometry.reading != "curved":
-                line = focus_line(fit, job.dpm.shape, img.pixel_size_um or card.pixel_size_um)
-                if line is not None:  # [[row, col], [row, col]] where the fitted plane is in focus
-                    dmeta["focus_line_px"] = summary["focus_line_px"] = line.tolist()
+            if geometry.focus_line_px is not None:  # [[row, col], [row, col]] where the fitted plane is in focus
+                dmeta["focus_line_px"] = summary["focus_line_px"] = geometry.focus_line_px.tolist()
             mean = f"mean |defocus| {fit.mean_um:.2f}" if card.dpm_magnitude else f"mean defocus {fit.mean_um:+.2f}"
             print(f"DPM: {mean} µm · {geometry.describe()}"
                   + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),

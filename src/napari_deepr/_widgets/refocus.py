@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.dpm import dpm_geometry, focus_line, out_of_range_mask
+from ..engine.dpm import dpm_geometry, out_of_range_mask
 from ..engine.model import list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
@@ -715,7 +715,7 @@ class RefocusWidget(QWidget):
             return
         fit = self.fit = geometry.plane
         self.geometry = geometry
-        line = self._show_focus_line(run, lay, geometry, plane2d.shape, px)
+        line = self._show_focus_line(run, lay, geometry)
         self.readout_label.show_message(
             f"{f'Mean |defocus| {fit.mean_um:.2f}' if magnitude else f'Mean defocus {fit.mean_um:+.2f}'} µm · "
             f"{geometry.describe()}{note}"
@@ -750,17 +750,15 @@ class RefocusWidget(QWidget):
             self.range_label.show_message(f"The DPM stays within the trained range {lo:+g}…{hi:+g} µm.", "ok")
 
 
-    def _show_focus_line(self, run, dpm_layer, geometry, shape, px) -> bool:
+    def _show_focus_line(self, run, dpm_layer, geometry) -> bool:
         """A line where the fitted plane crosses focus (2-D results whose sample passes focus); shown or not."""
         name = run.dpm_name.replace("DPM (µm)", "in focus (DPM fit)")
         if name_in(self.viewer, name):
             self.viewer.layers.remove(name)
-        crosses = geometry.plane.crosses_focus or not self.job.model.card.dpm_magnitude
-        line = focus_line(geometry.plane, shape, px) if crosses and geometry.reading != "curved" and not run.lead else None
-        if line is None:
+        if geometry.focus_line_px is None or run.lead:  # a 2-D line is drawn for 2-D results only
             return False
         self.viewer.add_shapes(
-            [line], shape_type="line", name=name, edge_color="white", edge_width=3, opacity=0.9,
+            [geometry.focus_line_px], shape_type="line", name=name, edge_color="white", edge_width=3, opacity=0.9,
             metadata={ROLE_KEY: "focus_line", "reading": geometry.reading},
             scale=dpm_layer.scale, translate=dpm_layer.translate, units=dpm_layer.units,
             axis_labels=dpm_layer.axis_labels,

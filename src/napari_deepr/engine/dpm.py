@@ -165,28 +165,23 @@ def fit_plane(dpm: np.ndarray, pixel_size_um: float, *, mask: np.ndarray | None 
 def _plane(x, y, z, magnitude: bool, oor: float, center) -> PlaneFit:
     a = np.column_stack([np.ones_like(x), x, y])
     coef, *_ = np.linalg.lstsq(a, z, rcond=None)
-    resid = z - a @ coef
-    gx, gy = coef[1], coef[2]
-    if magnitude and z.size >= FOLD_MIN_POINTS:
-        folded = _fit_folded(x, y, z, coef)
-        if folded is not None:
-            (a, gx, gy, floor), rms = folded
-            return PlaneFit(
-                mean_um=float(z.mean()), slope_x=float(gx), slope_y=float(gy),
-                tilt_deg=float(np.degrees(np.arctan(np.hypot(gx, gy)))),
-                direction_deg=float(np.degrees(np.arctan2(gy, gx)) % 360.0),
-                residual_um=rms, out_of_range_fraction=oor, crosses_focus=True, floor_um=float(floor),
-                offset_um=float(a), center_px=center,
-            )
+    offset, gx, gy = coef
+    rms = float(np.sqrt(np.mean((z - a @ coef) ** 2)))
+    folded = _fit_folded(x, y, z, coef) if magnitude and z.size >= FOLD_MIN_POINTS else None
+    floor = 0.0
+    if folded is not None:
+        (offset, gx, gy, floor), rms = folded
     return PlaneFit(
         mean_um=float(z.mean()),
         slope_x=float(gx),
         slope_y=float(gy),
         tilt_deg=float(np.degrees(np.arctan(np.hypot(gx, gy)))),
         direction_deg=float(np.degrees(np.arctan2(gy, gx)) % 360.0),
-        residual_um=float(np.sqrt(np.mean(resid**2))),
+        residual_um=rms,
         out_of_range_fraction=oor,
-        offset_um=float(coef[0]),
+        crosses_focus=folded is not None,
+        floor_um=float(floor),
+        offset_um=float(offset),
         center_px=center,
     )
 
@@ -355,12 +350,16 @@ class DpmGeometry:
         focus and one curved like a U look alike within the map's noise, so both are reported) or
         ``"curved_or_fold"`` (a |defocus| map curved like a cylinder whose low side is near focus,
         where no fold was fitted but a tilt through focus cannot be ruled out).
+    focus_line_px : ndarray or None
+        ``[[row, col], [row, col]]`` where the fitted plane crosses focus inside the map (a signed
+        plane, or a fold), unless the reading is a plain curvature.
     """
 
     plane: PlaneFit
     surface: SurfaceFit | None
     reading: str
     fold: PlaneFit | None = None  # the fold fit set aside for a curvature, if one was fitted
+    focus_line_px: np.ndarray | None = None  # see :func:`focus_line`; None when no tilt crosses focus here
 
     def describe(self) -> str:
         """The shape part of a readout: tilt, direction, residual, and curvature when there is one."""
@@ -382,7 +381,8 @@ class DpmGeometry:
     def to_dict(self) -> dict:
         """JSON-ready: ``plane_fit``, ``surface_fit``, ``reading`` and ``fold_fit``."""
         return {"plane_fit": self.plane.to_dict(), "surface_fit": self.surface.to_dict() if self.surface else None,
-                "reading": self.reading, "fold_fit": self.fold.to_dict() if self.fold else None}
+                "reading": self.reading, "fold_fit": self.fold.to_dict() if self.fold else None,
+                "focus_line_px": self.focus_line_px.tolist() if self.focus_line_px is not None else None}
 
 
 def dpm_geometry(dpm: np.ndarray, pixel_size_um: float, *, image: np.ndarray | None = None, magnitude: bool = False,
@@ -409,6 +409,14 @@ def dpm_geometry(dpm: np.ndarray, pixel_size_um: float, *, image: np.ndarray | N
         The model's trained range, for the out-of-range fraction.
     """
     d, x, y, z, center = _fit_points(dpm, pixel_size_um, None, image, "dpm_geometry", 3)
+    g = _reading(x, y, z, center, magnitude, d, defocus_range_um)
+    if (g.plane.crosses_focus or not magnitude) and g.reading != "curved":
+        g.focus_line_px = focus_line(g.plane, d.shape, pixel_size_um)
+    return g
+
+
+def _reading(x, y, z, center, magnitude, d, defocus_range_um) -> DpmGeometry:
+    """Plane, surface and the reading between them, from the points of :func:`_fit_points`."""
     oor = float(out_of_range_mask(d, defocus_range_um).mean()) if defocus_range_um is not None else 0.0
     plane = _plane(x, y, z, magnitude, oor, center)
     if z.size < 6:  # too few pixels for a curvature: the plane is all there is
