@@ -7,7 +7,8 @@
 #   wh/*.whl         pure or cp312 wheels for whatever the machine's Python lacks (scipy, tifffile,
 #                    pytorch_msssim, pillow); each is unpacked into /tmp/site only if its module is missing
 #   psf_bank.npz     scripts/make_psf_bank.py CONFIG: every PSF plane the simulator will ask for
-#   synthetic.json   the training config, real_images_dir relative to KIT
+#   synthetic.json   the training config, real_images_dir relative to KIT (DEEPR_GPU_CONFIG=NAME picks
+#                    another config file in KIT, e.g. to train two variants side by side)
 #   init.pt          optional: weights to fine-tune from ({"generator": ..., "dpm": ...})
 # The model folder stays on the machine (${DEEPR_GPU_WORK:-/tmp/deepr_gpu_model}): a resumable checkpoint with
 # three optimiser states is more than a lent machine's call brings back. OUT receives weights.pt
@@ -37,7 +38,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 INIT=()
 [ -f "$KIT/init.pt" ] && INIT=(--init-from "$KIT/init.pt")
 WORK=${DEEPR_GPU_WORK:-/tmp/deepr_gpu_model}
-$PY -m napari_deepr.train "$KIT/synthetic.json" -o "$WORK" "${INIT[@]}" --no-export "$@" \
+$PY -m napari_deepr.train "$KIT/${DEEPR_GPU_CONFIG:-synthetic.json}" -o "$WORK" "${INIT[@]}" --no-export "$@" \
     > "$OUT/train.log" 2> "$OUT/train.err" || { echo "trainer failed:"; tail -30 "$OUT/train.err"; tail -5 "$OUT/train.log"; exit 1; }
 $PY - "$WORK/checkpoint.pt" "$OUT/weights.pt" <<'PY'
 import sys, torch

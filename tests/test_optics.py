@@ -242,3 +242,65 @@ def test_surface_depths_stay_on_the_grid_inside_the_range(monkeypatch):
             assert np.mean((dpm == dpm.min()) | (dpm == dpm.max())) < 0.01
     with pytest.raises(ValueError, match="surface_span_um"):
         random_training_pair(0, patch=64, surface_fraction=0.5, surface_span_um=2.0)
+
+
+def test_near_focus_fraction_draws_near_focus_and_leaves_defaults_alone():
+    from napari_deepr.optics.simulate import random_training_pair
+
+    near = [random_training_pair(i, patch=32, near_focus_fraction=1.0, specimen_kinds=("beads",))[2] for i in range(25)]
+    assert all(abs(z) <= 1.0 + 1e-9 for z in near)
+    # an option left at 0 draws nothing: the same seed gives the same pair as before the option existed
+    a = random_training_pair(3, patch=32, specimen_kinds=("nuclei",))
+    b = random_training_pair(3, patch=32, specimen_kinds=("nuclei",), near_focus_fraction=0.0, smooth_fraction=0.0,
+                             thick_fraction=0.0)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    # a pinned range (validation) ignores the near-focus band
+    assert random_training_pair(1, patch=32, z_range_um=(4.0, 4.0), near_focus_fraction=1.0)[2] == 4.0
+
+
+def test_smooth_objects_keep_a_smooth_in_focus_target():
+    from scipy import ndimage
+
+    from napari_deepr.optics.simulate import random_training_pair
+
+    def sharpness(img):  # high-frequency energy relative to the signal's variance
+        return float(ndimage.laplace(img.astype(np.float64)).var() / img.var())
+
+    sharp = [sharpness(random_training_pair(i, patch=96, specimen_kinds=("nuclei",))[1]) for i in range(4)]
+    soft = [sharpness(random_training_pair(i, patch=96, specimen_kinds=("nuclei",), smooth_fraction=1.0,
+                                           smooth_sigma_um=(0.5, 0.8))[1]) for i in range(4)]
+    # a Gaussian of sigma >= 1.5 px removes most of the Laplacian energy the in-focus PSF passes
+    assert np.mean(soft) < 0.5 * np.mean(sharp)
+
+
+def test_thick_sample_offsets_stay_inside_the_range_and_add_haze_to_the_target():
+    from napari_deepr.optics.simulate import _thick_offset, random_training_pair
+
+    rng = np.random.default_rng(0)
+    for z in np.round(np.arange(-5, 5.01, 0.1), 6):
+        d = _thick_offset(float(z), -5.0, 5.0, (2.0, 5.0), 0.1, rng)
+        assert d is not None and 2.0 - 1e-9 <= abs(d) <= 5.0 + 1e-9
+        assert -5 - 1e-9 <= d <= 5 + 1e-9 and -5 - 1e-9 <= z + d <= 5 + 1e-9
+        assert abs(d * 10 - round(d * 10)) < 1e-6  # on the 0.1 µm grid a PSF bank holds
+    assert _thick_offset(0.0, -1.0, 1.0, (2.0, 5.0), 0.1, rng) is None  # no room: no second layer
+    # a second layer of equal signal, blurred at 2-5 µm, adds to the target's mean but little to its peaks
+    def floor(thick):
+        vals = []
+        for i in range(6):
+            t = random_training_pair(i, patch=96, specimen_kinds=("beads",), background_fraction=(0.0, 0.0),
+                                     thick_fraction=thick, thick_weight=(1.0, 1.0))[1]
+            vals.append(t.mean() / np.percentile(t, 99.9))
+        return np.array(vals)
+
+    assert np.all(floor(1.0) > 1.2 * floor(0.0))
+
+
+def test_real_images_are_used_at_several_scales():
+    from napari_deepr.optics.simulate import _real_crop
+
+    img = np.zeros((200, 200))
+    img[90:110, 90:110] = 1.0  # a 20 px square
+    big = _real_crop(img, 200, np.random.default_rng(0), scale=2.0)
+    small = _real_crop(img, 100, np.random.default_rng(0), scale=0.5)
+    assert 1400 < (big > 0.5 * big.max()).sum() < 1800  # 40 px square: 1600 px
+    assert 70 < (small > 0.5 * small.max()).sum() < 130  # 10 px square: 100 px

@@ -649,10 +649,63 @@ def brightfield(
     return res[0] if np.ndim(z_um) == 0 else res
 
 
-def _real_crop(img: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+def _smooth_object(obj: np.ndarray, sigma_range_um, pixel_size_um: float, rng: np.random.Generator) -> np.ndarray:
+    """The object low-pass filtered by a random Gaussian or Butterworth filter (its own smoothness).
+
+    scipy only (no scikit-image), so lent training machines without it can simulate too.
+    """
+    sigma_px = float(np.exp(rng.uniform(np.log(sigma_range_um[0]), np.log(sigma_range_um[1])))) / pixel_size_um
+    if rng.random() < 0.5:
+        return ndimage.gaussian_filter(obj, sigma_px, mode="reflect")
+    # Butterworth low-pass with its cut-off at the Gaussian's 1/e frequency 1/(sqrt(2) pi sigma),
+    # a flatter pass band and a steeper fall (random order): another family of object spectra.
+    cutoff = 1.0 / (np.sqrt(2) * np.pi * max(sigma_px, 1e-3))
+    order = float(rng.uniform(1.0, 4.0))
+    pad = int(min(64, 4 * sigma_px + 8))
+    a = np.pad(obj, pad, mode="reflect")
+    fy = sfft.fftfreq(a.shape[0])[:, None]
+    fx = sfft.rfftfreq(a.shape[1])[None, :]
+    h = 1.0 / (1.0 + (np.hypot(fy, fx) / cutoff) ** (2 * order))
+    out = sfft.irfft2(sfft.rfft2(a) * h, s=a.shape)[pad:-pad, pad:-pad]
+    return np.clip(out, 0, None)
+
+
+def _thick_offset(z: float, lo: float, hi: float, offset_range, quantum: float, rng) -> float | None:
+    """A depth ``d`` with ``|d|`` in ``offset_range`` and both ``d`` and ``z + d`` inside [lo, hi]."""
+    q = quantum or 0.1
+    cands = []
+    for sign in (-1.0, 1.0):
+        a, b = sorted((sign * offset_range[0], sign * offset_range[1]))
+        a, b = max(a, lo, lo - z), min(b, hi, hi - z)
+        if b - a >= q:
+            cands.append((a, b))
+    if not cands:
+        return None
+    a, b = cands[rng.integers(len(cands))]
+    d = round(round(float(rng.uniform(a, b)) / q) * q, 6)
+    return float(np.clip(d, math.ceil(a / q - 1e-9) * q, math.floor(b / q + 1e-9) * q))
+
+
+def _real_crop(img: np.ndarray, side: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     img = np.asarray(img, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError("real_images must be 2-D arrays.")
+    if abs(scale - 1.0) > 1e-3:
+        # Crop what becomes `side` pixels after the zoom, then zoom; when shrinking, a Gaussian
+        # prefilter of sigma (1/scale - 1)/2 anti-aliases (scikit-image's rule for resize), in
+        # scipy so lent training machines without scikit-image can simulate too.
+        src = max(8, int(round(side / scale)))
+        if img.shape[0] < src or img.shape[1] < src:
+            py, px_ = max(0, src - img.shape[0]), max(0, src - img.shape[1])
+            img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
+        y0 = rng.integers(0, img.shape[0] - src + 1)
+        x0 = rng.integers(0, img.shape[1] - src + 1)
+        img = img[y0 : y0 + src, x0 : x0 + src]
+        if scale < 1:
+            img = ndimage.gaussian_filter(img, (1 / scale - 1) / 2, mode="reflect")
+        img = ndimage.zoom(img, side / src, order=1, mode="reflect", grid_mode=True)[:side, :side]
+        if img.shape != (side, side):
+            img = np.pad(img, ((0, side - img.shape[0]), (0, side - img.shape[1])), mode="reflect")
     if img.shape[0] < side or img.shape[1] < side:
         py, px_ = max(0, side - img.shape[0]), max(0, side - img.shape[1])
         img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
@@ -682,6 +735,14 @@ def random_training_pair(
     z_quantum_um: float = 0.1,
     surface_fraction: float = 0.0,
     surface_span_um: tuple[float, float] = (0.5, 3.0),
+    near_focus_fraction: float = 0.0,
+    near_focus_um: float = 1.0,
+    smooth_fraction: float = 0.0,
+    smooth_sigma_um: tuple[float, float] = (0.1, 1.0),
+    thick_fraction: float = 0.0,
+    thick_offset_um: tuple[float, float] = (2.0, 5.0),
+    thick_weight: tuple[float, float] = (0.2, 1.0),
+    real_scale_range: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray, float | np.ndarray]:
     """One synthetic (defocused, in-focus) training pair, generated on the fly.
 
@@ -724,6 +785,36 @@ def random_training_pair(
         used when the range is a single value (validation pins the defocus that way).
     surface_span_um : (float, float)
         Range of the surface's peak-to-peak defocus.
+    near_focus_fraction : float
+        Probability that ``z`` is drawn uniformly from ``±near_focus_um`` (inside ``z_range_um``)
+        instead of the whole range: pairs at and near focus, where the right output is the input
+        (denoised), teach the generator to change nothing there. Never used for a pinned range.
+    near_focus_um : float
+        Half-width of that near-focus band.
+    smooth_fraction : float
+        Probability that the object is low-pass filtered before imaging (a Gaussian of sigma
+        log-uniform in ``smooth_sigma_um``, or a Butterworth filter with its cut-off at the
+        frequency of the same sigma). This is the specimen's own smoothness (soft-edged nuclei,
+        diffuse stains), not an optical blur: its in-focus target stays smooth, so the generator
+        learns that a smooth object at focus is not a sharp one out of focus.
+    smooth_sigma_um : (float, float)
+        Range of the object's own blur (µm in the sample).
+    thick_fraction : float
+        Probability of a thick sample: a second object (another specimen or real crop) lies
+        ``thick_offset_um`` above or below the sample plane (sign random), with a total signal
+        ``thick_weight`` times the main object's. It is imaged at its own defocus in the target
+        (``d``) and in the input (``z + d``), so the in-focus target carries the out-of-focus haze
+        of other depths, as a real in-focus image of a thick sample does. Offsets are limited so
+        that ``d`` and ``z + d`` stay inside ``z_range_um`` (PSF banks hold nothing beyond it); when
+        no such offset exists, or the sample is a surface, the second layer is skipped.
+    thick_offset_um : (float, float)
+        Range of ``|d|``.
+    thick_weight : (float, float)
+        Range of the second layer's total signal relative to the main object's.
+    real_scale_range : (float, float)
+        Real images are magnified by a factor log-uniform in this range (anti-aliased resize)
+        before cropping: their true pixel size is unknown, and scale changes how sharp an object
+        is per pixel.
 
     Returns
     -------
@@ -741,24 +832,33 @@ def random_training_pair(
     base = OPTICS_20X_075 if optics is None else optics
     wl = round(float(rng.uniform(*wavelength_range_um)), 2)
     opt = base.replace(wavelength_um=wl)
-    z = float(rng.uniform(*z_range_um))
+    lo, hi = float(min(z_range_um)), float(max(z_range_um))
+    # Draws are skipped for a pinned range so validation sets do not depend on these options.
+    if near_focus_fraction > 0 and hi > lo and rng.random() < near_focus_fraction:
+        z = float(rng.uniform(max(lo, -near_focus_um), min(hi, near_focus_um)))
+    else:
+        z = float(rng.uniform(*z_range_um))
     if z_quantum_um:
         z = round(round(z / z_quantum_um) * z_quantum_um, 6)
-    lo, hi = float(min(z_range_um)), float(max(z_range_um))
-    # The draw is skipped for a pinned range so validation sets do not depend on this option.
     surface = surface_fraction > 0 and hi > lo and rng.random() < surface_fraction
     zmax = max(abs(z_range_um[0]), abs(z_range_um[1]))
     half = psf_size(zmax, opt) // 2
     side = patch + 2 * half
-    use_real = bool(real_images) and rng.random() < real_fraction
-    if use_real:
-        obj = _real_crop(real_images[rng.integers(len(real_images))], side, rng)
-    else:
-        kinds = tuple(specimen_kinds)
-        for k in kinds:
-            if k not in SPECIMEN_KINDS:
-                raise ValueError(f"Unknown specimen kind {k!r}; choose from {SPECIMEN_KINDS}.")
-        obj = make_specimen(kinds[rng.integers(len(kinds))], side, opt.pixel_size_um, rng)
+    kinds = tuple(specimen_kinds)
+    for k in kinds:
+        if k not in SPECIMEN_KINDS:
+            raise ValueError(f"Unknown specimen kind {k!r}; choose from {SPECIMEN_KINDS}.")
+
+    def draw_object() -> np.ndarray:
+        if bool(real_images) and rng.random() < real_fraction:
+            lo_s, hi_s = float(min(real_scale_range)), float(max(real_scale_range))
+            scale = float(np.exp(rng.uniform(np.log(lo_s), np.log(hi_s)))) if hi_s > lo_s else lo_s
+            return _real_crop(real_images[rng.integers(len(real_images))], side, rng, scale=scale)
+        return make_specimen(kinds[rng.integers(len(kinds))], side, opt.pixel_size_um, rng)
+
+    obj = draw_object()
+    if smooth_fraction > 0 and rng.random() < smooth_fraction:
+        obj = _smooth_object(obj, smooth_sigma_um, opt.pixel_size_um, rng)
     # the object itself fills the margin, so only a thin reflect pad (PSF fits in `half`) is needed
     if surface:
         step = 2 * z_quantum_um if z_quantum_um else 0.2
@@ -788,6 +888,15 @@ def random_training_pair(
         z = dpm[half:-half, half:-half].astype(np.float32)
     else:
         blurred = b.blur(defocus_psf(z, opt, copy=False))[half:-half, half:-half]
+        d = _thick_offset(z, lo, hi, thick_offset_um, z_quantum_um, rng) if (
+            thick_fraction > 0 and rng.random() < thick_fraction) else None
+        if d is not None:
+            # A second layer of the sample at depth d: its haze is part of the in-focus truth.
+            other = draw_object()
+            other *= float(rng.uniform(*thick_weight)) * obj.sum() / max(float(other.sum()), 1e-12)
+            b2 = Blurrer(other, psf_size(max(abs(d), abs(z + d)), opt) // 2)
+            infocus = infocus + b2.blur(defocus_psf(d, opt, copy=False))[half:-half, half:-half]
+            blurred = blurred + b2.blur(defocus_psf(round(z + d, 6), opt, copy=False))[half:-half, half:-half]
     photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
     scale = _percentile_scale(infocus, photons)
     bg = float(rng.uniform(*background_fraction)) * photons
