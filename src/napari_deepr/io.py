@@ -587,6 +587,9 @@ def check_output_path(
         if src in out.parents:
             raise OutputError(f"The output {out.name} lies inside the input {src}; inputs are never modified, so write it elsewhere.")
     parent = out.parent
+    if kind == "folder":  # an output folder's missing parents are created, as mkdir -p would
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.exists():
         raise OutputError(f"The output folder {parent} does not exist.")
     if not parent.is_dir():

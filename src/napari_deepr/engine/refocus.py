@@ -10,6 +10,7 @@ image's true standard deviation is unknown from a defocused input).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -167,13 +168,27 @@ class RefocusJob:
         io_binding: bool | None = None,
         pipeline: bool | None = None,
     ):
+        _check_settings(tile=tile, overlap=overlap, batch=batch, threads=threads, halo=halo, providers=providers,
+                        axes=axes, precision=precision)
         self.model: DeepRModel = load_model(model)
         card = self.model.card
         data = image
         if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
             axes = axes or image.axes
             data = image.data
-        data = _as_array(data)
+        if data is None or isinstance(data, (str, bytes, dict, set)) or (
+            isinstance(data, os.PathLike)
+        ):
+            from ..errors import ArgumentTypeError
+
+            raise ArgumentTypeError(
+                f"The image must be an array (numpy, dask, zarr) or io.ImageData, not {type(data).__name__}; "
+                "read files with napari_deepr.io.read_image first."
+            )
+        try:
+            data = _as_array(data)
+        except (ValueError, TypeError) as exc:  # ragged lists, objects numpy cannot convert
+            raise InputError(f"The image cannot be turned into an array ({_one_line(exc)}).") from exc
         if data.ndim < 2 or 0 in data.shape:
             raise InputError(
                 f"The image has shape {tuple(data.shape)}; refocus needs a non-empty array with at least Y and X."
@@ -729,6 +744,30 @@ def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int |
 def auto_batch(tile: int, memory: int, budget_fraction: float = 0.25, most: int = 4) -> int:
     """Tiles per GPU call: as many as fit in a quarter of ``memory`` bytes, at most ``most``."""
     return int(max(1, min(most, memory * budget_fraction // (tile * tile * BYTES_PER_TILE_PIXEL))))
+
+
+def _check_settings(**kw) -> None:
+    """Refuse settings of the wrong type or range in one sentence, before any model or pixel is read."""
+    from ..errors import ArgumentTypeError, SettingsError
+
+    for name in ("tile", "overlap", "batch", "threads", "halo"):
+        v = kw[name]
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ArgumentTypeError(f"{name} must be a whole number or None, not {type(v).__name__} {v!r}.")
+        lo = 0 if name in ("overlap", "halo") else 1
+        if v < lo:
+            raise SettingsError(f"{name} must be at least {lo}, got {v}.")
+    p = kw["providers"]
+    if p is not None and not isinstance(p, str) and not (
+        isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p)
+    ):
+        raise ArgumentTypeError(f"providers must be a name or a list of names, not {type(p).__name__}.")
+    if kw["axes"] is not None and not isinstance(kw["axes"], str):
+        raise ArgumentTypeError(f"axes must be a string of axis letters such as 'ZYX', not {type(kw['axes']).__name__}.")
+    if not isinstance(kw["precision"], str):
+        raise ArgumentTypeError(f"precision must be one of fp32, fp16, bf16, int8, not {kw['precision']!r}.")
 
 
 def _one_line(exc: BaseException) -> str:
