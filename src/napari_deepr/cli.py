@@ -95,7 +95,7 @@ def cmd_refocus(args) -> int:
 
     out_path = io.check_output_path(args.output, args.input, overwrite=args.overwrite)
     if args.dpm:
-        dpm_path = io.check_output_path(args.dpm, args.input, args.output, overwrite=args.overwrite)
+        dpm_path = io.check_output_path(args.dpm, args.input, overwrite=args.overwrite)
         if dpm_path == out_path:
             raise SettingsError("--dpm names the same file as -o; choose two different outputs.")
     load_model(args.model)  # a wrong model is refused before a large image is read
@@ -189,7 +189,13 @@ def cmd_simulate(args) -> int:
     from .optics.psf import Optics
     from .optics.simulate import write_sample_set
 
+    from .optics.specimens import SPECIMEN_KINDS
+
     _check_folder_target(args.output)
+    if args.specimen not in SPECIMEN_KINDS:
+        raise SettingsError(f"Unknown specimen {args.specimen!r}; choose one of {', '.join(SPECIMEN_KINDS)}.")
+    if args.size < 32:
+        raise SettingsError(f"--size {args.size} is too small; use at least 32 pixels.")
     if args.na >= 1.6:
         raise SettingsError(f"--na {args.na:g} is beyond any objective (at most about 1.5).")
     optics = Optics(na=args.na, wavelength_um=args.wavelength, pixel_size_um=args.pixel_size)
@@ -295,7 +301,10 @@ def cmd_quantize(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    from .engine.model import load_model
+
     _check_folder_target(args.output)
+    load_model(args.model)  # refused before the output folder is created
     out = run_demo(args.output, model=args.model, provider=args.provider)
     for k, v in out.items():
         print(f"{k:>12}: {v}")
@@ -443,9 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     # --debug may stand anywhere; for train everything after DATASET passes through to the trainer.
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # argparse exits on errors (one line, code 2) and on --help/--version (code 0)
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:
+        return int(exc.code or 0)
     old_showwarning = warnings.showwarning
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
