@@ -184,10 +184,12 @@ class TrainConfig:
             raise ValueError("--dpm-target must be auto, signed or magnitude.")
         if self.val_every < 1:
             raise ValueError("--val-every must be at least 1.")
+        zero_ok = ("dpm_iterations", "patience", "overlap", "workers")  # workers 0: data made in-process
         for name in ("dpm_iterations", "patience", "threads", "workers", "tile", "overlap", "log_every"):
             v = getattr(self, name, None)
-            if v is not None and v < (0 if name in ("dpm_iterations", "patience", "overlap") else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {0 if name in ('dpm_iterations', 'patience', 'overlap') else 1}.")
+            lo = 0 if name in zero_ok else 1
+            if v is not None and v < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lo}.")
         if self.dpm_minutes is not None and not self.dpm_minutes > 0:
             raise ValueError("--dpm-minutes must be positive.")
         for name in ("lr_g", "lr_d", "lr_dpm", "clip"):
