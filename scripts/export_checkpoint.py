@@ -21,7 +21,9 @@ def main() -> None:
         sys.exit(__doc__)
     config, model = sys.argv[1], Path(sys.argv[2])
     ckpt = model / "checkpoint.pt"
-    s = torch.load(ckpt, map_location="cpu", weights_only=False)
+    from napari_deepr.train.loop import load_checkpoint
+
+    s = load_checkpoint(ckpt)  # weights_only: a checkpoint never runs code
     if s["phase"] not in ("done", "export"):
         sys.exit(f"{ckpt} is in phase {s['phase']!r}; finish training before exporting.")
     s["phase"] = "export"

@@ -42,7 +42,7 @@ $PY -m napari_deepr.train "$KIT/${DEEPR_GPU_CONFIG:-synthetic.json}" -o "$WORK" 
     > "$OUT/train.log" 2> "$OUT/train.err" || { echo "trainer failed:"; tail -30 "$OUT/train.err"; tail -5 "$OUT/train.log"; exit 1; }
 $PY - "$WORK/checkpoint.pt" "$OUT/weights.pt" <<'PY'
 import sys, torch
-s = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+s = torch.load(sys.argv[1], map_location="cpu", weights_only=True)  # tensors and plain values only
 torch.save({"generator": s["generator"], "dpm": s["dpm"], "phase": s["phase"]}, sys.argv[2])
 PY
 last=$(ls "$WORK"/previews/*.png 2>/dev/null | tail -1); [ -n "$last" ] && cp "$last" "$OUT/"

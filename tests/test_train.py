@@ -287,7 +287,7 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     model = load_model(out)
     assert model.has_dpm and model.feature_names == tuple(f"feat{i}" for i in range(6))
     # ORT on a new image matches the trained torch generator (best checkpoint)
-    best = torch.load(out / "best.pt", weights_only=False)
+    best = torch.load(out / "best.pt", weights_only=True)
     g = Generator(base=4)
     g.load_state_dict(best["generator"])
     x = np.random.default_rng(5).standard_normal((1, 1, 96, 128)).astype(np.float32)
@@ -310,7 +310,7 @@ def test_stop_file_and_resume(dataset, tmp_path, capsys):
     rc, events = _run(args, capsys, on_event=stop_at_3)
     assert rc == 0 and events[-1]["event"] == "stopped" and events[-1]["iteration"] == 3
     assert (out / "checkpoint.pt").is_file() and not (out / "STOP").exists()
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and values only
     assert ck["iteration"] == 3 and ck["phase"] == "gan" and "opt_g" in ck and "rng" in ck
 
     rc, events = _run([*args, "--resume"], capsys)
@@ -356,7 +356,7 @@ def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
                   "--lr-dpm", "3e-3", "--val-pairs", "4", *TINY], capsys)
     assert rc == 0
     gen, dec = load_init_weights(first)
-    best = torch.load(first / "best.pt", weights_only=False)["generator"]
+    best = torch.load(first / "best.pt", weights_only=True)["generator"]
     assert gen.keys() == best.keys() and all(torch.equal(gen[k], best[k]) for k in gen)
     assert dec is not None and "range_um" in dec
     assert init_architecture(gen) == (4, 128)
@@ -400,5 +400,5 @@ def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
             proc.kill()
     assert rc == 0
     assert events[0]["event"] == "start" and events[-1]["event"] == "stopped"
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and values only
     assert ck["iteration"] == events[-1]["iteration"] >= 2

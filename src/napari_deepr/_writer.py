@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import numpy as np
 
 from . import io
@@ -65,7 +67,11 @@ def write_image(path: str | os.PathLike, data, meta: dict) -> list[str]:
 
     extra = dict(meta.get("metadata") or {})
     extra.update(name=meta.get("name"), translate=list(meta.get("translate") or []))
-    written = io.write_image(path, data, axes=axes, pixel_size_um=size("X"), z_step_um=size("Z"), metadata=extra)
+    # napari's save dialog has already asked before replacing a file; a folder (zarr) is replaced only
+    # when napari-deepr wrote it, since the dialog cannot tell a store from a folder of the user's.
+    overwrite = not Path(path).is_dir()
+    written = io.write_image(path, data, axes=axes, pixel_size_um=size("X"), z_step_um=size("Z"), metadata=extra,
+                             overwrite=overwrite)
     return [str(written)]
 
 

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
-from .errors import Cancelled, DeepRError
+from .errors import Cancelled, DeepRError, OutputError, SettingsError
 
 
 class ProgressBar:
@@ -42,14 +44,45 @@ class ProgressBar:
 
 
 def _cancel_on_sigint() -> threading.Event:
+    """Turn SIGINT and SIGTERM into a cancel: workers see the event, the main thread an exception.
+
+    Raising :class:`Cancelled` in the main thread (where Python runs signal handlers) also stops the
+    write phase, so every ``finally`` removes its temporary file before the process exits.
+    """
     stop = threading.Event()
 
     def handler(signum, frame):
         stop.set()
+        raise Cancelled(f"stopped by {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def _report_stale(path) -> None:
+    from . import io
+
+    removed = io.clean_stale_partials(path)
+    if removed:
+        print(f"deepr: removed {len(removed)} temporary file(s) left by an interrupted earlier run: "
+              + ", ".join(p.name for p in removed), file=sys.stderr)
+
+
+def _check_folder_target(path: str, what: str = "output folder") -> Path:
+    """An output folder that may be created: refused when it is a file or its place is not writable."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"The {what} {p} is a file; choose a folder name.")
+    anc = p.resolve()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"The {what} {p} cannot be created because {anc} is a file.")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"The {what} {p} cannot be written ({anc} is not writable).")
+    return p
 
 
 # -- refocus ----------------------------------------------------------------------------------------
@@ -58,9 +91,15 @@ def cmd_refocus(args) -> int:
     from .engine.dpm import dpm_geometry
     from .engine.refocus import RefocusJob
 
-    out_path = io.check_output_path(args.output, args.input)
+    from .engine.model import load_model
+
+    out_path = io.check_output_path(args.output, args.input, overwrite=args.overwrite)
     if args.dpm:
-        io.check_output_path(args.dpm, args.input, args.output)
+        dpm_path = io.check_output_path(args.dpm, args.input, overwrite=args.overwrite)
+        if dpm_path == out_path:
+            raise SettingsError("--dpm names the same file as -o; choose two different outputs.")
+    load_model(args.model)  # a wrong model is refused before a large image is read
+    _report_stale(out_path)
     img = io.read_image(args.input)
     if args.scheduler or args.out_of_core:
         from .engine.distributed import refocus_file
@@ -69,6 +108,7 @@ def cmd_refocus(args) -> int:
             img, out_path, model=args.model, dpm_path=args.dpm, tile=args.tile, overlap=args.overlap,
             batch=args.batch, providers=args.provider, scheduler=args.scheduler, threads=args.threads,
             precision=args.precision, progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
+            overwrite=args.overwrite,
         )
         print(json.dumps(info))
         return 0
@@ -89,7 +129,8 @@ def cmd_refocus(args) -> int:
         "intensity": "z-scored network output mapped back with each plane's mean and std",
     }
     axes = args.axes or img.axes
-    io.write_image(out_path, job.output, axes=axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=meta)
+    io.write_image(out_path, job.output, axes=axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=meta,
+                   overwrite=args.overwrite)
     summary = {"output": str(out_path), "provider": job.provider, "model": card.name}
     for w in job.warnings:
         print(f"deepr: warning: {w}", file=sys.stderr)
@@ -111,7 +152,8 @@ def cmd_refocus(args) -> int:
             print(f"DPM: {mean} µm · {geometry.describe()}"
                   + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),
                   file=sys.stderr)
-        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta)
+        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta,
+                       overwrite=args.overwrite)
         summary["dpm"] = str(Path(args.dpm).resolve())
     if img.pixel_size_um and card.pixel_size_um and abs(img.pixel_size_um / card.pixel_size_um - 1) > 0.1:
         print(
@@ -147,6 +189,15 @@ def cmd_simulate(args) -> int:
     from .optics.psf import Optics
     from .optics.simulate import write_sample_set
 
+    from .optics.specimens import SPECIMEN_KINDS
+
+    _check_folder_target(args.output)
+    if args.specimen not in SPECIMEN_KINDS:
+        raise SettingsError(f"Unknown specimen {args.specimen!r}; choose one of {', '.join(SPECIMEN_KINDS)}.")
+    if args.size < 32:
+        raise SettingsError(f"--size {args.size} is too small; use at least 32 pixels.")
+    if args.na >= 1.6:
+        raise SettingsError(f"--na {args.na:g} is beyond any objective (at most about 1.5).")
     optics = Optics(na=args.na, wavelength_um=args.wavelength, pixel_size_um=args.pixel_size)
     paths = write_sample_set(
         args.output, specimen=args.specimen, size=args.size, z_um=tuple(args.z), tilt_deg=args.tilt,
@@ -159,13 +210,15 @@ def cmd_simulate(args) -> int:
 
 # -- pairs ------------------------------------------------------------------------------------------
 def cmd_pairs(args) -> int:
+    from . import io
     from .stacks.pairs import build_pairs
 
+    io.check_output_path(args.output, *args.stacks, overwrite=args.overwrite, kind="folder")
     stop = _cancel_on_sigint()
     summary = build_pairs(
         args.stacks, args.output, z_step_um=args.z_step, range_um=args.range, patch=args.patch,
         focus_method=args.focus_method, infocus_index=args.infocus_index, split=args.split, seed=args.seed,
-        progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set,
+        progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set, overwrite=args.overwrite,
     )
     print(json.dumps(summary, default=str))
     return 0
@@ -182,19 +235,35 @@ def _text_progress(label: str):
 # -- train ------------------------------------------------------------------------------------------
 def cmd_train(args, extra: list[str]) -> int:
     """Run the bundled trainer as its own process, passing its JSON lines through."""
+    _check_folder_target(args.output, "model folder")
+    if not Path(args.dataset).exists():
+        raise SettingsError(f"The dataset {args.dataset} does not exist.")
     cmd = [sys.executable, "-m", "napari_deepr.train", args.dataset, "-o", args.output, *extra]
     proc = subprocess.Popen(cmd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # The trainer got the same SIGINT and is writing a resumable checkpoint.
-        return proc.wait()
+
+    def forward(signum, frame):
+        # The trainer writes a resumable checkpoint when signalled; pass the signal on and wait for it
+        # instead of dying and leaving an orphan that is killed without one.
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 # -- bench ------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
+    from . import io
     from .bench import format_table, run_bench
 
+    if args.json:
+        io.check_output_path(args.json, kind="file", overwrite=True)
     result = run_bench(
         model=args.model, sizes=args.sizes, repeats=args.repeats, threads=args.threads, torch_eager=not args.no_torch,
         baselines=not args.no_baselines, tile=args.tile, overlap=args.overlap, variants=args.variants,
@@ -209,7 +278,13 @@ def cmd_bench(args) -> int:
 
 # -- quantize -------------------------------------------------------------------------------------
 def cmd_quantize(args) -> int:
+    from . import io
+    from .engine.model import load_model
     from .engine.quantize import calibration_tiles, quality_delta, quantize_generator
+
+    load_model(args.model)
+    if args.json:
+        io.check_output_path(args.json, kind="file", overwrite=True)
 
     if args.precision == "int8":
         path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
@@ -226,18 +301,61 @@ def cmd_quantize(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    from .engine.model import load_model
+
+    _check_folder_target(args.output)
+    load_model(args.model)  # refused before the output folder is created
     out = run_demo(args.output, model=args.model, provider=args.provider)
     for k, v in out.items():
         print(f"{k:>12}: {v}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-sentence errors (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        message = message[0].upper() + message[1:] if message else message
+        self.exit(2, f"deepr: error: {message.rstrip('.')}; see '{self.prog} --help'.\n")
+
+
+def _number(kind, text: str, check, what: str):
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not check(v):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a whole number of at least 1")
+
+
+def _nonneg_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "a whole number of at least 0")
+
+
+def _positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0 and v != float("inf"), "a positive number")
+
+
+def _finite_float(text: str) -> float:
+    return _number(float, text, lambda v: abs(v) != float("inf") and v == v, "a finite number")
+
+
+def _fraction(text: str) -> float:
+    return _number(float, text, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deepr`` argument parser."""
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="deepr", description="Deep-R single-shot autofocusing (refocus + defocus maps).")
+    p = _Parser(prog="deepr", description="Deep-R single-shot autofocusing (refocus + defocus maps).")
     p.add_argument("--version", action="version", version=f"napari-deepr {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of a failure (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("refocus", help="refocus a defocused image (TIFF/OME-TIFF/zarr in and out)")
@@ -245,18 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--model", default="default", help="model name, folder or .onnx (default: bundled)")
     r.add_argument("--dpm", metavar="DPM_OUT", help="also write the defocus map (µm) here")
-    r.add_argument("--tile", type=int)
-    r.add_argument("--overlap", type=int)
-    r.add_argument("--batch", type=int)
+    r.add_argument("--tile", type=_positive_int, help="tile side in px, a multiple of the model's tile multiple (default: by memory)")
+    r.add_argument("--overlap", type=_nonneg_int)
+    r.add_argument("--batch", type=_positive_int)
     r.add_argument("--provider", action="append", help="cpu, cuda, tensorrt, directml, coreml, openvino (repeatable)")
     r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
-    r.add_argument("--threads", type=int)
+    r.add_argument("--threads", type=_positive_int)
     r.add_argument(
         "--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
         help="fp16: half precision on GPU providers; bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
     )
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
     r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output that napari-deepr did not write")
     r.add_argument("-q", "--quiet", action="store_true")
 
     m = sub.add_parser("models", help="list bundled and user models with their optics and range")
@@ -265,24 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="write physically defocused sample data (uniform, tilted, z-stack)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--specimen", default="mixed")
-    s.add_argument("--size", type=int, default=512)
-    s.add_argument("--z", type=float, nargs="+", default=[-4, -2, 0, 2, 4], help="defocus values in µm")
-    s.add_argument("--tilt", type=float, default=1.5, help="tilt of the tilted field in degrees")
-    s.add_argument("--na", type=float, default=0.75)
-    s.add_argument("--wavelength", type=float, default=0.55, help="emission wavelength in µm")
-    s.add_argument("--pixel-size", type=float, default=0.325, help="µm")
+    s.add_argument("--size", type=_positive_int, default=512)
+    s.add_argument("--z", type=_finite_float, nargs="+", default=[-4, -2, 0, 2, 4], help="defocus values in µm")
+    s.add_argument("--tilt", type=_finite_float, default=1.5, help="tilt of the tilted field in degrees")
+    s.add_argument("--na", type=_positive_float, default=0.75)
+    s.add_argument("--wavelength", type=_positive_float, default=0.55, help="emission wavelength in µm")
+    s.add_argument("--pixel-size", type=_positive_float, default=0.325, help="µm")
     s.add_argument("--seed", type=int, default=0)
 
     pr = sub.add_parser("pairs", help="build a training-pairs dataset from z-stacks")
     pr.add_argument("stacks", nargs="+")
     pr.add_argument("-o", "--output", required=True)
-    pr.add_argument("--z-step", type=float, help="µm, when the files do not say")
-    pr.add_argument("--range", type=float, default=5.0, help="pair planes within ±range µm of focus")
-    pr.add_argument("--patch", type=int, default=256)
+    pr.add_argument("--z-step", type=_positive_float, help="µm, when the files do not say")
+    pr.add_argument("--range", type=_positive_float, default=5.0, help="pair planes within ±range µm of focus")
+    pr.add_argument("--patch", type=_positive_int, default=256)
     pr.add_argument("--focus-method", default="ssim_edof")
-    pr.add_argument("--infocus-index", type=int, help="manual in-focus plane (overrides --focus-method)")
-    pr.add_argument("--split", type=float, default=0.85)
+    pr.add_argument("--infocus-index", type=_nonneg_int, help="manual in-focus plane (overrides --focus-method)")
+    pr.add_argument("--split", type=_fraction, default=0.85)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a pairs dataset")
     pr.add_argument("-q", "--quiet", action="store_true")
 
     t = sub.add_parser(
@@ -294,11 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput (MP/s, s/mm²) of the engine, raw ORT, PyTorch, baselines")
     b.add_argument("--model", default="default")
-    b.add_argument("--sizes", type=int, nargs="+", default=[512, 4096])
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--threads", type=int)
-    b.add_argument("--tile", type=int)
-    b.add_argument("--overlap", type=int)
+    b.add_argument("--sizes", type=_positive_int, nargs="+", default=[512, 4096])
+    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--threads", type=_positive_int)
+    b.add_argument("--tile", type=_positive_int)
+    b.add_argument("--overlap", type=_nonneg_int)
     b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm")
     b.add_argument("--provider", default="cpu", help="cpu (default) or a GPU provider, e.g. cuda")
     b.add_argument("--no-torch", action="store_true")
@@ -311,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("model")
     qz.add_argument("--precision", choices=("int8", "bf16"), default="int8",
                     help="int8: write generator.int8.onnx; bf16: measure the OpenVINO bf16 run (nothing written)")
-    qz.add_argument("--calibration-tiles", type=int, default=64)
+    qz.add_argument("--calibration-tiles", type=_positive_int, default=64)
     qz.add_argument("--json", help="also write the measurement here")
 
     d = sub.add_parser("demo", help="refocus the bundled tilted sample: image, DPM and comparison PNG")
@@ -322,12 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deepr`` command."""
-    parser = build_parser()
+    """Entry point of the ``deepr`` command.
+
+    Exit codes: 0 done, 2 a problem the user can fix (one sentence on stderr), 130 cancelled, 1 an
+    unexpected failure (one sentence; the traceback only with ``--debug``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = "--debug" in argv
+    # --debug may stand anywhere; for train everything after DATASET passes through to the trainer.
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    try:  # argparse exits on errors (one line, code 2) and on --help/--version (code 0)
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    old_showwarning = warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if debug:
+            return old_showwarning(message, category, filename, lineno, file, line)
+        print(f"deepr: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         if args.command == "train":
             return cmd_train(args, extra)
@@ -340,15 +478,38 @@ def main(argv: list[str] | None = None) -> int:
             "demo": cmd_demo,
             "quantize": cmd_quantize,
         }[args.command](args)
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt):
         print("deepr: cancelled; nothing was written.", file=sys.stderr)
         return 130
     except DeepRError as exc:
-        print(f"deepr: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"deepr: error: {_one_sentence(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
+        if debug:
+            traceback.print_exc()
         print("deepr: error: not enough memory; use a smaller --tile or --batch.", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk that is full or read-only, a file removed meanwhile
+        if debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"deepr: error: {exc.strerror or _one_sentence(exc)}{where}.", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the command's boundary: one sentence, details on request
+        if debug:
+            traceback.print_exc()
+        print(f"deepr: internal error: {type(exc).__name__}: {_one_sentence(exc)}; rerun with --debug for the traceback "
+              "and please report it.", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = old_showwarning
+
+
+def _one_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

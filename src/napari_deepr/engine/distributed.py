@@ -14,14 +14,13 @@ so the result is bit-identical with and without the scheduler.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import io
+from ..errors import InputError
 from .refocus import Progress, RefocusJob, plane_stats
 
 
@@ -120,7 +119,13 @@ def refocus_lazy(
         return job
     from distributed import Client, as_completed
 
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    if isinstance(scheduler, Client):
+        client = scheduler
+    else:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:  # unreachable address, refused connection
+            raise InputError(f"The dask scheduler at {scheduler} cannot be reached ({exc}).") from exc
     try:
         if source is None:
             data = job.data
@@ -176,8 +181,12 @@ def refocus_file(
     progress=None,
     rows_per_strip: int = 4,
     precision: str = "fp32",
+    overwrite: bool = False,
 ) -> dict:
     """Refocus a file disk to disk with bounded memory; TIFF or zarr out, calibration kept.
+
+    An existing output is replaced only when it is a previous output of napari-deepr, or with
+    ``overwrite``.
 
     The result is streamed into a zarr store under a temporary name (the final store, or a scratch
     store that is then streamed tile by tile into a BigTIFF) and renamed when complete.
@@ -197,7 +206,8 @@ def refocus_file(
 
     def scratch_store(path: Path, shp, axes):
         # A group with array "0" (OME-Zarr layout) under a temporary name beside the target.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.zarr")
+        io.clean_stale_partials(path)
+        tmp = io._temp_sibling(path)
         scratch.append(tmp)
         chunks = tuple(min(s, 1024) if a in "YX" else 1 for s, a in zip(shp, axes, strict=True))
         arr = zarr.open_array(str(tmp / "0"), mode="w", shape=shp, chunks=chunks, dtype="float32", fill_value=0.0)
@@ -223,19 +233,18 @@ def refocus_file(
             final = Path(final)
             if io.is_zarr_path(final):
                 io.write_zarr_attrs(tmp, axes, img.pixel_size_um, img.z_step_um, meta)
-                if final.exists():
-                    shutil.rmtree(final) if final.is_dir() else final.unlink()
-                os.replace(tmp, final)
+                (tmp / io.MARKER).write_text("written by napari-deepr; this folder may be replaced by its next run\n")
+                io._finish(tmp, final, overwrite)  # replaces only a previous output of this tool
                 scratch.remove(tmp)
             else:
                 import dask.array as da
 
                 io.write_image(final, da.from_zarr(arr), axes=axes, pixel_size_um=img.pixel_size_um,
-                               z_step_um=img.z_step_um, metadata=meta)
+                               z_step_um=img.z_step_um, metadata=meta, overwrite=overwrite)
             results[str(final)] = list(arr.shape)
     finally:
         for tmp in scratch:
-            shutil.rmtree(tmp, ignore_errors=True)
+            io._remove(tmp)
     from ..bench import peak_rss_mb
 
     return {"outputs": results, "provider": job.provider, "seconds": time.perf_counter() - t0,

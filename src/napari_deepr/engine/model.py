@@ -8,6 +8,7 @@ lone ``.onnx`` file loads with its facts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -58,21 +59,65 @@ class ModelCard:
         return str(self.extra.get("dpm_target", "signed")) == "magnitude"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
-        """Build a card from ``model.json`` content, keeping unknown keys in ``extra``."""
+    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> ModelCard:
+        """Build a card from ``model.json`` content, keeping unknown keys in ``extra``.
+
+        Raises
+        ------
+        ModelError
+            When a field has the wrong type or an impossible value (a text pixel size, a one-element
+            defocus range, a negative tile), in one sentence naming the field.
+        """
+        if not isinstance(d, dict):
+            raise ModelError(f"{source} must hold a JSON object, not {type(d).__name__}.")
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names and k != "extra"}
         extra = {k: v for k, v in d.items() if k not in names}
-        extra.update(d.get("extra", {}) or {})
+        more = d.get("extra", {}) or {}
+        if not isinstance(more, dict):
+            raise ModelError(f"{source}: 'extra' must be an object.")
+        extra.update(more)
+
+        def bad(key, what):
+            return ModelError(f"{source}: '{key}' must be {what}, not {known[key]!r}.")
+
+        for key in ("name", "version", "modality", "normalization", "output_scaling", "dpm_sign"):
+            if key in known:
+                if isinstance(known[key], (int, float)) and not isinstance(known[key], bool) and key == "version":
+                    known[key] = str(known[key])
+                if not isinstance(known[key], str):
+                    raise bad(key, "text")
+        if "name" in known and not known["name"].strip():
+            raise bad("name", "a non-empty name")
+        for key in ("pixel_size_um", "na", "wavelength_um", "immersion_index"):
+            if key in known and known[key] is not None:
+                v = known[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise bad(key, "a positive number or null")
+                known[key] = float(v)
+        for key, lo in (("channels", 1), ("tile_multiple", 1), ("min_size", 1), ("tile", 1), ("overlap", 0), ("halo", 0)):
+            if key in known:
+                v = known[key]
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise bad(key, f"a whole number of at least {lo}")
+                known[key] = v
+        if "dpm_sign_meaningful" in known and not isinstance(known["dpm_sign_meaningful"], bool):
+            raise bad("dpm_sign_meaningful", "true or false")
+        for key in ("provenance", "quality", "config"):
+            if key in known and not isinstance(known[key], dict):
+                raise bad(key, "an object")
         if "defocus_range_um" in known:
             r = known["defocus_range_um"]
-            if isinstance(r, (int, float)):
+            if isinstance(r, (int, float)) and not isinstance(r, bool):
                 r = (-abs(float(r)), abs(float(r)))
+            if (not isinstance(r, (list, tuple)) or len(r) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in r)
+                    or not r[0] < r[1]):
+                raise bad("defocus_range_um", "two numbers [low, high] with low < high")
             known["defocus_range_um"] = (float(r[0]), float(r[1]))
-        card = cls(**known, extra=extra)
-        for name in ("tile_multiple", "min_size", "tile", "overlap", "halo", "channels"):
-            setattr(card, name, int(getattr(card, name)))
-        return card
+        return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """``model.json`` content."""
@@ -158,9 +203,12 @@ def list_models() -> list[DeepRModel]:
     seen: set[str] = set()
     out = []
     for root in model_search_path():
-        if not root.is_dir():
+        try:
+            subs = sorted(root.iterdir()) if root.is_dir() else []
+        except OSError as exc:
+            warnings.warn(f"The model folder {root} cannot be listed ({exc.strerror or exc}).", stacklevel=2)
             continue
-        for sub in sorted(root.iterdir()):
+        for sub in subs:
             if not _is_model_folder(sub) or sub.name in seen:
                 continue
             try:
@@ -168,6 +216,8 @@ def list_models() -> list[DeepRModel]:
                 seen.add(sub.name)
             except ModelError as exc:
                 warnings.warn(str(exc), stacklevel=2)
+            except Exception as exc:  # noqa: BLE001 - one unreadable folder must not hide every other model
+                warnings.warn(f"{sub} was skipped ({type(exc).__name__}: {exc}).", stacklevel=2)
     return out
 
 
@@ -209,6 +259,12 @@ def load_model(name_or_path: str | os.PathLike | DeepRModel = "default") -> Deep
     """
     if isinstance(name_or_path, DeepRModel):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        from ..errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"A model is a name, folder or .onnx path, not {type(name_or_path).__name__}.")
+    if not str(name_or_path).strip():
+        raise ModelError("The model name is empty; pass a model name, folder or .onnx file.")
     path = _resolve(name_or_path)
     st = path.stat()
     return _load_cached(str(path), st.st_mtime_ns, st.st_size)
@@ -231,12 +287,17 @@ def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
     card_dict = dict(gen_info["meta"])
     if card_file is not None and card_file.is_file():
         try:
-            card_dict.update(json.loads(card_file.read_text()))
+            loaded = json.loads(card_file.read_text())
         except json.JSONDecodeError as exc:
             raise ModelError(f"{card_file} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{card_file} cannot be read ({exc}).") from exc
+        if not isinstance(loaded, dict):
+            raise ModelError(f"{card_file} must hold a JSON object, not {type(loaded).__name__}.")
+        card_dict.update(loaded)
     if "name" not in card_dict:
         card_dict["name"] = path.stem if path.is_file() else path.name
-    card = ModelCard.from_dict(card_dict)
+    card = ModelCard.from_dict(card_dict, source=str(card_file) if card_file is not None and card_file.is_file() else gen.name)
     inp = gen_info["inputs"]
     if len(inp) != 1:
         raise ModelError(f"{gen.name} has {len(inp)} inputs; a Deep-R generator takes exactly one image tensor.")
@@ -247,7 +308,7 @@ def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
         raise ModelError(f"{gen.name} takes a {len(in_shape)}-D input; a Deep-R generator takes NCHW (4-D).")
     ch = in_shape[1]
     if isinstance(ch, int) and ch > 0:
-        if "channels" in card_dict and int(card_dict["channels"]) != ch:
+        if "channels" in card_dict and card.channels != ch:
             raise ModelError(f"{gen.name} takes {ch} channels but its card says {card_dict['channels']}.")
         card.channels = ch
     if card.tile_multiple <= 0 or card.tile % card.tile_multiple:

@@ -10,6 +10,7 @@ image's true standard deviation is unknown from a defocused input).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -94,6 +95,11 @@ def _layout(shape, axes: str, channels: int) -> _Layout:
         raise InputError(f"Axes '{axes}' name {len(axes)} dimensions but the image has {len(shape)}.")
     if "Y" not in axes or "X" not in axes:
         raise InputError(f"Axes '{axes}' must include Y and X.")
+    if len(set(axes)) != len(axes) or not set(axes) <= set("TZCYXS"):
+        raise InputError(
+            f"The image has {len(shape)} dimensions with axes '{axes}'; refocus supports distinct axes from "
+            "T, Z, C, Y, X and S (at most 6), so pass --axes or reshape the image."
+        )
     chan = None
     if channels > 1:
         for letter in ("C", "S"):
@@ -162,13 +168,27 @@ class RefocusJob:
         io_binding: bool | None = None,
         pipeline: bool | None = None,
     ):
+        _check_settings(tile=tile, overlap=overlap, batch=batch, threads=threads, halo=halo, providers=providers,
+                        axes=axes, precision=precision)
         self.model: DeepRModel = load_model(model)
         card = self.model.card
         data = image
         if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
             axes = axes or image.axes
             data = image.data
-        data = _as_array(data)
+        if data is None or isinstance(data, (str, bytes, dict, set)) or (
+            isinstance(data, os.PathLike)
+        ):
+            from ..errors import ArgumentTypeError
+
+            raise ArgumentTypeError(
+                f"The image must be an array (numpy, dask, zarr) or io.ImageData, not {type(data).__name__}; "
+                "read files with napari_deepr.io.read_image first."
+            )
+        try:
+            data = _as_array(data)
+        except (ValueError, TypeError) as exc:  # ragged lists, objects numpy cannot convert
+            raise InputError(f"The image cannot be turned into an array ({_one_line(exc)}).") from exc
         if data.ndim < 2 or 0 in data.shape:
             raise InputError(
                 f"The image has shape {tuple(data.shape)}; refocus needs a non-empty array with at least Y and X."
@@ -235,6 +255,9 @@ class RefocusJob:
         # On a GPU the next batch's tiles are read and normalized, and the last one blended, while the
         # network runs in a worker thread; on the CPU that work would only compete for the same cores.
         self.pipeline = on_gpu if pipeline is None else bool(pipeline)
+        # An output this job allocates may be promoted to float64 if the refocused values of a float
+        # image do not fit in float32 (inputs near 3e38); a caller's preallocated output cannot.
+        self._own_output = out is None
         self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
@@ -345,11 +368,16 @@ class RefocusJob:
             names += list(self.model.feature_names)
         try:
             if self.io_binding:
-                return self._run_bound(x)
+                return self._checked(x, *self._run_bound(x))
             res = self.session.run(names, {self.model.input_name: x})
+        except ModelError:
+            raise
         except Exception as exc:
             if self.provider == "cpu":
-                raise
+                raise ModelError(
+                    f"Model {self.model.name} failed on a {x.shape[2]}×{x.shape[3]} tile ({_one_line(exc)}); "
+                    "it may need a fixed input size or be broken."
+                ) from exc
             msg = f"The {self.provider} provider failed while running ({str(exc).splitlines()[0][:160]}); continuing on CPU."
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.warnings.append(msg)
@@ -362,7 +390,24 @@ class RefocusJob:
         dpm = None
         if self.want_dpm:
             feeds = dict(zip(self.model.feature_names, res[1:], strict=True))
-            dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
+            try:
+                dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
+            except Exception as exc:
+                raise ModelError(f"The DPM decoder of model {self.model.name} failed ({_one_line(exc)}).") from exc
+        return self._checked(x, out, dpm)
+
+    def _checked(self, x, out, dpm):
+        """Refuse network outputs whose shape does not match the tile (a model that loads but is wrong)."""
+        if getattr(out, "shape", None) != x.shape:
+            raise ModelError(
+                f"Model {self.model.name} returned an output of shape {tuple(getattr(out, 'shape', ()))} for an input of "
+                f"shape {x.shape}; a Deep-R generator must return an image of its input's size and channels."
+            )
+        if dpm is not None and (dpm.ndim != 4 or dpm.shape[0] != x.shape[0] or dpm.shape[2:] != x.shape[2:]):
+            raise ModelError(
+                f"The DPM decoder of model {self.model.name} returned shape {dpm.shape} for tiles of shape {x.shape}; "
+                "it must return one defocus value per pixel."
+            )
         return out, dpm
 
     def _run_bound(self, x: np.ndarray):
@@ -426,13 +471,23 @@ class RefocusJob:
         try:
             for p in self.planes:
                 view = self._plane_view(p)
-                mean, std = self.norm[p] if p in self.norm else plane_stats(view, pool=host)
+                try:
+                    mean, std = self.norm[p] if p in self.norm else plane_stats(view, pool=host)
+                except (InputError, ModelError, Cancelled, MemoryError):
+                    raise
+                except Exception as exc:  # a corrupt chunk or a file that vanished shows up here first
+                    raise InputError(f"Plane {p} of the image could not be read ({_one_line(exc)}).") from exc
                 flat, safe_std = self._check_stats(p, mean, std)
                 mean32 = np.asarray(mean, dtype=np.float32)[:, None, None]
                 inv32 = (1.0 / np.asarray(safe_std, dtype=np.float64)).astype(np.float32)[:, None, None]
                 std32 = np.asarray(safe_std, dtype=np.float32)[:, None, None]
+                # Pixels near the float32 limit (3.4e38) overflow when the mean is subtracted in
+                # float32; such planes are normalized in float64 (rare, so the fast path stays).
+                huge = bool(np.max(np.abs(mean)) + np.max(safe_std) > 1e30)
+                mean64 = np.asarray(mean, dtype=np.float64)[:, None, None]
+                inv64 = (1.0 / np.asarray(safe_std, dtype=np.float64))[:, None, None]
 
-                def prepare(i, view=view, mean32=mean32, inv32=inv32):
+                def prepare(i, view=view, mean32=mean32, inv32=inv32, huge=huge, mean64=mean64, inv64=inv64):
                     ky, chunk = batches[i]
                     y0 = py.starts[ky]
                     tiles = bufs[i % len(bufs)][: len(chunk)]
@@ -440,6 +495,9 @@ class RefocusJob:
                         region = read_region(view, y0, y0 + ty, x0, x0 + tx)
 
                         def norm(r0, r1, region=region, t=tiles[j]):
+                            if huge:
+                                t[:, r0:r1] = (region[:, r0:r1].astype(np.float64) - mean64) * inv64
+                                return
                             np.subtract(region[:, r0:r1], mean32, out=t[:, r0:r1], casting="unsafe")
                             t[:, r0:r1] *= inv32
 
@@ -460,10 +518,14 @@ class RefocusJob:
                             blk = acc[:, r0 + a:r0 + b, cx0:cx1]
                             if wacc is not None:
                                 blk = blk / wacc[r0 + a:r0 + b, cx0:cx1]
-                            np.multiply(blk, std32, out=res[:, a:b])
-                            res[:, a:b] += mean32
+                            with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+                                np.multiply(blk, std32, out=res[:, a:b])
+                                res[:, a:b] += mean32
 
                         _by_rows(host, rescale, r1 - r0)
+                        if not np.isfinite(res).all():
+                            res = self._non_finite(p, acc[:, r0:r1, cx0:cx1], None if wacc is None else wacc[r0:r1, cx0:cx1],
+                                                   safe_std, mean)
                         if np.any(flat):
                             src = read_region(view, y0 + r0, y0 + r1, 0, w).astype(np.float32)
                             res[flat] = src[flat]
@@ -475,6 +537,11 @@ class RefocusJob:
                             d = dacc[r0:r1, cx0:cx1]
                             if wacc is not None:
                                 d = d / wacc[r0:r1, cx0:cx1]
+                            if not np.isfinite(d).all():
+                                raise ModelError(
+                                    f"The DPM decoder of model {self.model.name} produced NaN or infinite values "
+                                    f"(plane {p}); the model is broken or the image is far outside its training data."
+                                )
                             self._write(self.dpm, p, y0 + r0, y0 + r1, d[None])
                     if last:
                         return None
@@ -545,6 +612,30 @@ class RefocusJob:
                 pool.shutdown(wait=True)
             if host is not None:
                 host.shutdown(wait=True)
+
+    def _non_finite(self, p, blk, wblk, std, mean) -> np.ndarray:
+        """Rows whose rescaled output is not finite: name the model, or keep float64 for huge inputs.
+
+        NaN or inf in the network's own output is the model's fault (nothing is written). A finite
+        network output that overflows float32 only when mapped back to the input's intensity (a float
+        image near 3e38) is recomputed in float64, and the output this job owns becomes float64.
+        """
+        net = blk if wblk is None else blk / wblk
+        if not np.isfinite(net).all():
+            raise ModelError(
+                f"Model {self.model.name} produced NaN or infinite values (plane {p}); "
+                "the model is broken or the image is far outside its training data, so nothing was written."
+            )
+        res = net.astype(np.float64) * np.asarray(std, np.float64)[:, None, None] + np.asarray(mean, np.float64)[:, None, None]
+        if not np.isfinite(res).all():
+            raise InputError("The refocused values exceed the float64 range; scale the image down before refocusing.")
+        if not (self._own_output and isinstance(self.output, np.ndarray)):
+            raise InputError(
+                "The refocused values exceed the float32 range of the output; scale the image down (for example by 1e-30) first."
+            )
+        if self.output.dtype != np.float64:
+            self.output = self.output.astype(np.float64)
+        return res
 
     def run(self, progress: Callable[[Progress], None] | None = None, cancel=None):
         """Run to the end; returns the output (and the DPM when requested)."""
@@ -653,6 +744,35 @@ def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int |
 def auto_batch(tile: int, memory: int, budget_fraction: float = 0.25, most: int = 4) -> int:
     """Tiles per GPU call: as many as fit in a quarter of ``memory`` bytes, at most ``most``."""
     return int(max(1, min(most, memory * budget_fraction // (tile * tile * BYTES_PER_TILE_PIXEL))))
+
+
+def _check_settings(**kw) -> None:
+    """Refuse settings of the wrong type or range in one sentence, before any model or pixel is read."""
+    from ..errors import ArgumentTypeError, SettingsError
+
+    for name in ("tile", "overlap", "batch", "threads", "halo"):
+        v = kw[name]
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ArgumentTypeError(f"{name} must be a whole number or None, not {type(v).__name__} {v!r}.")
+        lo = 0 if name in ("overlap", "halo") else 1
+        if v < lo:
+            raise SettingsError(f"{name} must be at least {lo}, got {v}.")
+    p = kw["providers"]
+    if p is not None and not isinstance(p, str) and not (
+        isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p)
+    ):
+        raise ArgumentTypeError(f"providers must be a name or a list of names, not {type(p).__name__}.")
+    if kw["axes"] is not None and not isinstance(kw["axes"], str):
+        raise ArgumentTypeError(f"axes must be a string of axis letters such as 'ZYX', not {type(kw['axes']).__name__}.")
+    if not isinstance(kw["precision"], str):
+        raise ArgumentTypeError(f"precision must be one of fp32, fp16, bf16, int8, not {kw['precision']!r}.")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")[:200]
 
 
 def plane_stats(view, block_rows: int = 512, pool=None) -> tuple[np.ndarray, np.ndarray]:

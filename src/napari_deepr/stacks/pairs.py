@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,9 +102,15 @@ def _load_fields(stacks: Sequence[Any], z_step_um: float | None) -> list[_Field]
             name = img.name or Path(source).stem
             if data.shape[0] < 2:
                 raise PairsError(f"{name} has only one plane; a z-stack with several planes is needed.")
+            if z_step_um is not None and not (isinstance(z_step_um, (int, float)) and 0 < z_step_um < float("inf")):
+                raise PairsError(f"The z-step must be a positive number of micrometres, got {z_step_um!r}.")
             dz = z_step_um if z_step_um is not None else img.z_step_um
             if dz is None or not dz > 0:
                 raise PairsError(f"{name} does not record its z-step; pass z_step_um (--z-step) in micrometres.")
+            if not (np.issubdtype(data.dtype, np.number) and not np.iscomplexobj(data)):
+                raise PairsError(f"{name} has pixels of type {data.dtype}; a real-valued numeric stack is needed.")
+            if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+                raise PairsError(f"{name} contains NaN or infinite pixels; replace them before building pairs.")
             fields.append(_Field(data, name, source, s, float(dz), img.pixel_size_um))
     if not fields:
         raise PairsError("No z-stacks were given.")
@@ -151,6 +155,7 @@ def build_pairs(
     z_sign_meaningful: bool = True,
     progress: Callable[[float, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Build a training-pairs dataset from z-stacks.
 
@@ -189,6 +194,8 @@ def build_pairs(
     cancel : callable, optional
         Returns True to abandon the build (raises :class:`~napari_deepr.errors.Cancelled`;
         nothing is left behind).
+    overwrite : bool
+        Replace an existing non-empty folder that is not a pairs dataset (never one holding an input).
 
     Returns
     -------
@@ -205,10 +212,18 @@ def build_pairs(
 
     if focus_method not in FOCUS_METHODS:
         raise PairsError(f"Unknown focus method {focus_method!r}; choose one of {', '.join(FOCUS_METHODS)}.")
-    if not range_um > 0:
+    if isinstance(range_um, bool) or not isinstance(range_um, (int, float)) or not 0 < range_um < float("inf"):
         raise PairsError(f"The defocus range must be positive, got {range_um} µm.")
-    if patch < 32 or patch % 32:
+    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or patch < 32 or patch % 32:
         raise PairsError(f"The patch size must be a multiple of 32 px, got {patch}.")
+    from .. import io
+
+    if isinstance(stacks, (str, os.PathLike)):
+        stacks = [stacks]
+    paths = [s for s in stacks if isinstance(s, (str, os.PathLike))]
+    # Refused before any reading: an output holding an input (replacing it would delete the input),
+    # inside an input, or a user's own folder.
+    out = io.check_output_path(out_dir, *paths, overwrite=overwrite, kind="folder")
     fields = _load_fields(stacks, z_step_um)
     for f in fields:
         extent = (f.data.shape[0] - 1) * f.z_step_um
@@ -225,10 +240,8 @@ def build_pairs(
             raise PairsError(f"The in-focus index {infocus_index} is outside the {f.data.shape[0]} planes of {f.name}.")
     labels = _split_fields(len(fields), split, seed)
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "index.json").exists():
-        raise PairsError(f"{out} exists and is not a pairs dataset; choose an empty or new folder.")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    io.clean_stale_partials(out)
+    tmp = io._temp_sibling(out)
     (tmp / "patches").mkdir(parents=True)
     crops: list[dict] = []
     pairs: list[dict] = []
@@ -304,13 +317,13 @@ def build_pairs(
             "summary": summary,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        (tmp / io.MARKER).write_text("written by napari-deepr; this folder may be replaced by its next run\n")
         _check(cancel)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty folder the user made for the dataset
+        io._finish(tmp, out, overwrite)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        io._remove(tmp)
     if progress:
         progress(1.0, f"wrote {summary['pairs']} pairs")
     return dict(summary, out_dir=str(out))

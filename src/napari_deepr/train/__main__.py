@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -20,9 +21,17 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors follow the trainer's protocol: one JSON ``error`` line, exit 2."""
+
+    def error(self, message: str):
+        _emit({"event": "error", "message": message, "kind": "ArgumentError"})
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser (also used by ``deepr train``)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m napari_deepr.train",
         description="Train a Deep-R refocusing model (GAN generator + DPM decoder) and export it to ONNX.",
     )
@@ -130,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except DeepRError as exc:
         _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
         return EXIT_BAD_INPUT
-    except ValueError as exc:
+    except ValueError as exc:  # settings refused by TrainConfig.validate: the sentence is the message
         _emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
-        traceback.print_exc(file=sys.stderr)
+        if os.environ.get("DEEPR_DEBUG"):
+            traceback.print_exc(file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the one-line protocol boundary; details go to stderr
         _emit({"event": "error", "message": f"{type(exc).__name__}: {_one_sentence(exc)}", "kind": type(exc).__name__})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -183,6 +184,28 @@ class TrainConfig:
             raise ValueError("--dpm-target must be auto, signed or magnitude.")
         if self.val_every < 1:
             raise ValueError("--val-every must be at least 1.")
+        zero_ok = ("dpm_iterations", "patience", "overlap", "workers")  # workers 0: data made in-process
+        for name in ("dpm_iterations", "patience", "threads", "workers", "tile", "overlap", "log_every"):
+            v = getattr(self, name, None)
+            lo = 0 if name in zero_ok else 1
+            if v is not None and v < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lo}.")
+        if self.dpm_minutes is not None and not self.dpm_minutes > 0:
+            raise ValueError("--dpm-minutes must be positive.")
+        for name in ("lr_g", "lr_d", "lr_dpm", "clip"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number.")
+        for name in ("adv_weight", "msssim_weight", "berhu_weight"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be zero or a positive number.")
+        if self.base < 1 or self.max_channels < self.base or self.d_base < 1:
+            raise ValueError("--base and --d-base must be at least 1 and --max-channels at least --base.")
+
+
+# Wall-clock seconds between checkpoints written besides those at each validation.
+CHECKPOINT_EVERY_S = float(os.environ.get("DEEPR_CHECKPOINT_EVERY_S", 300))
 
 
 class Stopped(Exception):
@@ -251,10 +274,60 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _plain(v: Any) -> Any:
+    """Tensors, numbers, text and containers only, so the file loads with ``weights_only=True``."""
+    if isinstance(v, torch.Tensor) or v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return v
+    if isinstance(v, dict):
+        return {(k if isinstance(k, (str, int)) else str(k)): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        out = [_plain(x) for x in v]
+        return tuple(out) if isinstance(v, tuple) else out
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(_plain(obj), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint or weights file without running any code it may hold.
+
+    Only tensors, numbers, text and containers are accepted (``torch.load(weights_only=True)``): a
+    file handed in by a user is never unpickled freely.
+
+    Raises
+    ------
+    DatasetError
+        In one sentence, for a file that holds anything else, is damaged, or is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path} is not a file, so it holds no checkpoint.")
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DatasetError(
+            f"{path.name} holds Python objects other than tensors and plain values, so it was refused "
+            "(loading it could run code); only checkpoints written by this trainer are accepted."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DatasetError(f"{path.name} is not a readable PyTorch checkpoint; it may be truncated or damaged ({first}).") from exc
+    if not isinstance(s, dict):
+        raise DatasetError(f"{path.name} holds a {type(s).__name__}, not a checkpoint dictionary.")
+    return s
 
 
 class Trainer:
@@ -277,7 +350,12 @@ class Trainer:
                  redo_dpm: bool = False) -> None:
         self.emit_raw = emit
         self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise DatasetError(f"The model folder {self.out} is a file; choose a folder name.")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatasetError(f"The model folder {self.out} cannot be created ({exc.strerror or exc}).") from exc
         (self.out / "previews").mkdir(exist_ok=True)
         self.ckpt_path = self.out / CHECKPOINT
         self.saved: dict | None = None
@@ -285,7 +363,9 @@ class Trainer:
         if resume:
             if not self.ckpt_path.exists():
                 raise DatasetError(f"There is no checkpoint to resume in {self.out}.")
-            self.saved = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            self.saved = load_checkpoint(self.ckpt_path)
+            if not isinstance(self.saved.get("config"), dict) or "generator" not in self.saved:
+                raise DatasetError(f"{self.ckpt_path.name} is not a resumable checkpoint of this trainer.")
             base = dict(self.saved["config"])
             for k in RUNTIME_KEYS:
                 v = getattr(config, k)
@@ -672,6 +752,7 @@ class Trainer:
         self.G.train()
         self.D.train()
         self.early_stopped = False
+        self._last_save = time.monotonic()
         rate = 0.0
         it_b, _ = self._budget()
         while not self._finished("gan") and not self.early_stopped:
@@ -692,6 +773,11 @@ class Trainer:
                           lr_g=self.opt_g.param_groups[0]["lr"])
             if self.iteration % cfg.val_every == 0:
                 self._timed(self._validate_gan, "gan")
+                self._last_save = time.monotonic()
+            elif time.monotonic() - self._last_save > CHECKPOINT_EVERY_S:
+                # A run killed (-9, power loss) before its first validation still resumes from here.
+                self.save_checkpoint("periodic")
+                self._last_save = time.monotonic()
             if stop.requested():
                 raise Stopped
         if not self.history or self.history[-1]["iteration"] != self.iteration:
@@ -979,9 +1065,9 @@ def load_init_weights(source: str | Path) -> tuple[dict, dict | None]:
     """
     src = Path(source)
     if src.suffix in (".pt", ".pth"):
-        s = torch.load(src, map_location="cpu", weights_only=False)
+        s = load_checkpoint(src)
         gen = s.get("generator") or s.get("state")
-        if gen is None:
+        if not isinstance(gen, dict) or not gen:
             raise DatasetError(f"{src.name} holds no generator weights.")
         return gen, s.get("dpm")
     import onnx
