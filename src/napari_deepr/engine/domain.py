@@ -35,7 +35,7 @@ SCALE_TOLERANCE = 0.05
 #: bundled optics), so upsampling would ask the model to restore detail the camera never sampled.
 DEFAULT_RATIO_RANGE = (0.25, 2.5)
 #: Pixel sizes outside this interval (µm) are not a light microscope's sampling: refused as absurd.
-PLAUSIBLE_PIXEL_UM = (1e-3, 100.0)
+from ..io import PLAUSIBLE_PIXEL_UM  # noqa: E402  (one definition for reader and engine)
 
 
 # -- pixel size -----------------------------------------------------------------------------------
@@ -320,6 +320,19 @@ def to_input_range(output, dtype):
 
 __all__ = [
     "DEFAULT_RATIO_RANGE", "Modality", "SCALE_TOLERANCE", "Sampling", "check_modality", "check_pixel_size",
-    "image_photometric", "model_modality", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
+    "image_photometric", "model_modality", "preflight", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
     "to_input_range",
 ]
+
+
+def preflight(card, shape, axes: str, *, image_um=None, pixel_size_um=None, resample: bool = True,
+              force_modality: bool = False) -> tuple[Sampling, Modality]:
+    """Both verdicts for an image before anything runs (what the CLI prints and the widget shows).
+
+    Raises
+    ------
+    InputError
+        A bad pixel size, a resampling ratio outside the card's range, or a modality mismatch without ``force_modality``.
+    """
+    return (resolve_sampling(card, image_um, override=pixel_size_um, resample=resample),
+            check_modality(card, shape, axes, force=force_modality))

@@ -154,7 +154,7 @@ class RefocusJob:
         Run even when the image's modality (RGB vs gray) is not the model's.
     trust : bool or int
         Also compute a per-pixel trust map (see :mod:`napari_deepr.engine.trust`) from that many
-        D4 test-time passes (``True``: 8), in ``trust_map``.
+        D4 test-time passes (``True``: 8), in ``trust_map`` (or ``trust_out`` when given, like ``dpm_out``).
 
     Attributes
     ----------
@@ -192,6 +192,7 @@ class RefocusJob:
         resample: bool = True,
         force_modality: bool = False,
         trust: bool | int = False,
+        trust_out=None,
     ):
         self.model: DeepRModel = load_model(model)
         card = self.model.card
@@ -291,7 +292,9 @@ class RefocusJob:
         self.dpm = None
         if dpm:
             self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
-        self.trust_map = np.zeros(self.dpm_shape, dtype=np.float32) if self.passes else None
+        self.trust_map = None
+        if self.passes:
+            self.trust_map = trust_out if trust_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
         self.planes = planes if planes is not None else list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
         # A strip of tile rows [ka, kb) (for distributed work) also runs row ka-1 to rebuild the
         # overlap it shares with the strip above, so strips add up to exactly the whole-image result.
