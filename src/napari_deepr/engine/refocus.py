@@ -637,6 +637,12 @@ class RefocusJob:
         h, w = self.input_hw
         transforms = _trust.D4[: self.passes] if self.passes else _trust.D4[:1]
         joint = self.layout.channel_axis is not None
+        # The trust map's range test reads the DPM too (computed once, on the identity pass).
+        need_dpm = self.want_dpm or (self.passes > 0 and self.model.has_dpm)
+        # Out of domain by what the engine already knows: trust is capped whatever the pixels say.
+        known_ood = self.modality.forced or (
+            self.sampling.ratio is not None and not self.sampling.resample and abs(self.sampling.ratio - 1) > 0.05)
+        cap = _trust.OUT_OF_DOMAIN_CAP if known_ood else 1.0
         for p in self.planes:
             view = self._plane_view(p)
             c = int(view.shape[0])
@@ -657,7 +663,7 @@ class RefocusJob:
                     raise Cancelled("Refocus was cancelled; finished planes are kept.")
                 first = k == 0
                 inner = RefocusJob(
-                    _trust.forward(src, rot, flip), self.model, dpm=self.want_dpm and first, tile=self.tile,
+                    _trust.forward(src, rot, flip), self.model, dpm=need_dpm and first, tile=self.tile,
                     overlap=self.overlap, batch=self.batch, providers=self.providers, axes="CYX", threads=self.threads,
                     precision=self.precision, memory_arena=self.arena, io_binding=self.io_binding, pipeline=self.pipeline,
                     out=self._scratch((c, hw, ww)[:1] + ((ww, hw) if rot % 2 else (hw, ww))) if first else None,
@@ -672,7 +678,7 @@ class RefocusJob:
                 y = _trust.inverse(np.asarray(inner.output), rot, flip).astype(np.float32, copy=False)
                 if first:
                     out0 = y
-                    if self.want_dpm:
+                    if need_dpm:
                         dpm0 = np.asarray(inner.dpm, dtype=np.float32).reshape(hw, ww)
                 if self.passes > 1:  # Welford: mean and spread of the passes without keeping them
                     if acc is None:
@@ -689,7 +695,12 @@ class RefocusJob:
                     spread = (np.sqrt(m2 / (len(transforms) - 1)) / s32).mean(axis=0)
                 xz = ((src - m32) / s32).mean(axis=0)
                 yz = ((out0 - m32) / s32).mean(axis=0)
-                trust2d = _trust.trust_from(spread, _trust.range_residual(xz, yz, card), card)
+                residual = _trust.range_residual(xz, yz, card)
+                beyond = _trust.beyond_range(xz, dpm0, card)
+                trust2d = _trust.trust_from(spread, residual, card, beyond=beyond, cap=cap)
+                # The signals of the last plane (model grid), for measurements (scripts/trust_eval.py).
+                self.trust_parts = {"spread": spread, "residual": residual, "beyond": beyond,
+                                    "content_trust": _trust.trust_from(spread, residual, card, beyond=beyond)}
             # Back onto the input grid, band by band, in the input's layout.
             if self.sampling.resample:
                 resample_plane(out0, (h, w), out=lambda a, b, blk, p=p: self._write(self.output, p, a, b, blk))
