@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--tile", type=int)
     b.add_argument("--overlap", type=int)
-    b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm")
+    b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm, trust trust4 (trust-map cost)")
     b.add_argument("--provider", default="cpu", help="cpu (default) or a GPU provider, e.g. cuda")
     b.add_argument("--no-torch", action="store_true")
     b.add_argument("--no-baselines", action="store_true")
