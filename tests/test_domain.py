@@ -154,8 +154,15 @@ def test_resampling_works_tiled_on_stacks():
     one = napari_deepr.refocus(planes[1], pixel_size_um=px)
     np.testing.assert_allclose(whole[1], one, atol=1e-4)
     tiled = napari_deepr.refocus(stack, axes="ZYX", pixel_size_um=px, tile=128, overlap=32)
-    # Tiles blend within the network's own seam error (checked elsewhere for the unresampled path).
-    assert np.abs(tiled - whole).mean() < 0.02 * whole.std()
+    # Resampling adds no seams of its own: tiled-vs-whole differences stay those of the network's tiling
+    # at the model's sampling (the same planes, resampled by hand and refocused without resampling).
+    from napari_deepr.engine.domain import resample_plane
+
+    h = int(round(300 * px / 0.325))
+    by_hand = np.stack([resample_plane(p[None], (h, h))[0] for p in planes])
+    seam_model = np.abs(napari_deepr.refocus(by_hand, axes="ZYX", pixel_size_um=0.325, tile=128, overlap=32)
+                        - napari_deepr.refocus(by_hand, axes="ZYX", pixel_size_um=0.325)).mean()
+    assert np.abs(tiled - whole).mean() <= 1.5 * seam_model + 1e-3 * whole.std()
 
 
 # -- modality ------------------------------------------------------------------------------------
