@@ -131,7 +131,11 @@ def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_p
     viewer = make_napari_viewer()
     viewer.add_image(_sample(), name="img", scale=(0.65, 0.65), units=("µm", "µm"))
     w = _refocus_widget(viewer, model)
-    assert "differs" in w.scale_label.text() and "100%" in w.scale_label.text()
+    # 0.65 µm pixels on a 0.325 µm model: resampled (said before Run); unticked, a warning instead.
+    assert "resampled" in w.scale_label.text()
+    w.resample_check.setChecked(False)
+    assert "resampling is off" in w.scale_label.text()
+    w.resample_check.setChecked(True)
     status, msg = _run_and_wait(qtbot, w)
     assert status == "done", msg
     oor = viewer.layers["img DPM out of range"]
@@ -504,3 +508,22 @@ def test_precision_box_offers_measured_variants_and_runs_them(make_napari_viewer
     # batch left at "auto": the engine chooses (1 on the CPU)
     assert w.batch_spin.text() == "auto" and w.job.batch == 1
     assert "fp16" in w.precision_combo.toolTip() and w.precision_combo.findData("fp16") == -1  # no GPU here
+
+
+def test_refocus_widget_shows_modality_and_trust(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    rgb = (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)
+    viewer.add_image(rgb, name="he", rgb=True)
+    from napari_deepr.engine.model import load_model
+
+    w = _refocus_widget(viewer, load_model("default").location)
+    assert "pixel size is unknown" in w.scale_label.text()
+    assert "trained on widefield fluorescence" in w.modality_label.text()  # before Run
+    w.force_check.setChecked(True)
+    assert "Forced" in w.modality_label.text()
+    w.trust_check.setChecked(True)
+    w.passes_spin.setValue(2)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    trust = viewer.layers["he trust"].data
+    assert trust.shape == (96, 96) and "trustworthy" in w.status_label.text()

@@ -1,12 +1,15 @@
 """napari reader: TIFF / OME-TIFF / ImageJ hyperstacks, zarr stores and folders of stacks, calibrated.
 
 Every layer gets its scale in micrometres (z step included), axis labels, units and the file's
-metadata, so refocus and the pairs builder see the physical sampling the file recorded.
+metadata, so refocus and the pairs builder see the physical sampling the file recorded. An
+uncalibrated file keeps scale 1 in "pixel" units (``metadata["pixel_size_um"] is None``): its pixel
+size is unknown, never 1 µm, and the reader says so once per read.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from . import io
@@ -49,7 +52,8 @@ def image_to_layer_data(img: io.ImageData) -> tuple:
     data = img.data
     scale = list(img.scale)
     kwargs: dict = {"name": img.name or "image", "metadata": dict(img.metadata, axes=axes,
-                    pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um)}
+                    pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um,
+                    pixel_size_known=img.pixel_size_um is not None)}
     keep = list(range(len(axes)))
     rgb = axes.endswith("S") and data.shape[-1] in (3, 4)
     if rgb:
@@ -83,13 +87,24 @@ def read_layers(path: str | os.PathLike | list) -> list[tuple]:
     """
     paths = path if isinstance(path, (list, tuple)) else [path]
     out = []
+    unknown = []
     for p in paths:
         try:
-            out.extend(image_to_layer_data(img) for img in io.read_images(p))
+            images = io.read_images(p)
         except DeepRError:
             raise
         except (OSError, ValueError) as exc:
             raise DeepRError(f"{Path(p).name} could not be read ({str(exc).splitlines()[0]}).") from exc
+        out.extend(image_to_layer_data(img) for img in images)
+        unknown += [img.name for img in images if img.pixel_size_um is None]
+    if unknown:
+        names = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        # One notice per read (napari shows warnings as notifications); refocus then uses the model's sampling.
+        warnings.warn(
+            f"{names}: the pixel size is unknown (the file is not calibrated), so refocus will assume the model's "
+            "sampling; set it in the Refocus panel if it differs.",
+            UserWarning, stacklevel=2,
+        )
     return out
 
 

@@ -112,6 +112,9 @@ VARIANTS = {
     "dpm_fp16": ({"dpm": True, "precision": "fp16"}, "gpu"),
     # IO binding only matters when the DPM decoder reads the generator's features (GPU providers).
     "dpm_no_iobinding": ({"dpm": True, "io_binding": False}, "gpu"),
+    # The per-pixel trust map: 8 (or 4) D4 passes plus the DPM and the range test (its cost vs engine_s).
+    "trust": ({"trust": 8}, "any"),
+    "trust4": ({"trust": 4}, "any"),
 }
 
 

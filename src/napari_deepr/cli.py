@@ -86,21 +86,44 @@ def _check_folder_target(path: str, what: str = "output folder") -> Path:
 
 
 # -- refocus ----------------------------------------------------------------------------------------
+def _trust_arg(args):
+    """``trust=`` for the engine: False without ``--trust``, else the number of passes."""
+    return int(args.trust_passes) if args.trust else False
+
+
 def cmd_refocus(args) -> int:
+    import numpy as np
+
     from . import io
+    from .engine.domain import check_pixel_size, preflight, to_input_range
     from .engine.dpm import dpm_geometry
-    from .engine.refocus import RefocusJob
-
     from .engine.model import load_model
+    from .engine.refocus import RefocusJob
+    from .engine.trust import passes_from, trusted_fraction
 
+    # Everything a user can get wrong is checked before anything is read in full or written.
+    pixel_size = check_pixel_size(args.pixel_size, "--pixel-size")
+    passes_from(_trust_arg(args))
     out_path = io.check_output_path(args.output, args.input, overwrite=args.overwrite)
-    if args.dpm:
-        dpm_path = io.check_output_path(args.dpm, args.input, overwrite=args.overwrite)
-        if dpm_path == out_path:
-            raise SettingsError("--dpm names the same file as -o; choose two different outputs.")
+    taken = [out_path]
+    for flag, path in (("--dpm", args.dpm), ("--trust", args.trust)):
+        if path:
+            p = io.check_output_path(path, args.input, overwrite=args.overwrite)
+            if p in taken:
+                raise SettingsError(f"{flag} names the same file as another output; choose different outputs.")
+            taken.append(p)
     load_model(args.model)  # a wrong model is refused before a large image is read
     _report_stale(out_path)
     img = io.read_image(args.input)
+    card = load_model(args.model).card
+    sampling, modality = preflight(card, tuple(img.data.shape), (args.axes or img.axes).upper(), image_um=img.pixel_size_um,
+                                   pixel_size_um=pixel_size, resample=not args.no_resample,
+                                   force_modality=args.force_modality)
+    for v in (sampling, modality):  # said once, before the run
+        if v.message and v.level != "ok":
+            print(f"deepr: {'warning' if v.level == 'warning' else 'note'}: {v.message}", file=sys.stderr)
+    domain = dict(pixel_size_um=pixel_size, resample=not args.no_resample, force_modality=args.force_modality,
+                  trust=_trust_arg(args))
     if args.scheduler or args.out_of_core:
         from .engine.distributed import refocus_file
 
@@ -108,17 +131,18 @@ def cmd_refocus(args) -> int:
             img, out_path, model=args.model, dpm_path=args.dpm, tile=args.tile, overlap=args.overlap,
             batch=args.batch, providers=args.provider, scheduler=args.scheduler, threads=args.threads,
             precision=args.precision, progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, trust_path=args.trust, **domain,
         )
         print(json.dumps(info))
         return 0
     job = RefocusJob(
         img, args.model, dpm=bool(args.dpm), tile=args.tile, overlap=args.overlap, batch=args.batch,
-        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision,
+        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision, **domain,
     )
     stop = _cancel_on_sigint()
     job.run(None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"), stop)
     card = job.model.card
+    px = job.sampling.image_um  # known (file or --pixel-size) or None: an unknown size is never written as one
     meta = {
         "source": str(Path(args.input).resolve()),
         "model": card.name,
@@ -127,18 +151,27 @@ def cmd_refocus(args) -> int:
         "tile": job.tile,
         "overlap": job.overlap,
         "intensity": "z-scored network output mapped back with each plane's mean and std",
+        "pixel_size_source": job.sampling.source,
+        "resampled_to_um": card.pixel_size_um if job.sampling.resample else None,
+        "modality_forced": job.modality.forced,
     }
-    axes = args.axes or img.axes
-    io.write_image(out_path, job.output, axes=axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=meta,
+    axes = (args.axes or img.axes).upper()
+    output = job.output
+    if job.layout.rgb_axis is not None:  # RGB: back in the input's dtype and range (clipped)
+        output = to_input_range(output, img.data.dtype)
+        meta["intensity"] += f"; RGB clipped to the {np.dtype(img.data.dtype).name} range"
+    io.write_image(out_path, output, axes=axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=meta,
                    overwrite=args.overwrite)
-    summary = {"output": str(out_path), "provider": job.provider, "model": card.name}
+    summary = {"output": str(out_path), "provider": job.provider, "model": card.name,
+               "pixel_size_um": px, "pixel_size_source": job.sampling.source, "resampled": job.sampling.resample}
+    map_axes = "".join(a for i, a in enumerate(axes) if i not in (job.layout.channel_axis, job.layout.rgb_axis))
     for w in job.warnings:
         print(f"deepr: warning: {w}", file=sys.stderr)
     if args.dpm:
-        dpm_axes = "".join(a for i, a in enumerate(axes) if i != job.layout.channel_axis)
+        dpm_axes = map_axes
         dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
-        if job.dpm.ndim == 2 and (img.pixel_size_um or card.pixel_size_um):
-            geometry = dpm_geometry(job.dpm, img.pixel_size_um or card.pixel_size_um,
+        if job.dpm.ndim == 2 and job.sampling.effective_um:
+            geometry = dpm_geometry(job.dpm, job.sampling.effective_um,
                                     defocus_range_um=card.defocus_range_um,
                                     image=job.output if job.output.ndim == 2 else None, magnitude=card.dpm_magnitude)
             fit = geometry.plane
@@ -152,15 +185,17 @@ def cmd_refocus(args) -> int:
             print(f"DPM: {mean} µm · {geometry.describe()}"
                   + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),
                   file=sys.stderr)
-        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um, metadata=dmeta,
+        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=dmeta,
                        overwrite=args.overwrite)
         summary["dpm"] = str(Path(args.dpm).resolve())
-    if img.pixel_size_um and card.pixel_size_um and abs(img.pixel_size_um / card.pixel_size_um - 1) > 0.1:
-        print(
-            f"deepr: warning: the image has {img.pixel_size_um:g} µm pixels but {card.name} was trained at "
-            f"{card.pixel_size_um:g} µm; results may be wrong.",
-            file=sys.stderr,
-        )
+    if args.trust:
+        share = trusted_fraction(job.trust_map)
+        tmeta = dict(meta, units="trust, 0-1 (1 = trust; >= 0.5 trustworthy)", passes=job.passes, trusted_fraction=share)
+        io.write_image(args.trust, job.trust_map, axes=map_axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=tmeta,
+                       overwrite=args.overwrite)
+        summary["trust"] = str(Path(args.trust).resolve())
+        summary["trusted_fraction"] = share
+        print(f"Trust: {100 * share:.0f}% of the field is trustworthy ({job.passes} passes).", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
@@ -373,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
         help="fp16: half precision on GPU providers; bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
     )
+    r.add_argument("--pixel-size", type=float, metavar="UM",
+                   help="the image's pixel size in µm (overrides the file; uncalibrated files otherwise use the model's)")
+    r.add_argument("--no-resample", action="store_true",
+                   help="do not resample to the model's pixel size (a mismatch then only warns, before the run)")
+    r.add_argument("--force-modality", action="store_true",
+                   help="refocus even an image of another modality than the model's (e.g. RGB through a fluorescence model)")
+    r.add_argument("--trust", metavar="TRUST_OUT", help="also write a per-pixel trust map (0-1, 1 = trust) here")
+    r.add_argument("--trust-passes", type=int, default=8, metavar="N",
+                   help="test-time passes (flips and turns) for the trust map, 1-8 (default 8)")
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
     r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output that napari-deepr did not write")
@@ -419,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int)
     b.add_argument("--tile", type=_positive_int)
     b.add_argument("--overlap", type=_nonneg_int)
-    b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm")
+    b.add_argument("--variants", nargs="*", default=[], help="extra engine runs: bf16 int8 (CPU), fp16 dpm_fp16 dpm_no_iobinding (GPU), dpm, trust trust4 (trust-map cost)")
     b.add_argument("--provider", default="cpu", help="cpu (default) or a GPU provider, e.g. cuda")
     b.add_argument("--no-torch", action="store_true")
     b.add_argument("--no-baselines", action="store_true")

@@ -35,6 +35,13 @@ DEEPR_TAG = 65042
 # folder is a previous output of this tool and may be replaced; any other folder is the user's.
 MARKER = ".napari-deepr-output"
 
+#: Pixel sizes (µm) a light microscope can record; a file claiming one outside is not calibrated
+#: (1 pixel per inch or per centimetre, the defaults of many writers, gives 25 400 or 10 000 µm).
+PLAUSIBLE_PIXEL_UM = (1e-3, 100.0)
+#: Length units in ImageJ's ``unit`` field, in µm; "pixel" (ImageJ's default) or none means uncalibrated.
+_IJ_UNITS = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "μm": 1.0, "nm": 1e-3,
+             "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6}
+
 
 @dataclass
 class ImageData:
@@ -47,7 +54,9 @@ class ImageData:
     axes : str
         One letter per dimension of ``data`` (e.g. ``"ZYX"``, ``"YXS"``).
     pixel_size_um : float or None
-        Lateral pixel size in micrometres, ``None`` when the file does not say.
+        Lateral pixel size in micrometres, ``None`` when the file does not say (uncalibrated files
+        are "pixel size unknown", never 1 µm; ``metadata["pixel_size_source"]`` says where a known
+        one came from).
     z_step_um : float or None
         Axial step in micrometres for stacks, ``None`` when unknown.
     metadata : dict
@@ -60,6 +69,11 @@ class ImageData:
     z_step_um: float | None = None
     metadata: dict = field(default_factory=dict)
     name: str = ""
+
+    @property
+    def pixel_size_known(self) -> bool:
+        """Whether the lateral pixel size is known (from the file or given by the user)."""
+        return self.pixel_size_um is not None
 
     @property
     def scale(self) -> tuple[float, ...]:
@@ -97,9 +111,15 @@ def is_tiff_path(path: str | os.PathLike) -> bool:
 
 
 def _tiff_calibration(tif) -> tuple[float | None, float | None, dict]:
-    """Pixel size and z step from OME, ImageJ or resolution tags."""
+    """Pixel size and z step from OME, ImageJ or resolution tags; ``None`` when the file is uncalibrated.
+
+    Uncalibrated means: no resolution tags; resolution 1/1 (the default of ImageJ and most writers,
+    whatever the unit); ImageJ's unit "pixel" or no unit; or a size no light microscope records
+    (outside :data:`PLAUSIBLE_PIXEL_UM`). ``meta["pixel_size_source"]`` names the source of a known one.
+    """
     meta: dict = {}
     px = dz = None
+    source = None
     if tif.is_ome and tif.ome_metadata:
         import xml.etree.ElementTree as ET
 
@@ -107,8 +127,9 @@ def _tiff_calibration(tif) -> tuple[float | None, float | None, dict]:
             root = ET.fromstring(tif.ome_metadata)
             pix = next(el for el in root.iter() if el.tag.endswith("Pixels"))
             units = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6}
-            if pix.get("PhysicalSizeX"):
-                px = float(pix.get("PhysicalSizeX")) * units.get(pix.get("PhysicalSizeXUnit", "µm"), 1.0)
+            if pix.get("PhysicalSizeX") and pix.get("PhysicalSizeXUnit", "µm") in units:
+                px = float(pix.get("PhysicalSizeX")) * units[pix.get("PhysicalSizeXUnit", "µm")]
+                source = "OME"
             if pix.get("PhysicalSizeZ"):
                 dz = float(pix.get("PhysicalSizeZ")) * units.get(pix.get("PhysicalSizeZUnit", "µm"), 1.0)
         except (ET.ParseError, StopIteration, ValueError):
@@ -127,26 +148,34 @@ def _tiff_calibration(tif) -> tuple[float | None, float | None, dict]:
             d = None
         if isinstance(d, dict):
             meta["description"] = d
-            px = px or d.get("pixel_size_um")
+            if px is None and d.get("pixel_size_um"):
+                px, source = d.get("pixel_size_um"), "napari-deepr metadata"
             dz = dz or d.get("z_step_um")
     if px is None and "XResolution" in page.tags and len(page.tags["XResolution"].value) == 2:
         num, den = page.tags["XResolution"].value
         unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 1
         res = num / den if den else 0
-        if res > 0:
-            unit_name = (ij.get("unit") or "").lower() if ij else ""
-            if unit_name in ("micron", "um", "µm", "\\u00b5m"):
-                px = 1.0 / res
+        if res > 0:  # 1/1 per inch or cm (writers' defaults) falls out as implausible below
+            if ij:
+                unit_um = _IJ_UNITS.get(str(ij.get("unit") or "").strip().lower())
+                if unit_um is not None:  # "pixel" or no unit: ImageJ's uncalibrated image
+                    px, source = unit_um / res, "ImageJ"
             elif unit == 3:  # centimetre
-                px = 1e4 / res
-            elif unit == 2:  # inch; 72 dpi is a screen default, not a calibration
-                px = 25400.0 / res if res not in (72.0, 96.0, 300.0) else None
+                px, source = 1e4 / res, "resolution tags"
+            elif unit == 2 and res not in (72.0, 96.0, 300.0):  # inch; 72/96/300 dpi are screen and print defaults
+                px, source = 25400.0 / res, "resolution tags"
     px_ok, dz_ok = _calibration_value(px), _calibration_value(dz)
     bad = [f"{k}={v!r}" for k, v, ok in (("pixel size", px, px_ok), ("z step", dz, dz_ok)) if v is not None and ok is None]
     if bad:
         # Corrupt calibration is treated as unknown (never guessed), and the reason is kept.
         meta["calibration_ignored"] = "invalid " + ", ".join(bad)
-    return (px_ok, dz_ok, meta)
+    px, dz = px_ok, dz_ok
+    if px is not None and not (PLAUSIBLE_PIXEL_UM[0] <= px <= PLAUSIBLE_PIXEL_UM[1]):
+        meta["pixel_size_ignored"] = f"{px:g} µm is not a microscope's sampling; treated as unknown"
+        px, source = None, None
+    if px is not None:
+        meta["pixel_size_source"] = source
+    return (px, dz, meta)
 
 
 def _calibration_value(v) -> float | None:
@@ -249,17 +278,25 @@ def _read_zarr_store(path: Path) -> list[ImageData]:
                 ax = ms[0].get("axes")
                 if ax:
                     axes = "".join((a["name"] if isinstance(a, dict) else a).upper()[0] for a in ax)
+                units = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
+                ax_units = {((a["name"] if isinstance(a, dict) else a).upper()[0]): units.get(a.get("unit")) if isinstance(a, dict) else None
+                            for a in (ax or [])}
                 for tr in ds.get("coordinateTransformations", []):
                     if tr.get("type") == "scale" and axes:
                         sc = dict(zip(axes, tr["scale"], strict=False))
-                        px = sc.get("X")
-                        dz = sc.get("Z")
+                        # A scale without a length unit is in pixels: uncalibrated, not 1 µm.
+                        if ax_units.get("X") and sc.get("X"):
+                            px = sc["X"] * ax_units["X"]
+                        if ax_units.get("Z") and sc.get("Z"):
+                            dz = sc["Z"] * ax_units["Z"]
             except (KeyError, IndexError, TypeError, AttributeError) as exc:
                 raise InputError(
                     f"{path.name} has malformed OME-Zarr multiscales metadata ({type(exc).__name__}: {_first_line(exc)})."
                 ) from exc
     attrs_arr = dict(arr.attrs)
     axes = axes or attrs_arr.get("axes") or attrs.get("axes")
+    if "pixel_size_um" in attrs and attrs.get("pixel_size_um") is None:
+        px = None  # written by napari-deepr as uncalibrated (older stores still carry a µm unit on scale 1)
     px = px or attrs_arr.get("pixel_size_um") or attrs.get("pixel_size_um")
     dz = dz or attrs_arr.get("z_step_um") or attrs.get("z_step_um")
     if axes is None:
@@ -753,7 +790,7 @@ def write_zarr_attrs(store: Path, axes: str, px, dz, meta) -> None:
     ax_meta = []
     for a in axes:
         entry = {"name": names.get(a, a.lower()), "type": kinds.get(a, "space" if a in "YXZ" else "channel")}
-        if a in "ZYX":
+        if (a in "YX" and px) or (a == "Z" and dz):  # no unit: the scale is in pixels (uncalibrated)
             entry["unit"] = "micrometer"
         ax_meta.append(entry)
     g = zarr.open_group(str(store), mode="a")

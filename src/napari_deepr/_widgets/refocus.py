@@ -20,6 +20,7 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QDoubleSpinBox,
     QAbstractSpinBox,
     QCheckBox,
     QComboBox,
@@ -34,7 +35,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engine.domain import preflight
 from ..engine.dpm import dpm_geometry, out_of_range_mask
+from ..engine.trust import trusted_fraction
 from ..engine.model import list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
@@ -53,8 +56,6 @@ from ._common import (
     spatial_kwargs,
 )
 
-#: Relative pixel-size mismatch above which the widget warns (the model sees the blur at another scale).
-SCALE_TOLERANCE = 0.10
 #: A DPM leaving the trained range on more than this fraction of pixels triggers a warning.
 OUT_OF_RANGE_WARN = 0.01
 #: Diverging colormap for the DPM: blue below, red above focus, white at 0.
@@ -252,7 +253,36 @@ class RefocusWidget(QWidget):
         self.scope_combo.addItem("all planes", "all")
         self.scope_combo.setToolTip("For stacks and time series: refocus the plane on screen or every plane.")
         bform.addRow("Planes", self.scope_combo)
+        # What the model was made for: the same verdicts as the API and deepr, shown before Run.
+        self.pixel_spin = QDoubleSpinBox()
+        self.pixel_spin.setRange(0.0, 100.0)
+        self.pixel_spin.setDecimals(4)
+        self.pixel_spin.setSingleStep(0.005)
+        self.pixel_spin.setSpecialValueText("from layer")
+        self.pixel_spin.setToolTip("The image's pixel size in µm; 'from layer' uses the layer's µm scale (unknown if it has none).")
+        bform.addRow("Pixel size (µm)", self.pixel_spin)
+        self.resample_check = QCheckBox("Resample to the model's pixel size")
+        self.resample_check.setChecked(True)
+        self.resample_check.setToolTip("Resample to the model's sampling and back when the pixel sizes differ by more than 5 %.")
+        bform.addRow(self.resample_check)
+        self.force_check = QCheckBox("Force another modality (output may be invented)")
+        bform.addRow(self.force_check)
+        trust_row = QHBoxLayout()
+        self.trust_check = QCheckBox("Trust map, passes")
+        self.trust_check.setToolTip("Per-pixel trust (0-1) from flipped/turned passes and a range test; costs one run per pass.")
+        self.passes_spin = QSpinBox()
+        self.passes_spin.setRange(1, 8)
+        self.passes_spin.setValue(8)
+        trust_row.addWidget(self.trust_check)
+        trust_row.addWidget(self.passes_spin)
+        bform.addRow(trust_row)
         root.addWidget(box)
+        self.modality_label = MessageLabel()
+        root.addWidget(self.modality_label)
+        for w in (self.pixel_spin,):
+            w.valueChanged.connect(self._update_checks)
+        for w in (self.resample_check, self.force_check):
+            w.toggled.connect(self._update_checks)
 
         buttons = QHBoxLayout()
         self.run_btn = QPushButton("Run")
@@ -448,24 +478,34 @@ class RefocusWidget(QWidget):
         if layer is None:
             self.scale_label.show_message("Add or open an image layer to refocus.", "info")
             return
-        if model is None or not model.card.pixel_size_um:
+        if model is None:
             self.scale_label.show_message("")
             return
-        px = layer_pixel_size_um(layer)
-        mpx = model.card.pixel_size_um
-        if px is None:
-            self.scale_label.show_message(
-                f"The layer has no µm scale; the model expects {mpx:g} µm/px, so check the image was taken at that pixel size.",
-                "warning",
-            )
-        elif abs(px / mpx - 1.0) > SCALE_TOLERANCE:
-            self.scale_label.show_message(
-                f"The layer's pixel size {px:g} µm differs from the model's {mpx:g} µm by "
-                f"{100 * abs(px / mpx - 1):.0f}%; results will be unreliable (resample the image or pick a matching model).",
-                "warning",
-            )
-        else:
-            self.scale_label.show_message(f"Pixel size {px:g} µm matches the model ({mpx:g} µm).", "ok")
+        data = layer_data(layer)
+        try:
+            axes = layer_axes(layer, data)
+        except DeepRError as exc:
+            self.scale_label.show_message(one_sentence(exc), "error")
+            return
+        settings = self._domain_settings(layer)
+        try:  # the pixel-size verdict alone (a modality mismatch must not hide it)
+            sampling = preflight(model.card, tuple(data.shape), axes, **dict(settings, force_modality=True))[0]
+        except DeepRError as exc:
+            self.scale_label.show_message(one_sentence(exc), "error")
+            self.modality_label.show_message("")
+            return
+        self.scale_label.show_message(sampling.message, sampling.level)
+        try:
+            modality = preflight(model.card, tuple(data.shape), axes, **settings)[1]
+            self.modality_label.show_message(modality.message, modality.level)
+        except DeepRError as exc:
+            self.modality_label.show_message(one_sentence(exc), "error")
+
+    def _domain_settings(self, layer) -> dict:
+        """Pixel size (the field, else the layer's µm scale, else unknown), resampling and modality forcing."""
+        px = self.pixel_spin.value() or layer_pixel_size_um(layer)
+        return {"pixel_size_um": px or None, "resample": self.resample_check.isChecked(),
+                "force_modality": self.force_check.isChecked()}
 
     # ------------------------------------------------------------------ run
     def run(self) -> None:
@@ -503,6 +543,8 @@ class RefocusWidget(QWidget):
             "batch": self.batch_spin.value() or None,
             "providers": self.provider_combo.currentData(),
             "precision": self.precision_combo.currentData() or "fp32",
+            "trust": self.passes_spin.value() if self.trust_check.isChecked() else False,
+            **self._domain_settings(layer),
         }
         disk_note = ""
         if plane is None:
@@ -606,6 +648,18 @@ class RefocusWidget(QWidget):
                 ),
             )
             self._dpm_layer.colorbar.visible = True
+        self._trust_layer = None
+        if job.trust_map is not None:
+            self._trust_layer = self._replace_layer(
+                f"{layer.name} trust{'' if run.plane is None else ' [plane]'}",
+                lambda: self.viewer.add_image(
+                    self._expand(job.trust_map), name=f"{layer.name} trust{'' if run.plane is None else ' [plane]'}",
+                    colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.5, blending="translucent",
+                    metadata=dict(meta, **{ROLE_KEY: "trust"}, units="trust (0-1, 1 = trust)"), **dict(geo),
+                ),
+            )
+        for note in job.notes:  # said before the tiles start
+            notify("info", note)
         # The input stays selected so a second Run refocuses it again, not its result.
         self.viewer.layers.selection.active = layer
         self._pbar = CancelableProgress(total=job.total, desc=f"Refocus {layer.name}", cancel_callback=self.cancel)
@@ -664,7 +718,13 @@ class RefocusWidget(QWidget):
         for w in dict.fromkeys(job.warnings if job is not None else []):
             notify("warning", w)
         if status == "done":
-            self.status_label.show_message(f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}.", "ok")
+            done = f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}."
+            if job.trust_map is not None:
+                share = trusted_fraction(np.asarray(job.trust_map))
+                done += f" {100 * share:.0f}% of the field is trustworthy (trust ≥ 0.5)."
+                if getattr(self, "_trust_layer", None) is not None:
+                    self._trust_layer.refresh()
+            self.status_label.show_message(done, "ok")
             if job.dpm is not None:
                 self._fit_source = self._run
                 self.update_readout()

@@ -81,6 +81,8 @@ def refocus_lazy(
     progress=None,
     source=None,
     precision: str = "fp32",
+    trust_out=None,
+    **domain,
 ):
     """Refocus into (disk-backed) outputs, locally or on a dask.distributed cluster.
 
@@ -98,22 +100,35 @@ def refocus_lazy(
         Where workers can reopen the input; without it numpy inputs are scattered to the workers.
     precision : {"fp32", "bf16", "int8"}
         As in :func:`napari_deepr.refocus`; every worker runs the same precision.
+    trust_out : array-like, optional
+        Output for the trust map (with ``trust=``); local runs only.
+    **domain
+        ``pixel_size_um``, ``resample``, ``force_modality``, ``trust`` as in :func:`napari_deepr.refocus`.
+        Resampling and the trust map run locally (plane by plane); a scheduler refuses them.
 
     Returns
     -------
     job : RefocusJob
         The planning job (``job.output``, ``job.dpm``, ``job.provider``).
     """
+    given = image  # an io.ImageData keeps its pixel size for the job's sampling verdict
     if hasattr(image, "axes") and hasattr(image, "data"):
         axes = axes or image.axes
         if source is None and image.metadata.get("source"):
             source = (image.metadata["source"], int(image.metadata.get("series", 0)))
         image = image.data
     job = RefocusJob(
-        image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
+        given, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, memory_arena=False,  # resident memory bounded by one tile
-        precision=precision,
+        precision=precision, trust_out=trust_out, **domain,
     )
+    if scheduler is not None and job.planewise:
+        from ..errors import InputError
+
+        raise InputError(
+            "A dask scheduler cannot resample or compute a trust map yet; drop --scheduler (out of core still works "
+            "locally), pass --no-resample, or resample the image to the model's pixel size first."
+        )
     if scheduler is None:
         job.run(progress)
         return job
@@ -182,6 +197,8 @@ def refocus_file(
     rows_per_strip: int = 4,
     precision: str = "fp32",
     overwrite: bool = False,
+    trust_path=None,
+    **domain,
 ) -> dict:
     """Refocus a file disk to disk with bounded memory; TIFF or zarr out, calibration kept.
 
@@ -200,8 +217,8 @@ def refocus_file(
     out_path = Path(out_path)
     shape = tuple(img.data.shape)
     m = load_model(model)
-    ch = _layout(shape, img.axes, m.card.channels).channel_axis
-    dpm_axes = "".join(a for i, a in enumerate(img.axes) if i != ch)
+    lay = _layout(shape, img.axes, m.card.channels)
+    dpm_axes = "".join(a for i, a in enumerate(img.axes) if i not in (lay.channel_axis, lay.rgb_axis))
     scratch: list[Path] = []
 
     def scratch_store(path: Path, shp, axes):
@@ -215,31 +232,35 @@ def refocus_file(
 
     try:
         out_tmp, out_arr = scratch_store(out_path, shape, img.axes)
-        dpm_tmp = dpm_arr = None
+        dpm_tmp = dpm_arr = trust_tmp = trust_arr = None
+        dpm_shape = tuple(s for i, s in enumerate(shape) if i not in (lay.channel_axis, lay.rgb_axis))
         if dpm_path:
-            dpm_shape = tuple(s for i, s in enumerate(shape) if i != ch)
             dpm_tmp, dpm_arr = scratch_store(Path(dpm_path), dpm_shape, dpm_axes)
+        if trust_path:
+            trust_tmp, trust_arr = scratch_store(Path(trust_path), dpm_shape, dpm_axes)
         job = refocus_lazy(
             img, m, dpm=bool(dpm_path), tile=tile, overlap=overlap, batch=batch, providers=providers,
             threads=threads, scheduler=scheduler, out=out_arr, dpm_out=dpm_arr, rows_per_strip=rows_per_strip,
-            progress=progress, precision=precision,
+            progress=progress, precision=precision, trust_out=trust_arr, **domain,
         )
+        px = job.sampling.image_um  # an unknown pixel size is never written as one
         meta = {"model": job.model.card.name, "provider": job.provider, "tile": job.tile, "overlap": job.overlap,
                 "source": img.metadata.get("source"), "scheduler": str(scheduler) if scheduler else None}
         results = {}
-        for tmp, arr, final, axes in ((out_tmp, out_arr, out_path, img.axes), (dpm_tmp, dpm_arr, dpm_path, dpm_axes)):
+        for tmp, arr, final, axes in ((out_tmp, out_arr, out_path, img.axes), (dpm_tmp, dpm_arr, dpm_path, dpm_axes),
+                                      (trust_tmp, trust_arr, trust_path, dpm_axes)):
             if arr is None:
                 continue
             final = Path(final)
             if io.is_zarr_path(final):
-                io.write_zarr_attrs(tmp, axes, img.pixel_size_um, img.z_step_um, meta)
+                io.write_zarr_attrs(tmp, axes, px, img.z_step_um, meta)
                 (tmp / io.MARKER).write_text("written by napari-deepr; this folder may be replaced by its next run\n")
                 io._finish(tmp, final, overwrite)  # replaces only a previous output of this tool
                 scratch.remove(tmp)
             else:
                 import dask.array as da
 
-                io.write_image(final, da.from_zarr(arr), axes=axes, pixel_size_um=img.pixel_size_um,
+                io.write_image(final, da.from_zarr(arr), axes=axes, pixel_size_um=px,
                                z_step_um=img.z_step_um, metadata=meta, overwrite=overwrite)
             results[str(final)] = list(arr.shape)
     finally:

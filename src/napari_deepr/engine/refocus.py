@@ -21,6 +21,8 @@ import numpy as np
 
 from ..errors import Cancelled, InputError, ModelError
 from .fp16 import FP16_PROVIDERS, fp16_variant
+from . import trust as _trust
+from .domain import Sampling, check_modality, resample_plane, resampled_size, resolve_sampling
 from .model import DeepRModel, load_model
 from .providers import (
     SHORT_NAMES,
@@ -76,17 +78,19 @@ class _Layout:
     channel_axis: int | None  # input axis fed to the network as channels (joint), or None
     y: int
     x: int
+    rgb_axis: int | None = None  # colour axis refocused plane by plane; its DPM and trust are one map
 
 
 def result_shapes(shape, axes: str, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the refocused image and of its DPM for an input of ``shape`` with ``axes``.
 
-    The refocused image keeps the input's shape; the DPM drops a channel axis that is fed to the
-    network jointly (one defocus per pixel), and keeps every other axis.
+    The refocused image keeps the input's shape; the DPM (and the trust map) drops a channel axis
+    that is fed to the network jointly and the colour axis of an RGB image (one defocus per pixel:
+    the colours' maps are averaged), and keeps every other axis.
     """
     shape = tuple(int(v) for v in shape)
     lay = _layout(shape, axes, channels)
-    return shape, tuple(v for i, v in enumerate(shape) if i != lay.channel_axis)
+    return shape, tuple(v for i, v in enumerate(shape) if i not in (lay.channel_axis, lay.rgb_axis))
 
 
 def _layout(shape, axes: str, channels: int) -> _Layout:
@@ -116,7 +120,8 @@ def _layout(shape, axes: str, channels: int) -> _Layout:
     elif "S" in axes and shape[axes.index("S")] not in (1,) and channels == 1:
         pass  # RGB with a one-channel model: each colour is refocused as its own plane.
     plane_axes = tuple(i for i, a in enumerate(axes) if a not in "YX" and i != chan)
-    return _Layout(axes, plane_axes, chan, axes.index("Y"), axes.index("X"))
+    rgb = axes.index("S") if "S" in axes and chan != axes.index("S") and shape[axes.index("S")] in (3, 4) else None
+    return _Layout(axes, plane_axes, chan, axes.index("Y"), axes.index("X"), rgb)
 
 
 class RefocusJob:
@@ -143,6 +148,27 @@ class RefocusJob:
     memory_arena : bool, optional
         Keep onnxruntime's CPU memory arena (default :func:`~napari_deepr.engine.providers.default_arena`,
         on): faster; off bounds resident memory by the tile in flight (used for whole slides).
+    pixel_size_um : float, optional
+        The image's pixel size in µm; overrides the file's calibration. Without either the pixel
+        size is unknown and the model's is assumed (``sampling.message`` says so).
+    resample : bool
+        Resample an image whose pixel size differs from the card's by more than 5 % to the model's
+        sampling and the results back (default); False runs at the input's sampling and leaves a
+        warning in ``notes``.
+    force_modality : bool
+        Run even when the image's modality (RGB vs gray) is not the model's.
+    trust : bool or int
+        Also compute a per-pixel trust map (see :mod:`napari_deepr.engine.trust`) from that many
+        D4 test-time passes (``True``: 8), in ``trust_map`` (or ``trust_out`` when given, like ``dpm_out``).
+
+    Attributes
+    ----------
+    sampling : napari_deepr.engine.domain.Sampling
+        The pixel-size verdict (known or unknown, resampled or not).
+    modality : napari_deepr.engine.domain.Modality
+        The modality verdict.
+    notes : list of str
+        What the user must be told before the run (unknown pixel size, resampling, forced modality).
     """
 
     def __init__(
@@ -167,15 +193,22 @@ class RefocusJob:
         memory_arena: bool | None = None,
         io_binding: bool | None = None,
         pipeline: bool | None = None,
+        pixel_size_um: float | None = None,
+        resample: bool = True,
+        force_modality: bool = False,
+        trust: bool | int = False,
+        trust_out=None,
     ):
         _check_settings(tile=tile, overlap=overlap, batch=batch, threads=threads, halo=halo, providers=providers,
                         axes=axes, precision=precision)
         self.model: DeepRModel = load_model(model)
         card = self.model.card
         data = image
+        file_px = None
         if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
             axes = axes or image.axes
             data = image.data
+            file_px = getattr(image, "pixel_size_um", None)
         if data is None or isinstance(data, (str, bytes, dict, set)) or (
             isinstance(data, os.PathLike)
         ):
@@ -200,6 +233,24 @@ class RefocusJob:
         self.data = data
         self.shape = tuple(data.shape)
         h, w = data.shape[self.layout.y], data.shape[self.layout.x]
+        # What the model was made for, checked before anything runs (one place for every front end).
+        self.sampling: Sampling = resolve_sampling(card, file_px, override=pixel_size_um, resample=resample)
+        self.modality = check_modality(card, self.shape, axes, force=force_modality)
+        self.passes = _trust.passes_from(trust)
+        if self.passes and card.extra.get("trust_map") is False:
+            raise InputError(f"The card of {card.name} forbids a trust map (trust_map: false), so none can be computed.")
+        self.notes = [v.message for v in (self.sampling, self.modality) if v.level != "ok" and v.message]
+        # Resampling and test-time passes work plane by plane at the model's sampling.
+        self.planewise = self.sampling.resample or self.passes > 0
+        self.input_hw = (h, w)
+        if self.sampling.resample:
+            h, w = resampled_size(h, self.sampling.ratio), resampled_size(w, self.sampling.ratio)
+        if self.planewise and tile_rows is not None:
+            raise InputError(
+                "Cluster strips cannot resample or compute a trust map yet; resample the image to the model's "
+                "pixel size first, or run without --scheduler."
+            )
+        self.work_hw = (h, w)
         if min(h, w) < card.min_size:
             raise InputError(
                 f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
@@ -263,6 +314,9 @@ class RefocusJob:
         self.dpm = None
         if dpm:
             self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+        self.trust_map = None
+        if self.passes:
+            self.trust_map = trust_out if trust_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
         self.planes = planes if planes is not None else list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
         # A strip of tile rows [ka, kb) (for distributed work) also runs row ka-1 to rebuild the
         # overlap it shares with the strip above, so strips add up to exactly the whole-image result.
@@ -272,7 +326,7 @@ class RefocusJob:
         self.tile_rows = (ka, kb)
         self.norm = norm or {}
         self.tiles_per_plane = (kb - max(ka - 1, 0)) * self.plan_x.n
-        self.total = self.tiles_per_plane * len(self.planes)
+        self.total = self.tiles_per_plane * len(self.planes) * max(self.passes, 1)
         self.done = 0
 
     # -- reading and writing in the input's own layout ---------------------------------------------
@@ -297,11 +351,13 @@ class RefocusJob:
         ``target`` is the output (all input axes) or the DPM (input axes less the joint channel axis).
         """
         lay = self.layout
-        is_dpm = target is self.dpm
+        is_dpm = target is self.dpm or (target is self.trust_map and target is not None)
         idx: list = []
         order = []
         for i in range(len(self.shape)):
             if i in lay.plane_axes:
+                if is_dpm and i == lay.rgb_axis:
+                    continue  # one map for all colours: their mean, accumulated below
                 idx.append(p[lay.plane_axes.index(i)])
             elif i == lay.y:
                 idx.append(slice(y0, y1))
@@ -315,7 +371,13 @@ class RefocusJob:
         joint = lay.channel_axis is not None and not is_dpm
         data = block if joint else block[0]
         src = ["C", "Y", "X"] if joint else ["Y", "X"]
-        target[tuple(idx)] = np.transpose(data, [src.index(a) for a in order])
+        value = np.transpose(data, [src.index(a) for a in order])
+        if is_dpm and lay.rgb_axis is not None:
+            n = self.shape[lay.rgb_axis]
+            value = value / np.float32(n)
+            if p[lay.plane_axes.index(lay.rgb_axis)]:  # later colours add to the first one's share
+                value = np.asarray(target[tuple(idx)]) + value
+        target[tuple(idx)] = value
 
     # -- the run -----------------------------------------------------------------------------------
     def _open_sessions(self):
@@ -441,6 +503,9 @@ class RefocusJob:
             When ``cancel`` is set; rows finished so far are already written to the outputs.
         """
         is_cancelled = _cancel_fn(cancel)
+        if self.planewise:
+            yield from self._steps_planewise(is_cancelled)
+            return
         py, px = self.plan_y, self.plan_x
         ty, tx = py.tile, px.tile
         h, w = py.length, px.length
@@ -637,12 +702,123 @@ class RefocusJob:
             self.output = self.output.astype(np.float64)
         return res
 
+    def _scratch(self, shape) -> np.ndarray:
+        """A float32 work array: in memory, or a temporary memmap when it would take over an eighth of free memory."""
+        nbytes = 4 * math.prod(shape)
+        if nbytes <= available_memory() // 8:
+            return np.zeros(shape, dtype=np.float32)
+        import tempfile
+
+        if getattr(self, "_tmpdir", None) is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="deepr-work-")
+        path = f"{self._tmpdir.name}/{len(os.listdir(self._tmpdir.name))}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+
+    def _steps_planewise(self, is_cancelled) -> Iterator[Progress]:
+        """Plane by plane at the model's sampling: resample in, run the D4 passes, measure trust, resample back.
+
+        Each pass is a whole-plane run of an inner :class:`RefocusJob` (same tiling, providers and
+        precision), so tiling, stacks and disk-backed outputs behave as without resampling. Only
+        the identity pass computes the DPM and provides the output; the other passes only measure
+        how much the answer moves.
+        """
+        card = self.model.card
+        hw, ww = self.work_hw
+        h, w = self.input_hw
+        transforms = _trust.D4[: self.passes] if self.passes else _trust.D4[:1]
+        joint = self.layout.channel_axis is not None
+        # The trust map's range test reads the DPM too (computed once, on the identity pass).
+        need_dpm = self.want_dpm or (self.passes > 0 and self.model.has_dpm)
+        # Out of domain by what the engine already knows: trust is capped whatever the pixels say.
+        known_ood = self.modality.forced or (
+            self.sampling.ratio is not None and not self.sampling.resample and abs(self.sampling.ratio - 1) > 0.05)
+        cap = _trust.OUT_OF_DOMAIN_CAP if known_ood else 1.0
+        for p in self.planes:
+            view = self._plane_view(p)
+            c = int(view.shape[0])
+            if self.sampling.resample:
+                src = resample_plane(view, (hw, ww), out=self._scratch((c, hw, ww)))
+            elif isinstance(view, np.ndarray):
+                src = view.astype(np.float32, copy=False)
+            else:
+                src = self._scratch((c, hw, ww))
+                for a in range(0, hw, 512):
+                    src[:, a:a + 512] = np.asarray(view[:, a:a + 512], dtype=np.float32)
+            mean, std = plane_stats(src)
+            flat, safe_std = self._check_stats(p, mean, std)
+            out0 = dpm0 = None
+            acc = m2 = None
+            for k, (rot, flip) in enumerate(transforms):
+                if is_cancelled():
+                    raise Cancelled("Refocus was cancelled; finished planes are kept.")
+                first = k == 0
+                inner = RefocusJob(
+                    _trust.forward(src, rot, flip), self.model, dpm=need_dpm and first, tile=self.tile,
+                    overlap=self.overlap, batch=self.batch, providers=self.providers, axes="CYX", threads=self.threads,
+                    precision=self.precision, memory_arena=self.arena, io_binding=self.io_binding, pipeline=self.pipeline,
+                    out=self._scratch((c, hw, ww)[:1] + ((ww, hw) if rot % 2 else (hw, ww))) if first else None,
+                    norm={(0,) if not joint else (): (mean, std)}, pixel_size_um=card.pixel_size_um, force_modality=True,
+                )
+                base = self.done
+                for ev in inner.steps(is_cancelled):
+                    self.done = base + ev.done
+                    self.provider = inner.provider
+                    yield Progress(self.done, self.total, p, inner.provider)
+                self.warnings.extend(m for m in inner.warnings if m not in self.warnings)
+                y = _trust.inverse(np.asarray(inner.output), rot, flip).astype(np.float32, copy=False)
+                if first:
+                    out0 = y
+                    if need_dpm:
+                        dpm0 = np.asarray(inner.dpm, dtype=np.float32).reshape(hw, ww)
+                if self.passes > 1:  # Welford: mean and spread of the passes without keeping them
+                    if acc is None:
+                        acc, m2 = y.copy(), np.zeros_like(y)
+                    else:
+                        delta = y - acc
+                        acc += delta / (k + 1)
+                        m2 += delta * (y - acc)
+            if self.passes:
+                s32 = np.asarray(safe_std, dtype=np.float32)[:, None, None]
+                m32 = np.asarray(mean, dtype=np.float32)[:, None, None]
+                spread = None
+                if self.passes > 1:
+                    spread = (np.sqrt(m2 / (len(transforms) - 1)) / s32).mean(axis=0)
+                xz = ((src - m32) / s32).mean(axis=0)
+                yz = ((out0 - m32) / s32).mean(axis=0)
+                residual = _trust.range_residual(xz, yz, card)
+                beyond = _trust.beyond_range(xz, dpm0, card)
+                trust2d = _trust.trust_from(spread, residual, card, beyond=beyond, cap=cap)
+                # The signals of the last plane (model grid), for measurements (scripts/trust_eval.py).
+                self.trust_parts = {"spread": spread, "residual": residual, "beyond": beyond,
+                                    "content_trust": _trust.trust_from(spread, residual, card, beyond=beyond)}
+            # Back onto the input grid, band by band, in the input's layout.
+            if self.sampling.resample:
+                resample_plane(out0, (h, w), out=lambda a, b, blk, p=p: self._write(self.output, p, a, b, blk))
+                if self.want_dpm:
+                    resample_plane(dpm0[None], (h, w), out=lambda a, b, blk, p=p: self._write(self.dpm, p, a, b, blk))
+                if self.passes:
+                    resample_plane(trust2d[None], (h, w), out=lambda a, b, blk, p=p: self._write(self.trust_map, p, a, b, blk))
+            else:
+                for a in range(0, h, 512):
+                    b = min(a + 512, h)
+                    self._write(self.output, p, a, b, out0[:, a:b])
+                    if self.want_dpm:
+                        self._write(self.dpm, p, a, b, dpm0[None, a:b])
+                    if self.passes:
+                        self._write(self.trust_map, p, a, b, trust2d[None, a:b])
+            del flat
+
     def run(self, progress: Callable[[Progress], None] | None = None, cancel=None):
-        """Run to the end; returns the output (and the DPM when requested)."""
+        """Run to the end; returns the output, then the DPM and the trust map when requested."""
         for ev in self.steps(cancel):
             if progress is not None:
                 progress(ev)
-        return (self.output, self.dpm) if self.want_dpm else self.output
+        return self.results()
+
+    def results(self):
+        """``output``, or the tuple ``(output[, dpm][, trust_map])`` of what was asked for."""
+        extra = ([self.dpm] if self.want_dpm else []) + ([self.trust_map] if self.passes else [])
+        return (self.output, *extra) if extra else self.output
 
 
 def refocus(
@@ -661,6 +837,10 @@ def refocus(
     dpm_out=None,
     threads: int | None = None,
     precision: str = "fp32",
+    pixel_size_um: float | None = None,
+    resample: bool = True,
+    force_modality: bool = False,
+    trust: bool | int = False,
 ):
     """Refocus a defocused image (2-D, stacks, channels, RGB; numpy, dask or zarr).
 
@@ -695,17 +875,35 @@ def refocus(
         :mod:`napari_deepr.engine.quantize`). Both are faster on CPU; ``fp16`` runs half-precision
         copies of the graphs on GPU providers (:mod:`napari_deepr.engine.fp16`). Their quality cost is measured
         (``deepr quantize``, ``napari_deepr.engine.quantize.quality_delta``), not assumed.
+    pixel_size_um : float, optional
+        The image's pixel size in µm (overrides an ``io.ImageData``'s calibration). Plain arrays and
+        uncalibrated files have none: the model's sampling is assumed and a warning says so once.
+    resample : bool
+        When the pixel size differs from the model card's by more than 5 %, resample to the model's
+        sampling (anti-aliased), refocus, and resample the results back onto the input grid
+        (default). False runs at the input's sampling and warns before the run.
+    force_modality : bool
+        Refocus even when the image's modality is not the model's (an RGB image through a
+        fluorescence model); otherwise that is refused with an :class:`~napari_deepr.errors.InputError`.
+    trust : bool or int
+        Also return a per-pixel trust map in [0, 1] (1 = trust; ≥ 0.5 counts as trustworthy) from
+        this many D4 test-time passes (``True``: 8) and a forward-model range test; see
+        :mod:`napari_deepr.engine.trust`. Costs one network run per pass.
 
     Returns
     -------
-    numpy.ndarray or (numpy.ndarray, numpy.ndarray)
+    numpy.ndarray or tuple of numpy.ndarray
         float32 refocused image in the input's layout and intensity scale (see module docstring),
-        and the DPM in µm when ``dpm=True``.
+        then the DPM in µm when ``dpm=True``, then the trust map when ``trust`` (both in the input's
+        layout less the joint channel or RGB colour axis).
     """
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, dpm_out=dpm_out, threads=threads, precision=precision,
+        out=out, dpm_out=dpm_out, threads=threads, precision=precision, pixel_size_um=pixel_size_um,
+        resample=resample, force_modality=force_modality, trust=trust,
     )
+    for msg in job.notes:  # before the run: unknown pixel size, resampling, forced modality
+        warnings.warn(msg, UserWarning, stacklevel=2)
     result = job.run(progress, cancel)
     for msg in job.warnings:  # construction and run warnings, each once
         warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,248 @@
+"""Know when not to trust a result: pixel size known or unknown, resampling, modality, trust map.
+
+Numbers are checked independently: bead widths against the in-focus image simulated from a physical
+PSF at the same sampling, resampling against scikit-image's ``resize``, calibration against what
+the files were written with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+import napari_deepr
+from napari_deepr import io
+from napari_deepr.cli import main
+from napari_deepr.engine.domain import resample_plane, resolve_sampling
+from napari_deepr.engine.model import load_model
+from napari_deepr.errors import InputError
+from napari_deepr.optics.psf import Optics
+from napari_deepr.optics.simulate import defocus
+from napari_deepr.science.metrics import fit_gaussian_fwhm
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+# -- calibration ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({}, None),  # plain TIFF, no resolution
+        ({"imagej": True}, None),  # ImageJ default: 1/1, no unit
+        ({"imagej": True, "resolution": (1, 1), "metadata": {"unit": "pixel"}}, None),
+        ({"resolution": (1, 1)}, None),  # 1 pixel per inch: a writer's default, not 25 400 µm
+        ({"resolution": (1, 1), "resolutionunit": "CENTIMETER"}, None),
+        ({"imagej": True, "resolution": (5, 5), "metadata": {"unit": "micron"}}, 0.2),
+        ({"imagej": True, "resolution": (1, 1), "metadata": {"unit": "micron"}}, 1.0),  # explicit µm stays
+        ({"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}, 0.5),
+    ],
+)
+def test_uncalibrated_files_read_as_unknown(tmp_path, kwargs, expected):
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), **kwargs)
+    img = io.read_image(path)
+    if expected is None:
+        assert img.pixel_size_um is None and not img.pixel_size_known
+    else:
+        assert img.pixel_size_um == pytest.approx(expected)
+
+
+def test_uncalibrated_zarr_is_unknown(tmp_path):
+    io.write_image(tmp_path / "a.zarr", np.zeros((64, 64), np.float32))
+    io.write_image(tmp_path / "b.zarr", np.zeros((64, 64), np.float32), pixel_size_um=0.2)
+    assert io.read_image(tmp_path / "a.zarr").pixel_size_um is None
+    assert io.read_image(tmp_path / "b.zarr").pixel_size_um == pytest.approx(0.2)
+
+
+def test_reader_says_once_that_the_pixel_size_is_unknown(tmp_path):
+    from napari_deepr._reader import read_layers
+
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"u{i}.tif", np.zeros((64, 64), np.uint16))
+    with pytest.warns(UserWarning, match="pixel size is unknown") as rec:
+        layers = read_layers([str(tmp_path / "u0.tif"), str(tmp_path / "u1.tif")])
+    assert len([w for w in rec if "pixel size is unknown" in str(w.message)]) == 1
+    assert all(ld[1]["metadata"]["pixel_size_known"] is False for ld in layers)
+    assert all(u == "pixel" for ld in layers for u in ld[1]["units"])
+
+
+# -- sampling verdicts ---------------------------------------------------------------------------
+def test_sampling_verdicts():
+    card = load_model("default").card  # 0.325 µm
+    assert resolve_sampling(card, None).image_um is None
+    assert not resolve_sampling(card, 0.33).resample  # within 5 %
+    assert resolve_sampling(card, 0.1).resample
+    v = resolve_sampling(card, 0.1, resample=False)
+    assert not v.resample and v.level == "warning" and "resampling is off" in v.message
+    for bad in (0, -1, float("nan"), 1e6):
+        with pytest.raises(InputError):
+            resolve_sampling(card, None, override=bad)
+    with pytest.raises(InputError, match="outside the 0.25–2.5× range"):
+        resolve_sampling(card, 0.05)  # 6.5× finer
+
+
+def test_resample_plane_matches_scikit_image_and_bands():
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 300, 280)).astype(np.float32)
+    for shape in ((97, 91), (600, 560)):
+        ours = resample_plane(a, shape, band=37)
+        ref = resize(a[0], shape, order=1, anti_aliasing=True, mode="reflect")
+        assert np.abs(ours[0] - ref)[3:-3, 3:-3].max() < 1e-5
+        assert np.array_equal(ours, resample_plane(a, shape, band=10_000))
+
+
+# -- the reason resampling exists: beads at 0.1 µm pixels -----------------------------------------
+def _bead_field(px: float, n: int):
+    """Isolated 0.2 µm beads on a 4 µm grid (one per pixel centre), their in-focus and 3 µm images."""
+    optics = Optics(na=0.75, wavelength_um=0.55, pixel_size_um=px, sample_index=1.45, sample_depth_um=5.0)
+    obj = np.zeros((n, n))
+    step = int(round(4.0 / px))
+    centres = [(y, x) for y in range(step, n - step // 2, step) for x in range(step, n - step // 2, step)]
+    for y, x in centres:
+        obj[y, x] = 1.0
+    infocus = defocus(obj, 0.0, optics, photons=3000, noise=False)
+    blurred = defocus(obj, 3.0, optics, photons=3000, rng=1).astype(np.float32)
+    return centres, infocus, blurred
+
+
+def _fwhms(img, centres, half):
+    return np.array([fit_gaussian_fwhm(img[y - half:y + half + 1, x - half:x + half + 1]) for y, x in centres])
+
+
+def test_resampling_keeps_bead_fwhm_at_0p1_um_pixels():
+    px = 0.1
+    centres, infocus, blurred = _bead_field(px, 480)
+    half = int(round(1.2 / px))
+    ref = _fwhms(infocus, centres, half)  # in-focus FWHM at the same 0.1 µm sampling (pixels)
+    assert 3.5 < np.median(ref) * px / 0.1 < 6.0  # ≈ 0.4 µm: the diffraction limit, independently of the network
+    with_rs = _fwhms(napari_deepr.refocus(blurred, pixel_size_um=px), centres, half)
+    without = _fwhms(napari_deepr.refocus(blurred, pixel_size_um=px, resample=False), centres, half)
+    # The same beads simulated at the model's own 0.325 µm: what the model does where it is valid.
+    mpx = 0.325
+    c2, inf2, bl2 = _bead_field(mpx, int(round(480 * px / mpx)))
+    h2 = int(round(1.2 / mpx))
+    native = np.median(_fwhms(napari_deepr.refocus(bl2, pixel_size_um=mpx), c2, h2)) * mpx
+    native_ref = np.median(_fwhms(inf2, c2, h2)) * mpx
+    # Unresampled, the model sees beads 3.25× too wide (as if still defocused): widths go wrong (or no
+    # bead is left to fit), far from the in-focus width.
+    err_no = np.abs(without / ref - 1)
+    assert np.mean(~(err_no < 0.2)) > 0.5, err_no
+    # Resampled, the beads come out as the model makes them at its own sampling (physics invariant).
+    assert abs(np.median(with_rs) * px / native - 1) < 0.2, (np.median(with_rs) * px, native)
+    if abs(native / native_ref - 1) >= 0.2:
+        pytest.xfail(
+            f"the bundled model itself leaves these 3 µm beads at {native:.2f} µm FWHM vs {native_ref:.2f} µm in focus "
+            "at its own sampling, so the 20 % criterion measures the model, not resampling"
+        )
+    err_rs = np.abs(with_rs / ref - 1)
+    assert np.all(err_rs < 0.2), err_rs
+
+
+def test_resampling_works_tiled_on_stacks():
+    px = 0.2
+    rng = np.random.default_rng(3)
+    from napari_deepr.optics.specimens import make_specimen
+
+    optics = Optics(pixel_size_um=px)
+    planes = [defocus(make_specimen("cells", (300, 300), px, rng), z, optics, rng=4).astype(np.float32) for z in (2.0, -3.0)]
+    stack = np.stack(planes)
+    whole, dpm = napari_deepr.refocus(stack, axes="ZYX", pixel_size_um=px, dpm=True)
+    assert whole.shape == stack.shape and dpm.shape == stack.shape
+    one = napari_deepr.refocus(planes[1], pixel_size_um=px)
+    np.testing.assert_allclose(whole[1], one, atol=1e-4)
+    tiled = napari_deepr.refocus(stack, axes="ZYX", pixel_size_um=px, tile=128, overlap=32)
+    # Resampling adds no seams of its own: tiled-vs-whole differences stay those of the network's tiling
+    # at the model's sampling (the same planes, resampled by hand and refocused without resampling).
+    from napari_deepr.engine.domain import resample_plane
+
+    h = int(round(300 * px / 0.325))
+    by_hand = np.stack([resample_plane(p[None], (h, h))[0] for p in planes])
+    seam_model = np.abs(napari_deepr.refocus(by_hand, axes="ZYX", pixel_size_um=0.325, tile=128, overlap=32)
+                        - napari_deepr.refocus(by_hand, axes="ZYX", pixel_size_um=0.325)).mean()
+    assert np.abs(tiled - whole).mean() <= 1.5 * seam_model + 1e-3 * whole.std()
+
+
+# -- modality ------------------------------------------------------------------------------------
+def test_rgb_through_fluorescence_model_is_refused_unless_forced():
+    rgb = (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)
+    with pytest.raises(InputError, match="RGB"):
+        napari_deepr.refocus(rgb)
+    out, dpm = napari_deepr.refocus(rgb, force_modality=True, dpm=True)
+    assert out.shape == rgb.shape and dpm.shape == rgb.shape[:2]  # one DPM, not three
+
+
+def _cli(*args):
+    return main(["refocus", *map(str, args), "-q"])
+
+
+def test_cli_refuses_modality_and_bad_pixel_sizes_writing_nothing(tmp_path, capsys):
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, (np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8), photometric="rgb")
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, (np.random.default_rng(1).random((96, 96)) * 1000).astype(np.uint16))
+    cases = [
+        (rgb, [], "trained on widefield fluorescence"),
+        (gray, ["--pixel-size", "0"], "positive"),
+        (gray, ["--pixel-size", "-0.3"], "positive"),
+        (gray, ["--pixel-size", "4000"], "not a light microscope"),
+        (gray, ["--pixel-size", "0.02"], "outside the"),
+        (gray, ["--trust-passes", "9", "--trust", tmp_path / "t.tif"], "1 to 8 passes"),
+    ]
+    for src, extra, words in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert _cli(src, "-o", tmp_path / "o.tif", "--dpm", tmp_path / "d.tif", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and err.count("\n") == 0 and err.startswith("deepr: error:")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # Forced: runs, RGB comes back in the input's dtype and range, one DPM.
+    assert _cli(rgb, "-o", tmp_path / "o.tif", "--dpm", tmp_path / "d.tif", "--force-modality") == 0
+    out, dpm = io.read_image(tmp_path / "o.tif"), io.read_image(tmp_path / "d.tif")
+    assert out.data.dtype == np.uint8 and out.data.shape == (96, 96, 3) and dpm.data.shape == (96, 96)
+    assert "Forced" in capsys.readouterr().err
+
+
+def test_cli_pixel_size_notes_before_the_run_and_output_calibration(tmp_path, capsys):
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, (np.random.default_rng(1).random((96, 96)) * 1000).astype(np.uint16))
+    assert _cli(gray, "-o", tmp_path / "o.tif") == 0
+    assert "pixel size is unknown" in capsys.readouterr().err
+    assert io.read_image(tmp_path / "o.tif").pixel_size_um is None  # unknown stays unknown, never 1 µm
+    assert _cli(gray, "-o", tmp_path / "o2.tif", "--pixel-size", "0.2") == 0
+    assert "resampled" in capsys.readouterr().err
+    assert io.read_image(tmp_path / "o2.tif").pixel_size_um == pytest.approx(0.2)
+    assert _cli(gray, "-o", tmp_path / "o3.tif", "--pixel-size", "0.2", "--no-resample") == 0
+    assert "deepr: warning:" in capsys.readouterr().err
+
+
+# -- trust map -----------------------------------------------------------------------------------
+def test_trust_map_api_and_cli(tmp_path, capsys):
+    from napari_deepr.optics.specimens import make_specimen
+
+    x = defocus(make_specimen("cells", (128, 128), 0.325, 5), 2.0, rng=6).astype(np.float32)
+    out, dpm, trust = napari_deepr.refocus(x, dpm=True, trust=2, pixel_size_um=0.325)
+    plain = napari_deepr.refocus(x, pixel_size_um=0.325)
+    np.testing.assert_array_equal(out, plain)  # the trust map never changes the output
+    assert trust.shape == x.shape and trust.dtype == np.float32 and 0 <= trust.min() and trust.max() <= 1
+    with pytest.raises(InputError, match="1 to 8"):
+        napari_deepr.refocus(x, trust=12)
+    src = tmp_path / "x.tif"
+    tifffile.imwrite(src, x)
+    assert _cli(src, "-o", tmp_path / "o.tif", "--trust", tmp_path / "t.tif", "--trust-passes", "2") == 0
+    assert "trustworthy" in capsys.readouterr().err
+    np.testing.assert_allclose(io.read_image(tmp_path / "t.tif").data, trust, atol=1e-5)
+
+
+def test_card_can_forbid_the_trust_map(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    card = json.loads((d / "model.json").read_text())
+    card["trust_map"] = False
+    (d / "model.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="forbids a trust map"):
+        napari_deepr.refocus(np.zeros((64, 64), np.float32), d, trust=True)
