@@ -15,6 +15,16 @@ pytestmark = pytest.mark.gui
 from onnx_builders import DPM_BIAS, DPM_GAIN, make_model_folder, reference_output
 
 
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path_factory, monkeypatch):
+    """Each test starts from default widget settings, in a folder of its own (never the user's)."""
+    from qtpy.QtCore import QSettings
+
+    folder = tmp_path_factory.mktemp("settings")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
+    yield
+
+
 def _sample(shape=(256, 256), seed=0):
     rng = np.random.default_rng(seed)
     img = rng.poisson(50, shape).astype(np.float32)
@@ -463,6 +473,98 @@ def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp
     assert index["pairs"]
     assert index["z_step_um"] == pytest.approx(0.5)
     assert w.summary is not None and "Dataset written" in w.summary_label.text()
+
+
+def _controls_without_tooltip(w):
+    """Visible controls of ``w`` a user can set or press that have no tooltip (by their text)."""
+    from qtpy.QtWidgets import QAbstractButton, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
+
+    controls = {c for t in (QComboBox, QSpinBox, QDoubleSpinBox, QLineEdit, QAbstractButton) for c in w.findChildren(t)
+                if not c.objectName().startswith("qt_")}  # Qt's own line edit inside a spin box
+    return [getattr(c, "text", lambda: "")() or type(c).__name__ for c in controls
+            if c.isVisibleTo(w) and not c.toolTip()]
+
+
+def _dock_bars(viewer):
+    """``(value, maximum)`` of every progress bar in napari's activity dock, as drawn on screen."""
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+
+    return [(pb.qt_progress_bar.value(), pb.qt_progress_bar.maximum())
+            for pb in viewer.window._qt_window.findChildren(QtLabeledProgressBar)]
+
+
+def _no_bar_left(qtbot, viewer):
+    """The activity dock holds no progress bar once the run is over (deleteLater needs the event loop)."""
+    from napari.utils import progress
+
+    qtbot.waitUntil(lambda: not _dock_bars(viewer), timeout=5_000)
+    assert not [p for p in progress._all_instances if "efocus" in str(p) or "airs" in str(p)]
+
+
+def test_pairs_widget_builds_after_moving_the_plane(make_napari_viewer, qtbot, sim_stack, tmp_path):
+    """Moving the in-focus plane, then Build: every patch pairs with that plane, with the bar rising."""
+    stack, _z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    out = tmp_path / "moved"
+    w.out_edit.setText(str(out))
+    w.patch_spin.setValue(64)
+    w.range_spin.setValue(1.0)
+    w.plot.clicked.emit(5)  # a click on the curve moves the plane
+    assert w.override_check.isChecked() and w.build_btn.isEnabled()
+    drawn = []
+    w._relay.progress.connect(lambda *_: drawn.extend(_dock_bars(viewer)))  # runs after the widget's slot
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    status, msg = blocker.args
+    assert status == "done", msg
+    index = json.loads((out / "index.json").read_text())
+    assert {c["infocus_plane"] for c in index["crops"]} == {5}
+    assert index["focus_method"] == "manual"
+    assert {p["z_um"] for p in index["pairs"]} == {-1.0, -0.5, 0.0, 0.5, 1.0}
+    # one field: all training, and the summary says so in numbers
+    text = w.summary_label.text()
+    assert f"{index['summary']['train_pairs']} for training" in text and "0 for validation" in text
+    assert any(0 < v < m for v, m in drawn), drawn  # the dock's bar moved during the build
+    _no_bar_left(qtbot, viewer)
+
+
+def test_pairs_widget_validates_as_you_type(make_napari_viewer, qtbot, sim_stack, tmp_path):
+    from napari_deepr._widgets._common import invalid_reason
+
+    stack, _z = sim_stack  # 13 planes × 0.5 µm = 6 µm, 128 × 128 px
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    assert not w.build_btn.isEnabled() and "Choose a folder" in invalid_reason(w.out_edit)
+    w.out_edit.setText(str(tmp_path / "new"))
+    assert not invalid_reason(w.out_edit)
+    assert w.patch_spin.value() == 256 and not w.build_btn.isEnabled()  # the default patch is too large here
+    assert "at most 128 px" in invalid_reason(w.patch_spin)
+    assert "ff6b6b" in w.patch_spin.styleSheet() and "at most 128 px" in w.patch_spin.toolTip()
+    w.patch_spin.setValue(128)
+    assert w.build_btn.isEnabled() and w.patch_spin.styleSheet() == ""
+    w.range_spin.setValue(4.0)
+    assert "at most ±3 µm" in invalid_reason(w.range_spin) and not w.build_btn.isEnabled()
+    w.range_spin.setValue(3.0)
+    assert w.build_btn.isEnabled() and w.range_spin.styleSheet() == ""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    w.out_edit.setText(str(tmp_path / "full"))
+    assert "other files" in invalid_reason(w.out_edit) and not w.build_btn.isEnabled()
+    assert not _controls_without_tooltip(w)
+    assert w.measure_combo.currentText().startswith("Vollath F5")
+
+
+def test_pairs_settings_are_remembered(make_napari_viewer, qtbot, sim_stack):
+    stack, _z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    w.patch_spin.setValue(96)
+    w.measure_combo.setCurrentIndex(w.measure_combo.findData("nvar"))
+    w.close()
+    viewer2 = make_napari_viewer()
+    w2 = _pairs_widget(qtbot, viewer2, stack)
+    assert w2.patch_spin.value() == 96 and w2.measure_combo.currentData() == "nvar"
 
 
 # ---------------------------------------------------------------------------------------------- manifest
