@@ -70,15 +70,147 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     np.testing.assert_allclose(out.data, reference_output(img), rtol=1e-4, atol=1e-2)
     assert out.metadata["model"] == "tiny" and out.metadata["provider"] == "cpu" and out.metadata["complete"]
 
+    # a signed model: diverging around focus, ± the trained range, µm on the colorbar
     assert dpm.colormap.name == "RdBu_r"
     assert tuple(dpm.contrast_limits) == (-5.0, 5.0)
-    assert dpm.colorbar.visible
-    assert 0.3 <= dpm.opacity <= 0.7
+    assert dpm.colorbar.visible and dpm.metadata["colorbar_label"] == "µm"
+    # the DPM does not tint the result: it lies under it, opaque, until "Overlay" is ticked
+    layers = list(viewer.layers)
+    assert layers.index(dpm) < layers.index(out) and dpm.opacity == 1.0 and not w.overlay_check.isChecked()
+    w.overlay_check.setChecked(True)
+    layers = list(viewer.layers)
+    assert layers.index(dpm) > layers.index(out) and dpm.opacity == 0.5
     np.testing.assert_allclose(dpm.scale, layer.scale)
     # The tiny DPM decoder maps the blurred z-scored input to gain*blur+bias, whose mean is ~bias.
     assert abs(float(dpm.data.mean()) - DPM_BIAS) < 0.2 * DPM_GAIN
-    assert "Mean defocus" in w.readout_label.text() and "tilt" in w.readout_label.text()
+    text = w.readout_label.text()
+    assert text.startswith("Mean defocus") and "tilt" in text and "\n" not in text and len(text) < 90
+    assert "residual" in w.readout_label.toolTip()  # the details live in the tooltip
     assert w.provider_label.text().startswith("Provider used: <b>cpu")
+    _no_bar_left(qtbot, viewer)
+
+
+def test_refocus_magnitude_dpm_is_sequential_from_zero(make_napari_viewer, qtbot, tmp_path):
+    """A |defocus| model: a sequential colormap from 0 to the range's edge (no implied sign), in µm."""
+    model = make_model_folder(tmp_path, "magnitude", dpm_target="magnitude", defocus_range_um=[-4, 4])
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample(), name="img", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, model)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    dpm = viewer.layers["img DPM (µm)"]
+    assert dpm.colormap.name == "magma" and tuple(dpm.contrast_limits) == (0.0, 4.0)
+    assert dpm.metadata["colorbar_label"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    assert w.readout_label.text().startswith("Mean |defocus|")
+    assert "0…4 µm" in w.range_label.text()
+
+
+def test_refocus_progress_bar_rises_and_leaves_nothing_behind(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    """The activity dock's bar moves during a tiled run; a one-tile run leaves no bar behind either."""
+    _slow_steps(monkeypatch, 0.05)
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((384, 384)), name="img")
+    w = _refocus_widget(viewer, tiny_model)
+    drawn = []
+    w.run()
+    w.worker.yielded.connect(lambda v: drawn.extend(_dock_bars(viewer)))
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        pass
+    assert blocker.args[0] == "done"
+    total = w.job.total
+    assert total > 4 and any(0 < v < m == total for v, m in drawn), drawn
+    assert max(v for v, _ in drawn) >= total - 1
+    _no_bar_left(qtbot, viewer)
+    # one tile: the run may end while napari is still adding its bar
+    w.tile_spin.setValue(512)
+    status, _ = _run_and_wait(qtbot, w)
+    assert status == "done" and w.job.total == 1
+    _no_bar_left(qtbot, viewer)
+
+
+def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thread(
+        make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    """A 2048² result: its layers are laid out before the first tile and stay hidden (no repaint) while
+    tiles run, are shown at the end, and the DPM fit runs in a worker thread."""
+    import threading
+
+    from napari.layers import Image
+
+    from napari_deepr._widgets import refocus as wmod
+
+    main = threading.get_ident()
+    fitted_in, drawn = [], []
+    geometry = wmod.dpm_geometry
+    monkeypatch.setattr(wmod, "dpm_geometry", lambda *a, **k: (fitted_in.append(threading.get_ident()),
+                                                                 geometry(*a, **k))[1])
+    refresh = Image.refresh
+    # a refresh of a visible layer is a slice, a texture upload and a repaint on the main thread
+    monkeypatch.setattr(Image, "refresh", lambda self, *a, **k: (
+        drawn.append(self.name) if self.visible else None, refresh(self, *a, **k))[1])
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((2048, 2048)), name="big", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, tiny_model)
+    w.tile_spin.setValue(512)
+    w.run()
+    during, hidden = [], []
+
+    def on_tile(value):
+        if hasattr(value, "done"):
+            if value.done == 1:
+                drawn.clear()  # from here on, tiles run
+                hidden.append([not viewer.layers[n].visible for n in ("big refocused", "big DPM (µm)")])
+            during.extend(n for n in drawn if n != "big")
+
+    w.worker.yielded.connect(on_tile)
+    with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
+        pass
+    assert blocker.args[0] == "done" and w.job.total > 4
+    assert hidden == [[True, True]]  # the layers existed before the first tile, hidden
+    assert not during, during  # nothing of ours repainted while tiles ran
+    assert viewer.layers["big refocused"].visible and viewer.layers["big DPM (µm)"].visible
+    np.testing.assert_allclose(viewer.layers["big refocused"].data[:64, :64], reference_output(
+        _sample((2048, 2048)))[:64, :64], rtol=1e-4, atol=1e-2)
+    assert fitted_in and main not in fitted_in
+
+
+def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """After an all-planes run, a z step re-fits only the plane on screen, in a worker, and the range
+    warning names that plane."""
+    import threading
+
+    from napari_deepr._widgets import refocus as wmod
+
+    model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
+    main = threading.get_ident()
+    shapes = []
+    geometry = wmod.dpm_geometry
+    monkeypatch.setattr(wmod, "dpm_geometry", lambda d, *a, **k: (shapes.append((d.shape, threading.get_ident())),
+                                                                   geometry(d, *a, **k))[1])
+    viewer = make_napari_viewer()
+    stack = np.stack([_sample((128, 160), seed=s) for s in range(3)])
+    stack[1] = 50.0 + np.random.default_rng(1).normal(0, 1, stack[1].shape)  # a flat plane: all in range
+    viewer.add_image(stack, name="s", scale=(0.5, 0.325, 0.325))
+    w = _refocus_widget(viewer, model)
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("all"))
+    viewer.dims.set_current_step(0, 0)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    assert w.readout_label.text().startswith("Plane 0:")
+    assert w.range_label.text().startswith("Plane 0:") and "beyond the trained range" in w.range_label.text()
+    dpm = viewer.layers["s DPM (µm)"].data
+    frac0 = float(((dpm[0] < -1) | (dpm[0] > 1)).mean())
+    assert f"{100 * frac0:.0f}%" in w.range_label.text()
+    oor = viewer.layers["s DPM out of range"]
+    assert oor.data.shape == stack.shape  # the outline covers every plane, computed once
+    n = len(shapes)
+    viewer.dims.set_current_step(0, 2)
+    assert len(shapes) == n  # the step itself fits nothing
+    qtbot.waitUntil(lambda: w.readout_label.text().startswith("Plane 2:"), timeout=10_000)
+    frac2 = float(((dpm[2] < -1) | (dpm[2] > 1)).mean())
+    assert f"{100 * frac2:.0f}%" in w.range_label.text() or "within" in w.range_label.text()
+    assert all(shape == (128, 160) and tid != main for shape, tid in shapes[n:])
+    assert viewer.layers["s DPM out of range"] is oor  # not rebuilt per step
+
 
 
 def _bundled_field(true_dpm):
@@ -108,13 +240,14 @@ def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_
     status, msg = _run_and_wait(qtbot, w)
     assert status == "done", msg
     assert w.fit.crosses_focus and abs(w.fit.tilt_deg - 1.5) < 0.3
-    text = w.readout_label.text()
-    assert "Mean |defocus|" in text and "crosses focus" in text and "±180°" in text
-    assert f"tilt {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
+    text, details = w.readout_label.text(), w.readout_label.toolTip()
+    assert text.startswith("Mean |defocus|") and "through focus" in text and len(text) < 110
+    assert "crosses focus" in details and "±180°" in details
+    assert f"tilted {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
     assert viewer.layers["tilted DPM (µm)"].metadata["plane_fit"]["crosses_focus"] is True
     # the in-focus line: the true one is the middle row (the tilt runs along y, centred on focus)
     line = viewer.layers["tilted in focus (DPM fit)"]
-    assert line.shape_type == ["line"] and "white line marks where the sample is in focus" in text
+    assert line.shape_type == ["line"] and ("white line: in focus" in text or w.geometry.reading == "fold_or_curved")
     (r0, c0), (r1, c1) = line.data[0]
     assert abs(r0 - 255.5) < 40 and abs(r1 - 255.5) < 40 and abs(c1 - c0) > 400
     assert tuple(line.scale) == tuple(viewer.layers["tilted DPM (µm)"].scale)
@@ -132,7 +265,8 @@ def test_refocus_readout_reports_a_curved_sample(make_napari_viewer, qtbot):
     assert status == "done", msg
     surface = viewer.layers["curved DPM (µm)"].metadata["surface_fit"]
     assert surface["shape"] == "cylinder" and 0.8 < surface["radius_mm"][0] < 1.6
-    assert "curved like a cylinder of radius" in w.readout_label.text()
+    assert "curved like a cylinder, radius" in w.readout_label.text()
+    assert "curved like a cylinder of radius" in w.readout_label.toolTip()
 
 
 def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):
@@ -148,7 +282,7 @@ def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_p
     dpm = viewer.layers["img DPM (µm)"].data
     np.testing.assert_array_equal(oor.data.astype(bool), (dpm < -1) | (dpm > 1))
     assert oor.data.any()
-    assert "outside the trained range" in w.range_label.text()
+    assert "beyond the trained range" in w.range_label.text()
 
 
 def test_refocus_stack_current_plane_and_all_planes_dask(make_napari_viewer, qtbot, tiny_model):
@@ -197,7 +331,8 @@ def test_refocus_large_result_goes_to_disk(make_napari_viewer, qtbot, tiny_model
     assert out.shape == stack.shape and dpm.shape == stack.shape
     for z in range(3):
         np.testing.assert_allclose(out[z], reference_output(stack[z]), rtol=1e-4, atol=1e-2)
-    assert "tilt" in w.readout_label.text()  # the plane fit reads its plane from disk
+    assert "tilt" in w.readout_label.toolTip()  # the plane fit reads its plane from disk
+    assert w.readout_label.text().startswith("Plane 1:")  # napari shows the middle plane
 
 
 def test_refocus_rgb(make_napari_viewer, qtbot, tiny_model):
