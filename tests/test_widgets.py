@@ -446,8 +446,8 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="the trainer needs PyTorch (pip install 'napari-deepr[train]')")
 
-TINY_TRAINER = ("--patch 32 --g-steps 1 --d-steps 1 --val-every 2 --val-pairs 4 --dpm-iterations 2 "
-                "--workers 0 --threads 1 --log-every 1")
+TINY_TRAINER = {"g_steps": 1, "d_steps": 1, "val_every": 2, "val_pairs": 4, "dpm_iterations": 2,
+                "workers": 0, "threads": 1, "log_every": 1}
 
 
 def _training_widget(viewer, dataset, out, iterations):
@@ -462,7 +462,9 @@ def _training_widget(viewer, dataset, out, iterations):
     w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
     w.base_spin.setValue(4)
     w.batch_spin.setValue(2)
-    w.extra_edit.setText(TINY_TRAINER)
+    w.patch_spin.setValue(32)
+    for name, value in TINY_TRAINER.items():
+        getattr(w.options, name).value = value
     return w
 
 
@@ -504,8 +506,11 @@ def test_training_widget_stop_resume_and_use_model(make_napari_viewer, qtbot, tm
     # Curves per term (train) and validation, from the protocol lines.
     assert {"berhu", "msssim"} <= set(w.plot.train) and "berhu_output" in w.plot.val
     assert any(k.startswith("val_") for k in w.plot.dpm)
-    assert "Deep-R training preview (input | output | target)" in viewer.layers
+    preview = viewer.layers["Deep-R training preview (input | output | target)"]
+    np.testing.assert_allclose(preview.scale[-2:], (0.325, 0.325))  # µm, like the images it sits among
+    assert all(str(u) in ("micrometer", "µm") for u in preview.units)
     assert w.use_btn.isEnabled()
+    assert w.phase_label.text() == "Done" and w.progress.value() == w.progress.maximum() > 0
     model = load_model(out)
     assert model.has_dpm
 
@@ -526,6 +531,7 @@ def test_training_widget_stop_resume_and_use_model(make_napari_viewer, qtbot, tm
 def test_training_widget_reports_trainer_error_as_one_sentence(make_napari_viewer, qtbot, tmp_path):
     empty = tmp_path / "not-a-dataset"
     empty.mkdir()
+    (empty / "index.json").write_text("{broken")  # passes the widget's check; the trainer refuses it
     viewer = make_napari_viewer()
     w = _training_widget(viewer, empty, tmp_path / "m", iterations=2)
     with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
@@ -536,13 +542,69 @@ def test_training_widget_reports_trainer_error_as_one_sentence(make_napari_viewe
     assert w.message.text() == msg and w.start_btn.isEnabled()
 
 
-def test_training_widget_checks_fields_before_starting(make_napari_viewer):
+def test_training_widget_checks_fields_before_starting(make_napari_viewer, tmp_path):
+    from napari_deepr._widgets._common import invalid_reason
     from napari_deepr._widgets.training import TrainingWidget
 
-    w = TrainingWidget(make_napari_viewer())
+    viewer = make_napari_viewer()
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w, name="train")
     w.start()
     assert w.process is None
     assert "dataset" in w.message.text()
+    # as you type: red field, reason in its tooltip, Start disabled
+    assert not w.start_btn.isEnabled() and "Choose a training dataset" in invalid_reason(w.dataset_edit)
+    (tmp_path / "stacks").mkdir()
+    w.dataset_edit.setText(str(tmp_path / "stacks"))
+    assert "not a pairs dataset" in invalid_reason(w.dataset_edit) and "not a pairs" in w.dataset_edit.toolTip()
+    spec = tmp_path / "sim.json"
+    spec.write_text(json.dumps({"synthetic": {}}))
+    w.dataset_edit.setText(str(spec))
+    w.output_edit.setText(str(tmp_path / "model"))
+    assert not invalid_reason(w.dataset_edit) and w.start_btn.isEnabled()
+    w.patch_spin.setValue(40)
+    assert "multiple of 32" in invalid_reason(w.patch_spin) and not w.start_btn.isEnabled()
+    w.patch_spin.setValue(64)
+    assert not invalid_reason(w.patch_spin)
+    # the trainer's options are real controls, passed as flags; "auto" passes nothing
+    w.options.val_every.value = 25
+    w.options.bf16.value = True
+    args = w.arguments()
+    assert args[args.index("--val-every") + 1] == "25" and "--bf16" in args and "--patch" in args
+    assert "--dpm-iterations" not in args and "--threads" not in args and "--init-from" not in args
+    w.options.dpm_iterations.value = 0
+    assert w.arguments()[w.arguments().index("--dpm-iterations") + 1] == "0"
+    assert not _controls_without_tooltip(w)
+    assert w.phase_label.text() == "Not started"
+    # the dock fits a small screen: everything scrolls
+    assert w.scroll.widget() is not None and w.minimumSizeHint().height() < 400
+
+
+def test_training_settings_are_remembered(make_napari_viewer, tmp_path):
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(make_napari_viewer())
+    w.minutes_spin.setValue(12.5)
+    w.options.val_every.value = 77
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
+    w.close()
+    w2 = TrainingWidget(make_napari_viewer())
+    assert w2.minutes_spin.value() == 12.5 and w2.options.val_every.value == 77
+    assert w2.device_combo.currentData() == "cpu"
+
+
+def test_training_widget_phases_from_trainer_events(make_napari_viewer):
+    """Progress and phase follow the trainer's lines, including the silent export."""
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(make_napari_viewer())
+    w.handle_event({"event": "start", "phase": "gan", "device": "cpu", "patch": 64, "range_um": 5})
+    w.handle_event({"event": "progress", "phase": "gan", "iteration": 30, "iterations": 120, "losses": {"berhu": 0.3}})
+    assert w.phase_label.text() == "Refocusing network" and (w.progress.value(), w.progress.maximum()) == (30, 120)
+    w.handle_event({"event": "progress", "phase": "dpm", "iteration": 5, "iterations": 10, "losses": {"l2": 1.0}})
+    assert w.phase_label.text() == "DPM decoder" and w.progress.value() == 5
+    w.handle_event({"event": "checkpoint", "phase": "export", "kind": "resume", "reason": "phase"})
+    assert w.phase_label.text() == "Exporting" and "Exporting the ONNX model" in w.status.text()
 
 
 # ---------------------------------------------------------------------------------------------- pairs
