@@ -90,6 +90,24 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     _no_bar_left(qtbot, viewer)
 
 
+def test_refocus_save_result_keeps_the_calibration(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    """'Save result…' writes calibrated TIFFs (napari's own TIFF writer drops the µm pixel size)."""
+    from napari_deepr import io
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((128, 128)), name="img", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, tiny_model)
+    assert not w.save_btn.isEnabled() and "calibrated TIFF (napari-deepr)" in w.save_btn.toolTip()
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done" and w.save_btn.isEnabled()
+    written = w.save_result(tmp_path / "out.tif")
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["out.tif", "out_dpm_um.tif"]
+    back = io.read_image(tmp_path / "out.tif")
+    assert back.pixel_size_um == pytest.approx(0.325)
+    np.testing.assert_allclose(np.asarray(back.data), viewer.layers["img refocused"].data)
+    assert w.save_result(tmp_path / "out.tif") == []  # the DPM file exists: nothing is overwritten
+
+
 def test_refocus_magnitude_dpm_is_sequential_from_zero(make_napari_viewer, qtbot, tmp_path):
     """A |defocus| model: a sequential colormap from 0 to the range's edge (no implied sign), in µm."""
     model = make_model_folder(tmp_path, "magnitude", dpm_target="magnitude", defocus_range_um=[-4, 4])

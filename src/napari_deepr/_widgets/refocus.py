@@ -300,8 +300,16 @@ class RefocusWidget(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setToolTip("Stop after the tiles in flight; finished rows are kept.")
         self.cancel_btn.setEnabled(False)
+        self.save_btn = QPushButton("Save result…")
+        self.save_btn.setToolTip(
+            "Save the refocused image, and its DPM beside it (…_dpm_um.tif), as calibrated TIFF: the pixel "
+            "size in µm is kept. napari's own File ▸ Save writes TIFFs without it; there, choose "
+            "'calibrated TIFF (napari-deepr)'.")
+        self.save_btn.setEnabled(False)
+        self.save_btn.clicked.connect(lambda: self.save_result())
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
+        buttons.addWidget(self.save_btn)
         root.addLayout(buttons)
 
         self.status_label = MessageLabel()
@@ -830,6 +838,7 @@ class RefocusWidget(QWidget):
             self.provider_label.show_message(self._provider_text(job))
         for w in dict.fromkeys(job.warnings if job is not None else []):
             notify("warning", w)
+        self.save_btn.setEnabled(getattr(self, "_out_layer", None) is not None)
         if status == "done":
             self.status_label.show_message(f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}.", "ok")
             if job.dpm is not None and self._dpm_layer is not None:
@@ -846,6 +855,37 @@ class RefocusWidget(QWidget):
             self.status_label.show_message(message, "error")
             notify("error", message)
         self.finished.emit(status, message)
+
+    def save_result(self, path: str | Path | None = None) -> list[str]:
+        """Write the last result with napari-deepr's calibrated-TIFF writer (asks for a file when ``path`` is None).
+
+        Returns the paths written (empty when nothing was saved).
+        """
+        from napari.plugins.io import save_layers
+
+        out = getattr(self, "_out_layer", None)
+        if out is None or out not in self.viewer.layers:
+            self.status_label.show_message("Nothing to save yet: run a refocus first.", "error")
+            return []
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save the refocused image", f"{out.name}.tif",
+                                                  "Calibrated TIFF (*.tif *.tiff)")
+            if not path:
+                return []
+        path = Path(path)
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            path = path.with_suffix(".tif")
+        dpm = getattr(self, "_dpm_layer", None)
+        dpm_path = path.with_name(f"{path.stem}_dpm_um{path.suffix}")
+        if dpm is not None and dpm in self.viewer.layers and dpm_path.exists():
+            msg = f"{dpm_path.name} already exists; choose another name (nothing was written)."
+            self.status_label.show_message(msg, "error")
+            return []
+        written = list(save_layers(str(path), [out], plugin="napari-deepr"))
+        if dpm is not None and dpm in self.viewer.layers:
+            written += save_layers(str(dpm_path), [dpm], plugin="napari-deepr")
+        self.status_label.show_message(f"Saved {', '.join(Path(p).name for p in written)} (µm calibration kept).", "ok")
+        return written
 
     # ------------------------------------------------------------------ DPM readout
     def _on_step(self, event=None) -> None:
