@@ -86,8 +86,10 @@ def shot_refocus(app, model: Path, note: str) -> None:
     w.set_model(model)
     w.refresh_layers(select=v.layers["tilted 1.5° (simulated)"])
     w.overlay_check.setChecked(True)  # the shot shows the map over the result (off by default)
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))  # after the readout, which follows the last tile
     w.run()
-    if not _wait(app, lambda: w.worker is None, 300):
+    if not _wait(app, lambda: bool(ended), 300):
         raise SystemExit("refocus did not finish in 5 minutes")
     print("refocus:", w.status_label.text(), "|", w.readout_label.text(), "|", w.range_label.text())
     v.reset_view()
@@ -109,8 +111,10 @@ def shot_through_focus(app, model: Path, note: str) -> None:
     v.window.add_dock_widget(w, name="Refocus (Deep-R)", area="right")
     w.set_model(model)
     w.refresh_layers(select=v.layers[0])
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))  # after the readout, which follows the last tile
     w.run()
-    if not _wait(app, lambda: w.worker is None, 300):
+    if not _wait(app, lambda: bool(ended), 300):
         raise SystemExit("refocus did not finish in 5 minutes")
     print("through focus:", w.status_label.text(), "|", w.readout_label.text())
     v.reset_view()

@@ -935,6 +935,13 @@ class RefocusWidget(QWidget):
         worker.start()
 
     def _on_readout(self, result, ctx) -> None:
+        try:
+            self._on_readout_alive(result, ctx)
+        except RuntimeError as exc:  # the widget (or napari) was closed while the fit ran
+            if "deleted" not in str(exc):
+                raise
+
+    def _on_readout_alive(self, result, ctx) -> None:
         self._readout_worker = None
         run, lay, idx, note = ctx
         if result[0] == "error":
@@ -1091,6 +1098,8 @@ def label_colorbar(viewer, layer, text: str) -> bool:
 
     napari 0.9's colorbar draws tick values only; its vispy axis has a label, reached through the
     canvas. Any change in napari's internals leaves the colorbar unlabelled rather than failing.
+    Known gap: under napari 0.9.2 the label is set but not drawn (napari sizes the overlay from the
+    tick text and clips it); the unit is also in the layer's name and ``metadata["units"]``.
     """
     try:
         canvas = viewer.window._qt_viewer.canvas
