@@ -85,8 +85,11 @@ def shot_refocus(app, model: Path, note: str) -> None:
     v.window.add_dock_widget(w, name="Refocus (Deep-R)", area="right")
     w.set_model(model)
     w.refresh_layers(select=v.layers["tilted 1.5° (simulated)"])
+    w.overlay_check.setChecked(True)  # the shot shows the map over the result (off by default)
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))  # after the readout, which follows the last tile
     w.run()
-    if not _wait(app, lambda: w.worker is None, 300):
+    if not _wait(app, lambda: bool(ended), 300):
         raise SystemExit("refocus did not finish in 5 minutes")
     print("refocus:", w.status_label.text(), "|", w.readout_label.text(), "|", w.range_label.text())
     v.reset_view()
@@ -108,8 +111,10 @@ def shot_through_focus(app, model: Path, note: str) -> None:
     v.window.add_dock_widget(w, name="Refocus (Deep-R)", area="right")
     w.set_model(model)
     w.refresh_layers(select=v.layers[0])
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))  # after the readout, which follows the last tile
     w.run()
-    if not _wait(app, lambda: w.worker is None, 300):
+    if not _wait(app, lambda: bool(ended), 300):
         raise SystemExit("refocus did not finish in 5 minutes")
     print("through focus:", w.status_label.text(), "|", w.readout_label.text())
     v.reset_view()
@@ -153,7 +158,8 @@ def shot_training(app, iterations: int) -> None:
     w.base_spin.setValue(8)
     w.batch_spin.setValue(4)
     w.patch_spin.setValue(64)
-    w.extra_edit.setText("--g-steps 2 --d-steps 1 --val-every 5 --dpm-iterations 30 --workers 0")
+    for name, value in {"g_steps": 2, "d_steps": 1, "val_every": 5, "dpm_iterations": 30, "workers": 0}.items():
+        getattr(w.options, name).value = value
     w.start()
     _wait(app, lambda: w.process is None, 540)
     print("training:", w.status.text(), "|", w.message.text())

@@ -116,3 +116,20 @@ def test_refusals(tmp_path):
         load_pairs(tmp_path)
     # nothing half-written is left behind
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_register_stack_stops_at_once_when_cancelled():
+    """A cancel during registration (the longest step of building pairs) stops before the next plane."""
+    from napari_deepr.errors import Cancelled
+    from napari_deepr.stacks.register import register_stack
+
+    stack = np.random.default_rng(0).normal(size=(6, 64, 64)).astype(np.float32)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        register_stack(stack, cancel=cancel)
+    assert len(calls) == 3

@@ -15,6 +15,16 @@ pytestmark = pytest.mark.gui
 from onnx_builders import DPM_BIAS, DPM_GAIN, make_model_folder, reference_output
 
 
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path_factory, monkeypatch):
+    """Each test starts from default widget settings, in a folder of its own (never the user's)."""
+    from qtpy.QtCore import QSettings
+
+    folder = tmp_path_factory.mktemp("settings")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
+    yield
+
+
 def _sample(shape=(256, 256), seed=0):
     rng = np.random.default_rng(seed)
     img = rng.poisson(50, shape).astype(np.float32)
@@ -60,15 +70,166 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     np.testing.assert_allclose(out.data, reference_output(img), rtol=1e-4, atol=1e-2)
     assert out.metadata["model"] == "tiny" and out.metadata["provider"] == "cpu" and out.metadata["complete"]
 
+    # a signed model: diverging around focus, ± the trained range, µm on the colorbar
     assert dpm.colormap.name == "RdBu_r"
     assert tuple(dpm.contrast_limits) == (-5.0, 5.0)
-    assert dpm.colorbar.visible
-    assert 0.3 <= dpm.opacity <= 0.7
+    # µm: in the name, the metadata and the colorbar label asked of vispy (napari 0.9.2 does not draw it)
+    assert dpm.colorbar.visible and dpm.metadata["colorbar_label"] == "µm" and "(µm)" in dpm.name
+    # the DPM does not tint the result: it lies under it, opaque, until "Overlay" is ticked
+    layers = list(viewer.layers)
+    assert layers.index(dpm) < layers.index(out) and dpm.opacity == 1.0 and not w.overlay_check.isChecked()
+    w.overlay_check.setChecked(True)
+    layers = list(viewer.layers)
+    assert layers.index(dpm) > layers.index(out) and dpm.opacity == 0.5
     np.testing.assert_allclose(dpm.scale, layer.scale)
     # The tiny DPM decoder maps the blurred z-scored input to gain*blur+bias, whose mean is ~bias.
     assert abs(float(dpm.data.mean()) - DPM_BIAS) < 0.2 * DPM_GAIN
-    assert "Mean defocus" in w.readout_label.text() and "tilt" in w.readout_label.text()
+    text = w.readout_label.text()
+    assert text.startswith("Mean defocus") and "tilt" in text and "\n" not in text and len(text) < 90
+    assert "residual" in w.readout_label.toolTip()  # the details live in the tooltip
     assert w.provider_label.text().startswith("Provider used: <b>cpu")
+    _no_bar_left(qtbot, viewer)
+
+
+def test_refocus_save_result_keeps_the_calibration(make_napari_viewer, qtbot, tiny_model, tmp_path):
+    """'Save result…' writes calibrated TIFFs (napari's own TIFF writer drops the µm pixel size)."""
+    from napari_deepr import io
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((128, 128)), name="img", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, tiny_model)
+    assert not w.save_btn.isEnabled() and "calibrated TIFF (napari-deepr)" in w.save_btn.toolTip()
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done" and w.save_btn.isEnabled()
+    written = w.save_result(tmp_path / "out.tif")
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["out.tif", "out_dpm_um.tif"]
+    back = io.read_image(tmp_path / "out.tif")
+    assert back.pixel_size_um == pytest.approx(0.325)
+    np.testing.assert_allclose(np.asarray(back.data), viewer.layers["img refocused"].data)
+    assert w.save_result(tmp_path / "out.tif") == []  # the DPM file exists: nothing is overwritten
+
+
+def test_refocus_magnitude_dpm_is_sequential_from_zero(make_napari_viewer, qtbot, tmp_path):
+    """A |defocus| model: a sequential colormap from 0 to the range's edge (no implied sign), in µm."""
+    model = make_model_folder(tmp_path, "magnitude", dpm_target="magnitude", defocus_range_um=[-4, 4])
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample(), name="img", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, model)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    dpm = viewer.layers["img DPM (µm)"]
+    assert dpm.colormap.name == "magma" and tuple(dpm.contrast_limits) == (0.0, 4.0)
+    assert dpm.metadata["colorbar_label"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    assert w.readout_label.text().startswith("Mean |defocus|")
+    assert "0…4 µm" in w.range_label.text()
+
+
+def test_refocus_progress_bar_rises_and_leaves_nothing_behind(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    """The activity dock's bar moves during a tiled run; a one-tile run leaves no bar behind either."""
+    _slow_steps(monkeypatch, 0.05)
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((384, 384)), name="img")
+    w = _refocus_widget(viewer, tiny_model)
+    drawn = []
+    w.run()
+    w.worker.yielded.connect(lambda v: drawn.extend(_dock_bars(viewer)))
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        pass
+    assert blocker.args[0] == "done"
+    total = w.job.total
+    assert total > 4 and any(0 < v < m == total for v, m in drawn), drawn
+    assert max(v for v, _ in drawn) >= total - 1
+    _no_bar_left(qtbot, viewer)
+    # one tile: the run may end while napari is still adding its bar
+    w.tile_spin.setValue(512)
+    status, _ = _run_and_wait(qtbot, w)
+    assert status == "done" and w.job.total == 1
+    _no_bar_left(qtbot, viewer)
+
+
+def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thread(
+        make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    """A 2048² result: its layers are laid out before the first tile and stay hidden (no repaint) while
+    tiles run, are shown at the end, and the DPM fit runs in a worker thread."""
+    import threading
+
+    from napari.layers import Image
+
+    from napari_deepr._widgets import refocus as wmod
+
+    main = threading.get_ident()
+    fitted_in, drawn = [], []
+    geometry = wmod.dpm_geometry
+    monkeypatch.setattr(wmod, "dpm_geometry", lambda *a, **k: (fitted_in.append(threading.get_ident()),
+                                                                 geometry(*a, **k))[1])
+    refresh = Image.refresh
+    # a refresh of a visible layer is a slice, a texture upload and a repaint on the main thread
+    monkeypatch.setattr(Image, "refresh", lambda self, *a, **k: (
+        drawn.append(self.name) if self.visible else None, refresh(self, *a, **k))[1])
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample((2048, 2048)), name="big", scale=(0.325, 0.325), units=("µm", "µm"))
+    w = _refocus_widget(viewer, tiny_model)
+    w.tile_spin.setValue(512)
+    w.run()
+    during, hidden = [], []
+
+    def on_tile(value):
+        if hasattr(value, "done"):
+            if value.done == 1:
+                drawn.clear()  # from here on, tiles run
+                hidden.append([not viewer.layers[n].visible for n in ("big refocused", "big DPM (µm)")])
+            during.extend(n for n in drawn if n != "big")
+
+    w.worker.yielded.connect(on_tile)
+    with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
+        pass
+    assert blocker.args[0] == "done" and w.job.total > 4
+    assert hidden == [[True, True]]  # the layers existed before the first tile, hidden
+    assert not during, during  # nothing of ours repainted while tiles ran
+    assert viewer.layers["big refocused"].visible and viewer.layers["big DPM (µm)"].visible
+    np.testing.assert_allclose(viewer.layers["big refocused"].data[:64, :64], reference_output(
+        _sample((2048, 2048)))[:64, :64], rtol=1e-4, atol=1e-2)
+    assert fitted_in and main not in fitted_in
+
+
+def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """After an all-planes run, a z step re-fits only the plane on screen, in a worker, and the range
+    warning names that plane."""
+    import threading
+
+    from napari_deepr._widgets import refocus as wmod
+
+    model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
+    main = threading.get_ident()
+    shapes = []
+    geometry = wmod.dpm_geometry
+    monkeypatch.setattr(wmod, "dpm_geometry", lambda d, *a, **k: (shapes.append((d.shape, threading.get_ident())),
+                                                                   geometry(d, *a, **k))[1])
+    viewer = make_napari_viewer()
+    stack = np.stack([_sample((128, 160), seed=s) for s in range(3)])
+    stack[1] = 50.0 + np.random.default_rng(1).normal(0, 1, stack[1].shape)  # a flat plane: all in range
+    viewer.add_image(stack, name="s", scale=(0.5, 0.325, 0.325))
+    w = _refocus_widget(viewer, model)
+    w.scope_combo.setCurrentIndex(w.scope_combo.findData("all"))
+    viewer.dims.set_current_step(0, 0)
+    status, msg = _run_and_wait(qtbot, w)
+    assert status == "done", msg
+    assert w.readout_label.text().startswith("Plane 0:")
+    assert w.range_label.text().startswith("Plane 0:") and "beyond the trained range" in w.range_label.text()
+    dpm = viewer.layers["s DPM (µm)"].data
+    frac0 = float(((dpm[0] < -1) | (dpm[0] > 1)).mean())
+    assert f"{100 * frac0:.0f}%" in w.range_label.text()
+    oor = viewer.layers["s DPM out of range"]
+    assert oor.data.shape == stack.shape  # the outline covers every plane, computed once
+    n = len(shapes)
+    viewer.dims.set_current_step(0, 2)
+    assert len(shapes) == n  # the step itself fits nothing
+    qtbot.waitUntil(lambda: w.readout_label.text().startswith("Plane 2:"), timeout=10_000)
+    frac2 = float(((dpm[2] < -1) | (dpm[2] > 1)).mean())
+    assert f"{100 * frac2:.0f}%" in w.range_label.text() or "within" in w.range_label.text()
+    assert all(shape == (128, 160) and tid != main for shape, tid in shapes[n:])
+    assert viewer.layers["s DPM out of range"] is oor  # not rebuilt per step
+
 
 
 def _bundled_field(true_dpm):
@@ -98,13 +259,14 @@ def test_refocus_readout_fits_the_tilt_through_the_fold_of_a_magnitude_dpm(make_
     status, msg = _run_and_wait(qtbot, w)
     assert status == "done", msg
     assert w.fit.crosses_focus and abs(w.fit.tilt_deg - 1.5) < 0.3
-    text = w.readout_label.text()
-    assert "Mean |defocus|" in text and "crosses focus" in text and "±180°" in text
-    assert f"tilt {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
+    text, details = w.readout_label.text(), w.readout_label.toolTip()
+    assert text.startswith("Mean |defocus|") and "through focus" in text and len(text) < 110
+    assert "crosses focus" in details and "±180°" in details
+    assert f"tilted {w.fit.tilt_deg:.2f}°" in text and w.geometry.reading in ("fold", "fold_or_curved")
     assert viewer.layers["tilted DPM (µm)"].metadata["plane_fit"]["crosses_focus"] is True
     # the in-focus line: the true one is the middle row (the tilt runs along y, centred on focus)
     line = viewer.layers["tilted in focus (DPM fit)"]
-    assert line.shape_type == ["line"] and "white line marks where the sample is in focus" in text
+    assert line.shape_type == ["line"] and ("white line: in focus" in text or w.geometry.reading == "fold_or_curved")
     (r0, c0), (r1, c1) = line.data[0]
     assert abs(r0 - 255.5) < 40 and abs(r1 - 255.5) < 40 and abs(c1 - c0) > 400
     assert tuple(line.scale) == tuple(viewer.layers["tilted DPM (µm)"].scale)
@@ -122,7 +284,8 @@ def test_refocus_readout_reports_a_curved_sample(make_napari_viewer, qtbot):
     assert status == "done", msg
     surface = viewer.layers["curved DPM (µm)"].metadata["surface_fit"]
     assert surface["shape"] == "cylinder" and 0.8 < surface["radius_mm"][0] < 1.6
-    assert "curved like a cylinder of radius" in w.readout_label.text()
+    assert "curved like a cylinder, radius" in w.readout_label.text()
+    assert "curved like a cylinder of radius" in w.readout_label.toolTip()
 
 
 def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_path):
@@ -142,7 +305,7 @@ def test_refocus_scale_warning_and_out_of_range(make_napari_viewer, qtbot, tmp_p
     dpm = viewer.layers["img DPM (µm)"].data
     np.testing.assert_array_equal(oor.data.astype(bool), (dpm < -1) | (dpm > 1))
     assert oor.data.any()
-    assert "outside the trained range" in w.range_label.text()
+    assert "beyond the trained range" in w.range_label.text()
 
 
 def test_refocus_stack_current_plane_and_all_planes_dask(make_napari_viewer, qtbot, tiny_model):
@@ -191,7 +354,8 @@ def test_refocus_large_result_goes_to_disk(make_napari_viewer, qtbot, tiny_model
     assert out.shape == stack.shape and dpm.shape == stack.shape
     for z in range(3):
         np.testing.assert_allclose(out[z], reference_output(stack[z]), rtol=1e-4, atol=1e-2)
-    assert "tilt" in w.readout_label.text()  # the plane fit reads its plane from disk
+    assert "tilt" in w.readout_label.toolTip()  # the plane fit reads its plane from disk
+    assert w.readout_label.text().startswith("Plane 1:")  # napari shows the middle plane
 
 
 def test_refocus_rgb(make_napari_viewer, qtbot, tiny_model):
@@ -305,8 +469,8 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="the trainer needs PyTorch (pip install 'napari-deepr[train]')")
 
-TINY_TRAINER = ("--patch 32 --g-steps 1 --d-steps 1 --val-every 2 --val-pairs 4 --dpm-iterations 2 "
-                "--workers 0 --threads 1 --log-every 1")
+TINY_TRAINER = {"g_steps": 1, "d_steps": 1, "val_every": 2, "val_pairs": 4, "dpm_iterations": 2,
+                "workers": 0, "threads": 1, "log_every": 1}
 
 
 def _training_widget(viewer, dataset, out, iterations):
@@ -321,7 +485,9 @@ def _training_widget(viewer, dataset, out, iterations):
     w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
     w.base_spin.setValue(4)
     w.batch_spin.setValue(2)
-    w.extra_edit.setText(TINY_TRAINER)
+    w.patch_spin.setValue(32)
+    for name, value in TINY_TRAINER.items():
+        getattr(w.options, name).value = value
     return w
 
 
@@ -363,8 +529,11 @@ def test_training_widget_stop_resume_and_use_model(make_napari_viewer, qtbot, tm
     # Curves per term (train) and validation, from the protocol lines.
     assert {"berhu", "msssim"} <= set(w.plot.train) and "berhu_output" in w.plot.val
     assert any(k.startswith("val_") for k in w.plot.dpm)
-    assert "Deep-R training preview (input | output | target)" in viewer.layers
+    preview = viewer.layers["Deep-R training preview (input | output | target)"]
+    np.testing.assert_allclose(preview.scale[-2:], (0.325, 0.325))  # µm, like the images it sits among
+    assert all(str(u) in ("micrometer", "µm") for u in preview.units)
     assert w.use_btn.isEnabled()
+    assert w.phase_label.text() == "Done" and w.progress.value() == w.progress.maximum() > 0
     model = load_model(out)
     assert model.has_dpm
 
@@ -385,6 +554,7 @@ def test_training_widget_stop_resume_and_use_model(make_napari_viewer, qtbot, tm
 def test_training_widget_reports_trainer_error_as_one_sentence(make_napari_viewer, qtbot, tmp_path):
     empty = tmp_path / "not-a-dataset"
     empty.mkdir()
+    (empty / "index.json").write_text("{broken")  # passes the widget's check; the trainer refuses it
     viewer = make_napari_viewer()
     w = _training_widget(viewer, empty, tmp_path / "m", iterations=2)
     with qtbot.waitSignal(w.finished, timeout=120_000) as blocker:
@@ -395,13 +565,69 @@ def test_training_widget_reports_trainer_error_as_one_sentence(make_napari_viewe
     assert w.message.text() == msg and w.start_btn.isEnabled()
 
 
-def test_training_widget_checks_fields_before_starting(make_napari_viewer):
+def test_training_widget_checks_fields_before_starting(make_napari_viewer, tmp_path):
+    from napari_deepr._widgets._common import invalid_reason
     from napari_deepr._widgets.training import TrainingWidget
 
-    w = TrainingWidget(make_napari_viewer())
+    viewer = make_napari_viewer()
+    w = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(w, name="train")
     w.start()
     assert w.process is None
     assert "dataset" in w.message.text()
+    # as you type: red field, reason in its tooltip, Start disabled
+    assert not w.start_btn.isEnabled() and "Choose a training dataset" in invalid_reason(w.dataset_edit)
+    (tmp_path / "stacks").mkdir()
+    w.dataset_edit.setText(str(tmp_path / "stacks"))
+    assert "not a pairs dataset" in invalid_reason(w.dataset_edit) and "not a pairs" in w.dataset_edit.toolTip()
+    spec = tmp_path / "sim.json"
+    spec.write_text(json.dumps({"synthetic": {}}))
+    w.dataset_edit.setText(str(spec))
+    w.output_edit.setText(str(tmp_path / "model"))
+    assert not invalid_reason(w.dataset_edit) and w.start_btn.isEnabled()
+    w.patch_spin.setValue(40)
+    assert "multiple of 32" in invalid_reason(w.patch_spin) and not w.start_btn.isEnabled()
+    w.patch_spin.setValue(64)
+    assert not invalid_reason(w.patch_spin)
+    # the trainer's options are real controls, passed as flags; "auto" passes nothing
+    w.options.val_every.value = 25
+    w.options.bf16.value = True
+    args = w.arguments()
+    assert args[args.index("--val-every") + 1] == "25" and "--bf16" in args and "--patch" in args
+    assert "--dpm-iterations" not in args and "--threads" not in args and "--init-from" not in args
+    w.options.dpm_iterations.value = 0
+    assert w.arguments()[w.arguments().index("--dpm-iterations") + 1] == "0"
+    assert not _controls_without_tooltip(w)
+    assert w.phase_label.text() == "Not started"
+    # the dock fits a small screen: everything scrolls
+    assert w.scroll.widget() is not None and w.minimumSizeHint().height() < 400
+
+
+def test_training_settings_are_remembered(make_napari_viewer, tmp_path):
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(make_napari_viewer())
+    w.minutes_spin.setValue(12.5)
+    w.options.val_every.value = 77
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cpu"))
+    w.close()
+    w2 = TrainingWidget(make_napari_viewer())
+    assert w2.minutes_spin.value() == 12.5 and w2.options.val_every.value == 77
+    assert w2.device_combo.currentData() == "cpu"
+
+
+def test_training_widget_phases_from_trainer_events(make_napari_viewer):
+    """Progress and phase follow the trainer's lines, including the silent export."""
+    from napari_deepr._widgets.training import TrainingWidget
+
+    w = TrainingWidget(make_napari_viewer())
+    w.handle_event({"event": "start", "phase": "gan", "device": "cpu", "patch": 64, "range_um": 5})
+    w.handle_event({"event": "progress", "phase": "gan", "iteration": 30, "iterations": 120, "losses": {"berhu": 0.3}})
+    assert w.phase_label.text() == "Refocusing network" and (w.progress.value(), w.progress.maximum()) == (30, 120)
+    w.handle_event({"event": "progress", "phase": "dpm", "iteration": 5, "iterations": 10, "losses": {"l2": 1.0}})
+    assert w.phase_label.text() == "DPM decoder" and w.progress.value() == 5
+    w.handle_event({"event": "checkpoint", "phase": "export", "kind": "resume", "reason": "phase"})
+    assert w.phase_label.text() == "Exporting" and "Exporting the ONNX model" in w.status.text()
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -467,6 +693,98 @@ def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp
     assert index["pairs"]
     assert index["z_step_um"] == pytest.approx(0.5)
     assert w.summary is not None and "Dataset written" in w.summary_label.text()
+
+
+def _controls_without_tooltip(w):
+    """Visible controls of ``w`` a user can set or press that have no tooltip (by their text)."""
+    from qtpy.QtWidgets import QAbstractButton, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox
+
+    controls = {c for t in (QComboBox, QSpinBox, QDoubleSpinBox, QLineEdit, QAbstractButton) for c in w.findChildren(t)
+                if not c.objectName().startswith("qt_")}  # Qt's own line edit inside a spin box
+    return [getattr(c, "text", lambda: "")() or type(c).__name__ for c in controls
+            if c.isVisibleTo(w) and not c.toolTip()]
+
+
+def _dock_bars(viewer):
+    """``(value, maximum)`` of every progress bar in napari's activity dock, as drawn on screen."""
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+
+    return [(pb.qt_progress_bar.value(), pb.qt_progress_bar.maximum())
+            for pb in viewer.window._qt_window.findChildren(QtLabeledProgressBar)]
+
+
+def _no_bar_left(qtbot, viewer):
+    """The activity dock holds no progress bar once the run is over (deleteLater needs the event loop)."""
+    from napari.utils import progress
+
+    qtbot.waitUntil(lambda: not _dock_bars(viewer), timeout=5_000)
+    assert not [p for p in progress._all_instances if "efocus" in str(p) or "airs" in str(p)]
+
+
+def test_pairs_widget_builds_after_moving_the_plane(make_napari_viewer, qtbot, sim_stack, tmp_path):
+    """Moving the in-focus plane, then Build: every patch pairs with that plane, with the bar rising."""
+    stack, _z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    out = tmp_path / "moved"
+    w.out_edit.setText(str(out))
+    w.patch_spin.setValue(64)
+    w.range_spin.setValue(1.0)
+    w.plot.clicked.emit(5)  # a click on the curve moves the plane
+    assert w.override_check.isChecked() and w.build_btn.isEnabled()
+    drawn = []
+    w._relay.progress.connect(lambda *_: drawn.extend(_dock_bars(viewer)))  # runs after the widget's slot
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    status, msg = blocker.args
+    assert status == "done", msg
+    index = json.loads((out / "index.json").read_text())
+    assert {c["infocus_plane"] for c in index["crops"]} == {5}
+    assert index["focus_method"] == "manual"
+    assert {p["z_um"] for p in index["pairs"]} == {-1.0, -0.5, 0.0, 0.5, 1.0}
+    # one field: all training, and the summary says so in numbers
+    text = w.summary_label.text()
+    assert f"{index['summary']['train_pairs']} for training" in text and "0 for validation" in text
+    assert any(0 < v < m for v, m in drawn), drawn  # the dock's bar moved during the build
+    _no_bar_left(qtbot, viewer)
+
+
+def test_pairs_widget_validates_as_you_type(make_napari_viewer, qtbot, sim_stack, tmp_path):
+    from napari_deepr._widgets._common import invalid_reason
+
+    stack, _z = sim_stack  # 13 planes × 0.5 µm = 6 µm, 128 × 128 px
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    assert not w.build_btn.isEnabled() and "Choose a folder" in invalid_reason(w.out_edit)
+    w.out_edit.setText(str(tmp_path / "new"))
+    assert not invalid_reason(w.out_edit)
+    assert w.patch_spin.value() == 256 and not w.build_btn.isEnabled()  # the default patch is too large here
+    assert "at most 128 px" in invalid_reason(w.patch_spin)
+    assert "ff6b6b" in w.patch_spin.styleSheet() and "at most 128 px" in w.patch_spin.toolTip()
+    w.patch_spin.setValue(128)
+    assert w.build_btn.isEnabled() and w.patch_spin.styleSheet() == ""
+    w.range_spin.setValue(4.0)
+    assert "at most ±3 µm" in invalid_reason(w.range_spin) and not w.build_btn.isEnabled()
+    w.range_spin.setValue(3.0)
+    assert w.build_btn.isEnabled() and w.range_spin.styleSheet() == ""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    w.out_edit.setText(str(tmp_path / "full"))
+    assert "other files" in invalid_reason(w.out_edit) and not w.build_btn.isEnabled()
+    assert not _controls_without_tooltip(w)
+    assert w.measure_combo.currentText().startswith("Vollath F5")
+
+
+def test_pairs_settings_are_remembered(make_napari_viewer, qtbot, sim_stack):
+    stack, _z = sim_stack
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    w.patch_spin.setValue(96)
+    w.measure_combo.setCurrentIndex(w.measure_combo.findData("nvar"))
+    w.close()
+    viewer2 = make_napari_viewer()
+    w2 = _pairs_widget(qtbot, viewer2, stack)
+    assert w2.patch_spin.value() == 96 and w2.measure_combo.currentData() == "nvar"
 
 
 # ---------------------------------------------------------------------------------------------- manifest

@@ -14,8 +14,17 @@ from typing import ClassVar
 import numpy as np
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QLabel, QSizePolicy
+from qtpy.QtCore import QSettings, Qt
+from qtpy.QtWidgets import (
+    QAbstractButton,
+    QComboBox,
+    QDoubleSpinBox,
+    QLabel,
+    QLineEdit,
+    QSizePolicy,
+    QSpinBox,
+    QWidget,
+)
 
 #: Units that napari/pint writes for micrometres; anything else means "not calibrated in µm".
 MICRON_UNITS = {"µm", "um", "micrometer", "micrometre", "micron", "μm"}
@@ -161,6 +170,121 @@ class CancelableProgress(cancelable_progress):
         super().cancel()
         if self.cancel_callback is not None:
             self.cancel_callback()
+
+
+def set_progress(pbar, n: int, total: int | None = None) -> None:
+    """Move a napari progress bar to ``n`` (of ``total``) so the activity dock redraws it.
+
+    napari 0.9's activity dock listens to ``progress.events.value``, which only ``update()`` emits;
+    assigning ``pbar.n`` and calling ``refresh()`` changes the number but never the bar on screen.
+    """
+    if pbar is None:
+        return
+    if total is not None and total != pbar.total:
+        pbar.total = total  # emits events.total: the bar's range follows
+    delta = int(n) - int(pbar.n)
+    if delta:
+        pbar.update(delta)
+
+
+# ---------------------------------------------------------------------------------------- settings
+#: QSettings organisation/application; tests point QSettings' user scope at a temporary folder.
+SETTINGS_ORG = "napari-deepr"
+SETTINGS_APP = "widgets"
+
+
+def settings_store() -> QSettings:
+    """The INI-format store holding the widgets' remembered settings (per user)."""
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, SETTINGS_ORG, SETTINGS_APP)
+
+
+def _value_of(w: QWidget):
+    if isinstance(w, QComboBox):
+        return w.currentData() if w.currentData() is not None else w.currentText()
+    if isinstance(w, (QSpinBox, QDoubleSpinBox)):
+        return w.value()
+    if isinstance(w, QAbstractButton):
+        return bool(w.isChecked())
+    if isinstance(w, QLineEdit):
+        return w.text()
+    raise TypeError(f"cannot remember a {type(w).__name__}")
+
+
+def _restore(w: QWidget, value) -> None:
+    if value is None:
+        return
+    if isinstance(w, QComboBox):
+        idx = w.findData(value)
+        if idx < 0:
+            idx = w.findText(str(value))
+        if idx >= 0:
+            w.setCurrentIndex(idx)
+    elif isinstance(w, QSpinBox):
+        w.setValue(int(float(value)))
+    elif isinstance(w, QDoubleSpinBox):
+        w.setValue(float(value))
+    elif isinstance(w, QAbstractButton):
+        w.setChecked(str(value).lower() in ("true", "1"))
+    elif isinstance(w, QLineEdit):
+        w.setText(str(value))
+
+
+def remember(group: str, controls: dict[str, QWidget]) -> None:
+    """Restore ``controls`` from the last napari session and save every change as it happens.
+
+    Parameters
+    ----------
+    group : str
+        Section of the settings file (one per widget, e.g. ``"pairs"``).
+    controls : dict
+        Setting name -> Qt control (combo box, spin box, check box or line edit).
+    """
+    store = settings_store()
+    for name, w in controls.items():
+        key = f"{group}/{name}"
+        try:
+            _restore(w, store.value(key))
+        except (TypeError, ValueError):
+            pass  # a value from another version of the widget: keep the default
+        signal = {QComboBox: "currentIndexChanged", QSpinBox: "valueChanged", QDoubleSpinBox: "valueChanged",
+                  QLineEdit: "textChanged"}.get(type(w), "toggled")
+        if isinstance(w, QAbstractButton):
+            signal = "toggled"
+
+        def save(*_, key=key, w=w):
+            s = settings_store()
+            s.setValue(key, _value_of(w))
+            s.sync()
+
+        getattr(w, signal).connect(save)
+
+
+# -------------------------------------------------------------------------------------- validation
+INVALID_STYLE = "border: 2px solid #ff6b6b; border-radius: 3px;"
+
+
+def mark_invalid(w: QWidget, reason: str | None) -> None:
+    """Draw ``w`` red with ``reason`` first in its tooltip (``None`` restores it): the stardist pattern.
+
+    The control's own explanation stays in the tooltip below the reason, so hovering a red field says
+    what is wrong and what the field is for.
+    """
+    base = w.property("deepr_tooltip")
+    if base is None:
+        base = w.toolTip()
+        w.setProperty("deepr_tooltip", base)
+    if reason:
+        w.setStyleSheet(INVALID_STYLE)
+        w.setToolTip(f"<b>{reason}</b>" + (f"<br><br>{base}" if base else ""))
+    else:
+        w.setStyleSheet("")
+        w.setToolTip(base)
+    w.setProperty("deepr_invalid", reason or "")
+
+
+def invalid_reason(w: QWidget) -> str:
+    """Why ``w`` is marked invalid, or an empty string."""
+    return w.property("deepr_invalid") or ""
 
 
 class Throttle:

@@ -35,14 +35,33 @@ from qtpy.QtWidgets import (
 from ..errors import Cancelled, DeepRError
 from ..science.focus import FOCUS_MEASURES, focus_curve
 from ..stacks.infocus import FOCUS_METHODS, select_in_focus
-from ._common import CancelableProgress, MessageLabel, notify, one_sentence, units_of
+from ._common import (
+    CancelableProgress,
+    MessageLabel,
+    invalid_reason,
+    mark_invalid,
+    notify,
+    one_sentence,
+    remember,
+    set_progress,
+    units_of,
+)
 
 METHOD_NAMES = {
-    "ssim_edof": "SSIM to EDOF, per patch (paper)",
-    "nvar": "normalized variance",
-    "vollath5": "Vollath F5",
-    "max_std": "max standard deviation",
-    "min_contrast": "min contrast (brightfield cells)",
+    "ssim_edof": "Sharpest vs. all-in-focus image, per patch (paper)",
+    "nvar": "Highest normalized variance",
+    "vollath5": "Highest Vollath F5 (autocorrelation)",
+    "max_std": "Highest standard deviation",
+    "min_contrast": "Lowest contrast (unstained brightfield cells)",
+}
+#: Focus measures as a microscopist reads them (the internal ids stay in the combo box's data).
+MEASURE_NAMES = {
+    "vollath4": "Vollath F4 (autocorrelation)",
+    "vollath5": "Vollath F5 (autocorrelation, noise-robust)",
+    "std": "Standard deviation",
+    "nvar": "Normalized variance",
+    "brenner": "Brenner gradient",
+    "tenengrad": "Tenengrad (Sobel gradient)",
 }
 
 
@@ -85,12 +104,13 @@ class FocusPlot(FigureCanvasQTAgg):
             spine.set_color("0.5")
         ax.grid(True, color="0.35", lw=0.5)
         ax.set_xlabel("z (µm)", fontsize=9, color="0.85")
-        ax.set_ylabel(f"{measure} (normalised)" if measure else "focus measure", fontsize=9, color="0.85")
+        label = MEASURE_NAMES.get(measure, measure).split(" (")[0]
+        ax.set_ylabel(f"{label} (normalised)" if measure else "focus measure", fontsize=9, color="0.85")
         if len(values):
             v = np.asarray(values, dtype=float)
             span = v.max() - v.min()
             vn = (v - v.min()) / span if span > 0 else np.zeros_like(v)
-            ax.plot(self.z, vn, "o-", ms=3, lw=1.4, color="#4fc3f7", label=measure)
+            ax.plot(self.z, vn, "o-", ms=3, lw=1.4, color="#4fc3f7", label=label)
             if auto is not None:
                 ax.axvline(self.z[auto], color="0.7", ls=":", lw=1.2, label=f"automatic (plane {auto})")
             if chosen is not None:
@@ -153,7 +173,8 @@ class PairsWidget(QWidget):
         root = QVBoxLayout(self)
         form = QFormLayout()
         self.layer_combo = QComboBox()
-        self.layer_combo.setToolTip("A z-stack (Z, Y, X) image layer, e.g. opened by dropping a TIFF stack.")
+        self.layer_combo.setToolTip("A z-stack (Z, Y, X) image layer, e.g. opened by dropping a TIFF stack on "
+                                    "napari. One layer is one field of view.")
         form.addRow("Z-stack", self.layer_combo)
         self.zstep_spin = QDoubleSpinBox()
         self.zstep_spin.setRange(0.001, 1000)
@@ -163,13 +184,17 @@ class PairsWidget(QWidget):
         form.addRow("Z step", self.zstep_spin)
         self.measure_combo = QComboBox()
         for name in FOCUS_MEASURES:
-            self.measure_combo.addItem(name, name)
+            self.measure_combo.addItem(MEASURE_NAMES.get(name, name), name)
         self.measure_combo.setCurrentIndex(self.measure_combo.findData("vollath5"))
+        self.measure_combo.setToolTip("How sharp each plane is, plotted against z below (a guide for your "
+                                      "eye; the in-focus method decides).")
         form.addRow("Focus measure", self.measure_combo)
         self.method_combo = QComboBox()
         for m in FOCUS_METHODS:
             self.method_combo.addItem(METHOD_NAMES.get(m, m), m)
-        self.method_combo.setToolTip("How the in-focus plane is chosen when not set by hand.")
+        self.method_combo.setToolTip("How the in-focus plane is chosen when you do not set it by hand. "
+                                     "Fluorescence: the paper's per-patch method or a sharpness maximum; "
+                                     "unstained brightfield cells are least contrasted in focus.")
         form.addRow("In-focus method", self.method_combo)
         root.addLayout(form)
 
@@ -192,25 +217,34 @@ class PairsWidget(QWidget):
         self.range_spin.setValue(5.0)
         self.range_spin.setPrefix("± ")
         self.range_spin.setSuffix(" µm")
+        self.range_spin.setToolTip("Pair every plane within this distance of the in-focus plane with it; "
+                                   "the trained model is valid only inside this range.")
         bform.addRow("Defocus range", self.range_spin)
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(32, 4096)
         self.patch_spin.setSingleStep(32)
         self.patch_spin.setValue(256)
         self.patch_spin.setSuffix(" px")
+        self.patch_spin.setToolTip("Side of the square crops cut from each plane (a multiple of 32 px); "
+                                   "each crop gets its own in-focus plane, which follows tilt.")
         bform.addRow("Patch", self.patch_spin)
         self.split_spin = QDoubleSpinBox()
         self.split_spin.setRange(0.0, 0.9)
+        self.split_spin.setDecimals(2)
         self.split_spin.setSingleStep(0.05)
         self.split_spin.setValue(0.15)
-        self.split_spin.setToolTip("Fraction of fields of view kept for validation (split by field, not by patch).")
+        self.split_spin.setToolTip("Fraction of fields of view kept for validation (split by field, not by "
+                                   "patch). A single z-stack is one field, so it all goes to training.")
         bform.addRow("Validation split", self.split_spin)
         out_row = QWidget()
         olay = QHBoxLayout(out_row)
         olay.setContentsMargins(0, 0, 0, 0)
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("new dataset folder")
+        self.out_edit.setToolTip("A new or empty folder for the dataset (index.json and patch TIFFs); the "
+                                 "Train widget reads it.")
         browse = QPushButton("Folder…")
+        browse.setToolTip("Choose the dataset folder.")
         browse.clicked.connect(self._pick_out)
         olay.addWidget(self.out_edit, 1)
         olay.addWidget(browse)
@@ -219,7 +253,9 @@ class PairsWidget(QWidget):
 
         buttons = QHBoxLayout()
         self.build_btn = QPushButton("Build pairs")
+        self.build_btn.setToolTip("Register the planes, find focus per patch and write the pairs.")
         self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop building; nothing is left in the output folder.")
         self.cancel_btn.setEnabled(False)
         buttons.addWidget(self.build_btn)
         buttons.addWidget(self.cancel_btn)
@@ -231,6 +267,12 @@ class PairsWidget(QWidget):
         self.status_label.setVisible(False)
         self.summary_label.setVisible(False)
 
+        self.zstep_spin.setToolTip("Axial step between planes (from the layer's z scale when calibrated).")
+        remember("pairs", {"measure": self.measure_combo, "method": self.method_combo,
+                           "patch": self.patch_spin, "split": self.split_spin})
+        for w in (self.zstep_spin, self.range_spin, self.patch_spin, self.plane_spin):
+            w.valueChanged.connect(self.validate)
+        self.out_edit.textChanged.connect(self.validate)
         self.layer_combo.currentIndexChanged.connect(self._on_layer)
         self.measure_combo.currentIndexChanged.connect(lambda *_: self.compute_curve())
         self.method_combo.currentIndexChanged.connect(lambda *_: self.compute_curve())
@@ -297,6 +339,7 @@ class PairsWidget(QWidget):
         self.plane_spin.blockSignals(False)
         self.range_spin.setValue(min(5.0, max(0.1, dz * (nz - 1) / 2)))
         self.override_check.setChecked(False)
+        self.validate()
         self.compute_curve()
 
     def compute_curve(self) -> None:
@@ -368,6 +411,52 @@ class PairsWidget(QWidget):
             axis = self.viewer.dims.ndim - lay.ndim + z  # layers are right-aligned in world dims
             self.viewer.dims.set_point(axis, value * float(lay.scale[z]) + float(lay.translate[z]))
 
+    # ------------------------------------------------------------------ validation
+    def validate(self, *_) -> bool:
+        """Check the settings as they are typed: a wrong field turns red with the reason in its tooltip,
+        and Build stays disabled until every field is valid. Returns whether Build may run."""
+        lay = self.selected_layer()
+        reasons: dict = {}
+        if lay is not None:
+            shape = (lay.data[0] if lay.multiscale else lay.data).shape[-3:]
+            nz, ny, nx = (int(n) for n in shape)
+            dz = self.zstep_spin.value()
+            extent = (nz - 1) * dz
+            patch = self.patch_spin.value()
+            if patch % 32:
+                reasons[self.patch_spin] = f"The patch must be a multiple of 32 px ({patch // 32 * 32} or {patch // 32 * 32 + 32})."
+            elif patch > min(ny, nx):
+                best = min(ny, nx) // 32 * 32
+                reasons[self.patch_spin] = (f"A {patch}-px patch does not fit in this {ny}×{nx}-px image; "
+                                            + (f"choose at most {best} px." if best >= 32 else "the image is too small."))
+            if 2 * self.range_spin.value() > extent + 1e-6:
+                reasons[self.range_spin] = (f"±{self.range_spin.value():g} µm is wider than the stack, which spans "
+                                            f"{extent:g} µm ({nz} planes × {dz:g} µm); choose at most ±{extent / 2:g} µm.")
+        out = self.out_edit.text().strip()
+        note = ""
+        if not out:
+            reasons[self.out_edit] = "Choose a folder for the dataset."
+        else:
+            p = Path(out).expanduser()
+            if p.exists() and not p.is_dir():
+                reasons[self.out_edit] = f"{p.name} is a file; choose a folder."
+            elif p.is_dir() and (p / "index.json").is_file():
+                note = f"{p.name} already holds a pairs dataset; building replaces it."
+            elif p.is_dir() and any(p.iterdir()):
+                reasons[self.out_edit] = f"{p.name} holds other files; choose an empty or new folder."
+        for w in (self.patch_spin, self.range_spin, self.out_edit):
+            mark_invalid(w, reasons.get(w))
+        ok = lay is not None and not reasons
+        self.build_btn.setEnabled(ok and self.worker is None)
+        shown = [r for w, r in reasons.items() if w is not self.out_edit or out]
+        self.build_btn.setToolTip(
+            "Register the planes, find focus per patch and write the pairs." if ok
+            else "Fix the red fields first: " + " ".join(shown) if shown
+            else "Choose a z-stack layer and an output folder first.")
+        if note and self.worker is None:
+            self.status_label.show_message(note, "warning")
+        return ok
+
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         """Build the dataset in a worker thread (non-blocking)."""
@@ -375,8 +464,9 @@ class PairsWidget(QWidget):
             return
         lay = self.selected_layer()
         out = self.out_edit.text().strip()
-        if lay is None or not out:
-            msg = "Choose a z-stack layer first." if lay is None else "Choose an output folder for the dataset."
+        if lay is None or not self.validate():
+            bad = [invalid_reason(w) for w in (self.out_edit, self.patch_spin, self.range_spin) if invalid_reason(w)]
+            msg = "Choose a z-stack layer first." if lay is None else bad[0]
             self.status_label.show_message(msg, "error")
             notify("error", msg)
             return
@@ -398,8 +488,9 @@ class PairsWidget(QWidget):
             "range_um": self.range_spin.value(),
             "patch": self.patch_spin.value(),
             "focus_method": self.method_combo.currentData(),
-            "infocus_index": [self.plane_spin.value()] if self.override_check.isChecked() else None,
-            "split": self.split_spin.value(),
+            # build_pairs takes one plane index for every patch, and the fraction of fields that *train*.
+            "infocus_index": int(self.plane_spin.value()) if self.override_check.isChecked() else None,
+            "split": 1.0 - self.split_spin.value(),
             "seed": 0,
         }
         self._cancel = threading.Event()
@@ -440,11 +531,8 @@ class PairsWidget(QWidget):
     def _on_progress(self, done: int, total: int, msg: str) -> None:
         pbar = self._pbar  # may be closed re-entrantly while napari's progress updates the dock
         if pbar is not None:
-            if total and pbar.total != total:
-                pbar.total = total
-            pbar.n = done
+            set_progress(pbar, done, total or None)
             pbar.set_description(msg or "pairs")
-            pbar.refresh()
         self.status_label.show_message(f"{msg or 'Working'} ({100 * done / max(total, 1):.0f}%)")
 
     def _on_built(self, result) -> None:
@@ -453,8 +541,8 @@ class PairsWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        self.build_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
+        self.validate()
         if status == "done":
             self.summary = summary
             message = describe_summary(summary, self.out_edit.text().strip())
@@ -470,17 +558,22 @@ class PairsWidget(QWidget):
 
 
 def describe_summary(summary, out: str) -> str:
-    """A short human summary of what ``build_pairs`` returned."""
+    """A short human summary of what ``build_pairs`` returned: pairs, and how many train and validate."""
     if not isinstance(summary, dict):
         return f"Dataset written to {out}."
-    parts = []
-    for key, label in (("n_pairs", "pairs"), ("pairs", "pairs"), ("n_train", "training"), ("n_val", "validation"),
-                       ("fields", "fields of view"), ("n_fields", "fields of view"), ("patch", "px patches"),
-                       ("range_um", "µm range")):
-        v = summary.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            parts.append(f"{v:g} {label}")
-    return f"Dataset written to {summary.get('out', out)}: " + (", ".join(parts) if parts else "done") + "."
+    where = summary.get("out_dir") or summary.get("out") or out
+    n = summary.get("pairs")
+    tr, va = summary.get("train_pairs"), summary.get("val_pairs")
+    ftr, fva = summary.get("train_fields"), summary.get("val_fields")
+    text = f"Dataset written to {where}: {n} pairs from {summary.get('crops', '?')} patches"
+    if isinstance(tr, int) and isinstance(va, int):
+        text += (f"; {tr} for training ({ftr} field{'s' if ftr != 1 else ''}), "
+                 f"{va} for validation ({fva} field{'s' if fva != 1 else ''})")
+    text += "."
+    if va == 0:
+        text += (" With no validation field, the trainer holds out pairs of the training field itself, "
+                 "which flatters its validation scores; add a second z-stack of another field if you can.")
+    return text
 
 
 __all__ = ["FocusPlot", "PairsWidget", "describe_summary"]

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,23 +20,86 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from qtpy.QtCore import QProcess, QProcessEnvironment, QTimer, Signal
+from magicgui import magicgui
+from qtpy.QtCore import QProcess, QProcessEnvironment, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
-from ._common import MessageLabel, notify, register_model
+from ._common import MessageLabel, mark_invalid, notify, register_model, remember, settings_store
+
+
+def trainer_options(
+    val_every: int = 50,
+    val_pairs: int = 48,
+    dpm_iterations: int = -1,
+    g_steps: int = 6,
+    d_steps: int = 3,
+    bf16: bool = False,
+    init_from: str = "",
+    threads: int = 0,
+    workers: int = 1,
+    log_every: int = 1,
+):
+    """Trainer options beyond the budget and network (``python -m napari_deepr.train --help``).
+
+    Parameters
+    ----------
+    val_every : int
+        Iterations between validations; the model with the lowest validation BerHu is kept.
+    val_pairs : int
+        Validation pairs scored at each validation (spread over the defocus range).
+    dpm_iterations : int
+        Updates of the DPM (defocus map) decoder after the refocusing network; auto lets the trainer
+        decide, 0 trains no DPM decoder.
+    g_steps : int
+        Generator updates per iteration (the paper: 6).
+    d_steps : int
+        Discriminator updates per iteration (the paper: 3).
+    bf16 : bool
+        bfloat16 arithmetic: faster on GPUs and on CPUs with AVX512-BF16 or AMX.
+    init_from : str
+        Fine-tune: start from this exported model folder (e.g. the bundled model) instead of from scratch.
+    threads : int
+        PyTorch threads (auto: all cores).
+    workers : int
+        Processes simulating synthetic training pairs (0: in the trainer itself).
+    log_every : int
+        Iterations between progress lines (the curves' resolution).
+    """
+
+
+#: magicgui widget options of the trainer form: ranges, and "auto" for the special minimum.
+OPTION_WIDGETS = {
+    "val_every": {"label": "validate every", "min": 1, "max": 100_000},
+    "val_pairs": {"label": "validation pairs", "min": 1, "max": 10_000},
+    "dpm_iterations": {"label": "DPM decoder updates", "min": -1, "max": 10_000_000},
+    "g_steps": {"label": "generator steps", "min": 1, "max": 100},
+    "d_steps": {"label": "discriminator steps", "min": 0, "max": 100},
+    "bf16": {"label": "bfloat16"},
+    "init_from": {"label": "fine-tune from", "widget_type": "FileEdit", "mode": "d"},
+    "threads": {"label": "threads", "min": 0, "max": 512},
+    "workers": {"label": "data workers", "min": 0, "max": 64},
+    "log_every": {"label": "log every", "min": 1, "max": 100_000},
+}
+#: Option -> the value that means "let the trainer choose" (the flag is then not passed).
+OPTION_AUTO = {"dpm_iterations": -1, "threads": 0}
 
 PREVIEW_LAYER = "Deep-R training preview (input | output | target)"
 STOP_FILE = "STOP"
@@ -70,8 +132,9 @@ class LossPlot(FigureCanvasQTAgg):
         self.figure = Figure(figsize=(5.2, 5.6), dpi=90, layout="constrained")
         super().__init__(self.figure)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.setMinimumHeight(420)
+        self.setMinimumHeight(360)
         self.ax_train, self.ax_val, self.ax_dpm = self.figure.subplots(3, 1)
+        self.running = False
         self.reset()
 
     def reset(self) -> None:
@@ -99,7 +162,12 @@ class LossPlot(FigureCanvasQTAgg):
             it, v = zip(*pts, strict=True)
             self.ax_train.plot(it, v, lw=1.2, label=TERM_NAMES.get(key, key))
         if any(v > 0 for pts in self.train.values() for _, v in pts):
+            from matplotlib.ticker import LogLocator, NullFormatter
+
             self.ax_train.set_yscale("log")
+            # only decades get labels: minor labels (2×10⁻¹, 3×10⁻¹…) overlap into an unreadable smear
+            self.ax_train.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+            self.ax_train.yaxis.set_minor_formatter(NullFormatter())
         colors = {"berhu": "#ff7f0e", "ssim": "#1f77b4", "rmse": "#2ca02c"}
         for key, pts in self.val.items():
             it, v = zip(*pts, strict=True)
@@ -120,7 +188,8 @@ class LossPlot(FigureCanvasQTAgg):
                 for text in leg.get_texts():
                     text.set_color("0.85")
             else:
-                ax.text(0.5, 0.5, "waiting for the trainer…", ha="center", va="center",
+                ax.text(0.5, 0.5, "waiting for the trainer…" if self.running else "curves appear here during training",
+                        ha="center", va="center",
                         transform=ax.transAxes, color="0.6", fontsize=8)
         self.draw_idle()
 
@@ -177,18 +246,35 @@ class TrainingWidget(QWidget):
         for text, fn in buttons:
             b = QPushButton(text)
             b.setMaximumWidth(70)
+            b.setToolTip(f"Choose the {'JSON file' if 'JSON' in text else 'folder'}.")
             b.clicked.connect(fn)
             lay.addWidget(b)
         return row, edit
 
     def _build_ui(self) -> None:
-        root = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        # Everything scrolls: the dock never asks for more height than the screen has.
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer.addWidget(scroll)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        self.scroll = scroll
+        root = QVBoxLayout(inner)
         form = QFormLayout()
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         row, self.dataset_edit = self._path_row(
             "pairs folder (deepr pairs) or synthetic .json",
             [("Folder…", self._pick_dataset_dir), ("JSON…", self._pick_dataset_json)])
+        self.dataset_edit.setToolTip("A dataset built by the Training pairs widget (or deepr pairs), or a JSON "
+                                     "file describing simulated training data.")
         form.addRow("Dataset", row)
         row, self.output_edit = self._path_row("new or existing model folder", [("Folder…", self._pick_output)])
+        self.output_edit.setToolTip("Where the checkpoints, previews and the exported ONNX model go. A folder "
+                                    "with a checkpoint can be resumed.")
         form.addRow("Model folder", row)
         budget = QWidget()
         blay = QHBoxLayout(budget)
@@ -196,13 +282,18 @@ class TrainingWidget(QWidget):
         self.budget_combo = QComboBox()
         self.budget_combo.addItem("minutes", "minutes")
         self.budget_combo.addItem("iterations", "iterations")
+        self.budget_combo.setToolTip("Train for a wall-clock time or a number of iterations.")
         self.minutes_spin = QDoubleSpinBox()
         self.minutes_spin.setRange(0.1, 100000)
         self.minutes_spin.setValue(30)
         self.minutes_spin.setDecimals(1)
+        self.minutes_spin.setToolTip("Minutes of the refocusing network's training (the DPM decoder and "
+                                     "the export come after it).")
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 10_000_000)
         self.iterations_spin.setValue(2000)
+        self.iterations_spin.setToolTip("Iterations of the refocusing network (each: generator and "
+                                        "discriminator steps).")
         self.budget_stack = QStackedWidget()
         self.budget_stack.addWidget(self.minutes_spin)
         self.budget_stack.addWidget(self.iterations_spin)
@@ -211,39 +302,56 @@ class TrainingWidget(QWidget):
         blay.addWidget(self.budget_combo)
         form.addRow("Budget", budget)
         self.device_combo = QComboBox()
-        for d in ("auto", "cpu", "cuda"):
-            self.device_combo.addItem(d, d)
+        for d, text in (("auto", "auto (GPU if present)"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)")):
+            self.device_combo.addItem(text, d)
+        self.device_combo.setToolTip("Where PyTorch trains; auto takes a CUDA GPU when one is usable.")
         form.addRow("Device", self.device_combo)
-        net = QWidget()
-        nlay = QHBoxLayout(net)
-        nlay.setContentsMargins(0, 0, 0, 0)
         self.base_spin = QSpinBox()
         self.base_spin.setRange(4, 128)
         self.base_spin.setValue(16)
         self.base_spin.setToolTip("Generator width at full resolution (16 CPU default, 32 paper-sized).")
+        form.addRow("Network width", self.base_spin)
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(0, 2048)
         self.patch_spin.setSingleStep(32)
-        self.patch_spin.setSpecialValueText("dataset's")
-        self.patch_spin.setToolTip("Training patch side (multiple of 32); 'dataset's' uses the stored patch size.")
+        self.patch_spin.setSpecialValueText("from dataset")
+        self.patch_spin.setSuffix(" px")
+        self.patch_spin.setMinimumWidth(self.patch_spin.fontMetrics().horizontalAdvance("from dataset") + 40)
+        self.patch_spin.setToolTip("Training patch side (multiple of 32); 'from dataset' uses the stored patch size.")
+        form.addRow("Patch", self.patch_spin)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 256)
         self.batch_spin.setValue(5)
-        for lab, w in (("width", self.base_spin), ("patch", self.patch_spin), ("batch", self.batch_spin)):
-            nlay.addWidget(MessageLabel(lab))
-            nlay.addWidget(w)
-        form.addRow("Network", net)
-        self.extra_edit = QLineEdit()
-        self.extra_edit.setPlaceholderText("more trainer options, e.g. --val-every 100 --dpm-iterations 500")
-        form.addRow("Options", self.extra_edit)
+        self.batch_spin.setToolTip("Pairs per update (the paper: 5); more needs more memory.")
+        form.addRow("Batch", self.batch_spin)
         root.addLayout(form)
+
+        # The trainer's other options as a typed magicgui form (tooltips from the docstring above).
+        self.options = magicgui(trainer_options, auto_call=False, call_button=False, **OPTION_WIDGETS)
+        for name, auto in OPTION_AUTO.items():
+            native = getattr(self.options, name).native
+            native.setSpecialValueText("auto") if hasattr(native, "setSpecialValueText") else None
+        getattr(self.options, "dpm_iterations").native.setToolTip(
+            "Updates of the DPM (defocus map) decoder: auto lets the trainer decide, 0 trains none.")
+        tip = self.options.init_from.tooltip or "Fine-tune from this exported model folder."
+        for child in self.options.init_from.native.findChildren((QLineEdit, QPushButton)):
+            child.setToolTip(tip)  # magicgui's file picker is a line edit and a button
+        self.options_box = QCollapsible("More trainer options")
+        self.options_box.addWidget(self.options.native)
+        for child in self.options_box.findChildren(QPushButton):
+            if not child.toolTip():
+                child.setToolTip("Validation, DPM decoder, update ratio, fine-tuning and threads "
+                                 "(the trainer's other flags).")
+        root.addWidget(self.options_box)
 
         buttons = QHBoxLayout()
         self.start_btn = QPushButton("Start")
+        self.start_btn.setToolTip("Start training in a separate process (napari stays free).")
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.setToolTip("Ask the trainer to save a checkpoint and exit; Resume continues from it.")
         self.resume_btn = QPushButton("Resume")
-        self.use_btn = QPushButton("Use this model")
+        self.resume_btn.setToolTip("Continue from the checkpoint in the model folder.")
+        self.use_btn = QPushButton("Use model")
         self.use_btn.setToolTip("Add the exported model to the Refocus widget's model picker and choose it.")
         for b in (self.start_btn, self.stop_btn, self.resume_btn, self.use_btn):
             buttons.addWidget(b)
@@ -251,6 +359,17 @@ class TrainingWidget(QWidget):
         self.resume_btn.setEnabled(False)
         self.use_btn.setEnabled(False)
         root.addLayout(buttons)
+        prow = QHBoxLayout()
+        self.phase_label = QLabel("Not started")
+        self.phase_label.setToolTip("Training runs in phases: the refocusing network (GAN), then the DPM "
+                                    "decoder, then the ONNX export with a quality check.")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        prow.addWidget(self.phase_label)
+        prow.addWidget(self.progress, 1)
+        root.addLayout(prow)
         self.status = MessageLabel()
         self.status.setStyleSheet("font-weight: bold;")
         self.message = MessageLabel()
@@ -266,6 +385,64 @@ class TrainingWidget(QWidget):
         self.stop_btn.clicked.connect(self.stop)
         self.use_btn.clicked.connect(self.use_model)
         self.output_edit.textChanged.connect(self._update_resume)
+        remember("train", {"dataset": self.dataset_edit, "budget": self.budget_combo, "minutes": self.minutes_spin,
+                           "iterations": self.iterations_spin, "device": self.device_combo, "width": self.base_spin,
+                           "patch": self.patch_spin, "batch": self.batch_spin})
+        self._remember_options()
+        for w in (self.dataset_edit, self.output_edit):
+            w.textChanged.connect(self.validate)
+        self.patch_spin.valueChanged.connect(self.validate)
+        self.validate()
+
+    def _remember_options(self) -> None:
+        """Restore the magicgui form from the last session and save each change (QSettings, like the rest)."""
+        store = settings_store()
+        for w in self.options:
+            key = f"train/options/{w.name}"
+            value = store.value(key)
+            if value is not None:
+                try:
+                    w.value = type(w.value)(value) if not isinstance(w.value, bool) else str(value).lower() in ("true", "1")
+                except (TypeError, ValueError):
+                    pass
+
+            def save(v, key=key):
+                st = settings_store()
+                st.setValue(key, str(v) if not isinstance(v, (bool, int, float)) else v)
+                st.sync()
+
+            w.changed.connect(save)
+
+    def validate(self, *_) -> bool:
+        """Check the fields as they are typed: red with the reason in the tooltip; Start waits until valid."""
+        reasons = {}
+        dataset = self.dataset_edit.text().strip()
+        if not dataset:
+            reasons[self.dataset_edit] = "Choose a training dataset (a pairs folder or a synthetic .json file)."
+        else:
+            p = Path(dataset).expanduser()
+            if not p.exists():
+                reasons[self.dataset_edit] = f"{p.name} does not exist."
+            elif p.is_dir() and not (p / "index.json").is_file():
+                reasons[self.dataset_edit] = (f"{p.name} holds no index.json, so it is not a pairs dataset; "
+                                              "build one with the Training pairs widget.")
+            elif p.is_file() and p.suffix.lower() != ".json":
+                reasons[self.dataset_edit] = f"{p.name} is neither a pairs folder nor a .json description."
+        out = self.output_edit.text().strip()
+        if not out:
+            reasons[self.output_edit] = "Choose a folder for the trained model."
+        elif Path(out).expanduser().is_file():
+            reasons[self.output_edit] = f"{Path(out).name} is a file; choose a folder."
+        patch = self.patch_spin.value()
+        if patch and patch % 32:
+            reasons[self.patch_spin] = f"The patch must be a multiple of 32 px ({max(32, patch // 32 * 32)} or {patch // 32 * 32 + 32})."
+        elif 0 < patch < 32:
+            reasons[self.patch_spin] = "The patch must be at least 32 px."
+        for w in (self.dataset_edit, self.output_edit, self.patch_spin):
+            mark_invalid(w, reasons.get(w))
+        ok = not reasons
+        self.start_btn.setEnabled(ok and self.process is None and torch_available())
+        return ok
 
     def _pick_dataset_dir(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Training pairs folder")
@@ -298,6 +475,9 @@ class TrainingWidget(QWidget):
         """
         dataset = self.dataset_edit.text().strip()
         out = self.output_edit.text().strip()
+        if not self.validate():
+            bad = [w.property("deepr_invalid") for w in (self.dataset_edit, self.output_edit, self.patch_spin)]
+            raise ValueError(next(r for r in bad if r))
         if not dataset:
             raise ValueError("Choose a training dataset (a pairs folder or a synthetic .json file).")
         if not out:
@@ -315,10 +495,17 @@ class TrainingWidget(QWidget):
             if self.patch_spin.value() % 32:
                 raise ValueError("The patch size must be a multiple of 32.")
             args += ["--patch", str(self.patch_spin.value())]
-        try:
-            args += shlex.split(self.extra_edit.text())
-        except ValueError as exc:
-            raise ValueError(f"The extra options do not parse ({exc}).") from exc
+        for w in self.options:
+            value = w.value
+            flag = "--" + w.name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    args.append(flag)
+            elif w.name == "init_from":
+                if str(value).strip() not in ("", "."):
+                    args += [flag, str(value)]
+            elif OPTION_AUTO.get(w.name) != value:
+                args += [flag, str(value)]
         if resume:
             args.append("--resume")
         return args
@@ -343,6 +530,8 @@ class TrainingWidget(QWidget):
         self._status = None
         self.message.show_message("")
         self.status.show_message("Starting the trainer…" if not resume else "Resuming from the checkpoint…")
+        self.plot.running = True
+        self._set_phase("Starting", busy=True)
         proc = QProcess(self)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")  # lines must arrive as they are printed, not at exit
@@ -408,9 +597,10 @@ class TrainingWidget(QWidget):
             return
         self._read_stdout()
         self.process = None
+        self.plot.running = False
         self.stop_btn.setEnabled(False)
         self.stop_btn.setText("Stop")
-        self.start_btn.setEnabled(torch_available())
+        self.validate()
         self._update_resume()
         self._redraw_timer.stop()
         self.plot.redraw()
@@ -419,6 +609,9 @@ class TrainingWidget(QWidget):
                 last = self._stderr_tail[-1] if self._stderr_tail else "no message"
                 self._error = f"The trainer stopped unexpectedly (exit code {code}): {last}"
             self._status = "error"
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1 if self._status == "done" else 0)
+        self._set_phase({"done": "Done", "stopped": "Stopped", "error": "Failed"}.get(self._status, "Ended"))
         if self._status == "error":
             self.status.show_message("Training failed.", "error")
             self.message.show_message(self._error, "error")
@@ -443,6 +636,9 @@ class TrainingWidget(QWidget):
         kind = event.get("event")
         if kind == "start":
             self._gan_iterations = int(event.get("iteration") or 0)
+            px = event.get("pixel_size_um")
+            self._preview_px = float(px) if isinstance(px, (int, float)) and px > 0 else self._dataset_px()
+            self._set_phase("Refocusing network" if event.get("phase", "gan") == "gan" else "DPM decoder", busy=True)
             for w in event.get("warnings") or []:
                 notify("warning", str(w))
             self.status.show_message(
@@ -453,6 +649,11 @@ class TrainingWidget(QWidget):
             self._on_progress(event)
         elif kind == "validation":
             self._on_validation(event)
+        elif kind == "checkpoint" and event.get("phase") == "export":
+            # The trainer says nothing while it exports and scores the model (about a minute on a CPU).
+            self._set_phase("Exporting", busy=True)
+            self.status.show_message("Exporting the ONNX model and measuring its quality on the validation "
+                                     "pairs (about a minute)…")
         elif kind == "export":
             self.status.show_message(f"Exported ONNX model to {event.get('path')}.")
         elif kind == "done":
@@ -476,8 +677,17 @@ class TrainingWidget(QWidget):
                 target[key].append((it, float(value)))
         total = ev.get("iterations")
         rate = ev.get("it_s")
-        name = "GAN" if phase == "gan" else "DPM decoder"
-        text = f"{name} phase: iteration {it}" + (f"/{total}" if total else "")
+        name = "Refocusing network" if phase == "gan" else "DPM decoder"
+        self._set_phase(name)
+        if total:
+            self.progress.setRange(0, int(total))
+            self.progress.setValue(min(it, int(total)))
+        else:  # a time budget: the share of it spent
+            spent, eta = ev.get("elapsed_s"), ev.get("eta_s")
+            if isinstance(spent, (int, float)) and isinstance(eta, (int, float)) and spent + eta > 0:
+                self.progress.setRange(0, 1000)
+                self.progress.setValue(int(1000 * spent / (spent + eta)))
+        text = f"{name}: iteration {it}" + (f"/{total}" if total else "")
         if rate:
             text += f" · {rate:.2f} it/s"
         text += f" · ETA {format_seconds(ev.get('eta_s'))}"
@@ -497,6 +707,25 @@ class TrainingWidget(QWidget):
                 self.show_preview(ev["preview"])
         elif isinstance(m.get("dpm_mae_um"), (int, float)):
             self.plot.dpm["val_mae_um"].append((it, float(m["dpm_mae_um"])))
+
+    def _set_phase(self, name: str, busy: bool = False) -> None:
+        self.phase_label.setText(name)
+        if busy:
+            self.progress.setRange(0, 0)  # Qt's busy bar: no known fraction
+
+    def _dataset_px(self) -> float | None:
+        """Pixel size (µm) recorded in a pairs dataset's index, or the simulator's default for a JSON spec."""
+        ds = Path(self.dataset_edit.text().strip()).expanduser()
+        try:
+            if ds.is_dir():
+                px = (json.loads((ds / "index.json").read_text()).get("optics") or {}).get("pixel_size_um")
+                return float(px) if px else None
+            from ..optics.psf import OPTICS_20X_075
+
+            spec = json.loads(ds.read_text()).get("synthetic") or {}
+            return float((spec.get("optics") or {}).get("pixel_size_um") or OPTICS_20X_075.pixel_size_um)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
 
     def _redraw_soon(self) -> None:
         if not self._redraw_timer.isActive():
@@ -520,7 +749,12 @@ class TrainingWidget(QWidget):
         else:
             if PREVIEW_LAYER in self.viewer.layers:
                 self.viewer.layers.remove(PREVIEW_LAYER)
-            self.viewer.add_image(img, name=PREVIEW_LAYER, rgb=rgb, metadata={"source": str(path)})
+            px = getattr(self, "_preview_px", None) or self._dataset_px()
+            # In µm like the other layers (napari warns about mixed units otherwise); the mosaic's
+            # pixels are the dataset's pixels.
+            geo = {"scale": (px, px), "units": ("µm", "µm")} if px else {}
+            self.viewer.add_image(img, name=PREVIEW_LAYER, rgb=rgb, metadata={"source": str(path), "pixel_size_um": px},
+                                  **geo)
 
     # ------------------------------------------------------------------ hand-over
     def use_model(self) -> None:

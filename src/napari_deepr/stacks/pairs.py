@@ -254,7 +254,7 @@ def build_pairs(
             stack = np.asarray(f.data, dtype=np.float32)
             shifts = np.zeros((stack.shape[0], 2))
             if register:
-                stack, shifts = register_stack(stack)
+                stack, shifts = register_stack(stack, cancel=cancel)
             _check(cancel)
             if progress:
                 progress((fi + 0.4) / len(fields), f"finding the in-focus plane of {f.name}")

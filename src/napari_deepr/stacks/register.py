@@ -84,6 +84,7 @@ def register_stack(
     reference: int | None = None,
     upsample: int = 20,
     max_shift_px: float | None = None,
+    cancel=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Register every plane of a ``(Z, Y, X)`` stack to a reference plane by translation.
 
@@ -99,6 +100,9 @@ def register_stack(
     max_shift_px : float, optional
         Shifts larger than this (in either axis) are treated as failed estimates and set to 0,
         e.g. on empty planes far from focus.
+    cancel : callable, optional
+        Checked before every plane; returning True raises :class:`~napari_deepr.errors.Cancelled`
+        (registration is the longest step of building pairs, so a cancel must not wait for all of it).
 
     Returns
     -------
@@ -122,6 +126,10 @@ def register_stack(
     shifts = np.zeros((z, 2))
     out = np.empty(st.shape, dtype=np.float32)
     for k in range(z):
+        if cancel is not None and cancel():
+            from ..errors import Cancelled
+
+            raise Cancelled("Registration was cancelled.")
         if k != reference:
             shifts[k] = estimate_shift(ref, st[k], upsample=upsample)
             if max_shift_px is not None and np.any(np.abs(shifts[k]) > max_shift_px):

@@ -969,6 +969,7 @@ class Trainer:
             "start", model_dir=str(self.out), dataset=str(cfg.dataset), source=self.source.info.get("kind"),
             device=str(self.device), threads=torch.get_num_threads(), patch=self.patch,
             range_um=self.range_um, phase=self.phase, resumed=self.saved is not None,
+            pixel_size_um=(self.source.info.get("optics") or {}).get("pixel_size_um"),
             iteration=self.iteration, dpm_iteration=self.dpm_iteration,
             parameters={"generator": count_parameters(self.G), "discriminator": count_parameters(self.D),
                         "dpm": count_parameters(self.Dec)},
