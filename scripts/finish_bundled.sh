@@ -15,7 +15,7 @@ c.update(tile=2048, overlap=96, halo=16)
 json.dump(c, open(p, "w"), indent=1)
 PY
 LOGS=("$WORK/train_log.jsonl")
-[ -f "$WORK/stage1_log.jsonl" ] && LOGS=("$WORK/stage1_log.jsonl" "$WORK/stage2_log.jsonl" "$WORK/stage3_log.jsonl" "$WORK/stage4_log.jsonl" "$WORK/stage5_log.jsonl" "$WORK/stage6_log.jsonl" "${LOGS[@]}")
+[ -f "$WORK/stage1_log.jsonl" ] && LOGS=("$WORK/stage1_log.jsonl" "$WORK/stage2_log.jsonl" "$WORK/stage3_log.jsonl" "$WORK/stage4_log.jsonl" "$WORK/stage5_log.jsonl" "$WORK/stage6_log.jsonl" "$WORK/stage7_log.jsonl" "$WORK/stage8_log.jsonl" "${LOGS[@]}")
 .venv/bin/python scripts/summarize_training.py "${LOGS[@]}" > "$M/training_summary.json"
 .venv/bin/python scripts/evaluate_model.py "$M"
 .venv/bin/deepr quantize "$M" --json "$M/int8_quality.json"

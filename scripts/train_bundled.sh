@@ -2,7 +2,7 @@
 # Retrain the bundled model models/deepr-fluo-20x from scratch with the project's own trainer.
 #   scripts/train_bundled.sh [WORK_DIR]      (stages 1-3, 5-7: about 6 h on 2 CPU cores; stage 4: ~11 min
 #   on an H200, hours on a CPU; needs the [train] extra)
-# Reads models/deepr-fluo-20x/train_config.json (seven stages, see its "stages"); real in-focus images
+# Reads models/deepr-fluo-20x/train_config.json (nine stages, see its "stages"); real in-focus images
 # come from ${DEEPR_REAL_DATA:-../shared/data/real} at training time (nothing is copied into the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,12 @@ spec6 = dict(spec5, **c["stage6_synthetic_additions"])
 json.dump({"synthetic": spec6, **head}, open(os.path.join(work, "synthetic_stage6.json"), "w"), indent=1)
 spec7 = dict(spec5, **c["stage7_synthetic_additions"])
 json.dump({"synthetic": spec7, **head}, open(os.path.join(work, "synthetic_stage7.json"), "w"), indent=1)
+spec8 = dict(spec5, **c["stage8_synthetic_additions"])
+json.dump({"synthetic": spec8, **head}, open(os.path.join(work, "synthetic_stage8.json"), "w"), indent=1)
 for key, fname in (("trainer_args", "args1.txt"), ("dpm_redo_args", "args2.txt"), ("fine_tune_args", "args3.txt"),
                    ("gpu_stage_args", "args4.txt"), ("stage5_args", "args5.txt"),
-                   ("stage6_args", "args6.txt"), ("stage7_args", "args7.txt")):
+                   ("stage6_args", "args6.txt"), ("stage7_args", "args7.txt"),
+                   ("stage8_args", "args8.txt"), ("stage9_args", "args9.txt")):
     open(os.path.join(work, fname), "w").write(" ".join(c[key]))
 PY
 TRAIN=(.venv/bin/python -m napari_deepr.train)
@@ -58,6 +61,14 @@ rm -rf "$WORK/stage2" && cp -r "$WORK/stage1" "$WORK/stage2"
   --init-from "$WORK/stage5/checkpoint.pt" $(cat "$WORK/args6.txt") | tee "$WORK/stage6_log.jsonl"
 # 7. the DPM decoder alone (one no-op generator update) with 60 % of the samples on surfaces
 "${TRAIN[@]}" "$WORK/synthetic_stage7.json" -o "$WORK/stage7" --name deepr-fluo-20x \
-  --init-from "$WORK/stage6/checkpoint.pt" $(cat "$WORK/args7.txt") | tee "$WORK/train_log.jsonl"
-rm -rf "$WORK/model" && mv "$WORK/stage7" "$WORK/model"
+  --init-from "$WORK/stage6/checkpoint.pt" $(cat "$WORK/args7.txt") | tee "$WORK/stage7_log.jsonl"
+# 8-9. v2: data that teaches smooth-at-focus (own-smoothness low-pass, thick samples, real images at several
+# scales, 48 % of pairs within 1 µm of focus); shipped from a lent GPU (scripts/gpu_train.sh, docs/gpu_check.md),
+# on a CPU these two stages take many hours
+DEV=(--device auto --workers "$(( $(nproc) > 2 ? $(nproc) - 3 : 1 ))")
+"${TRAIN[@]}" "$WORK/synthetic_stage8.json" -o "$WORK/stage8" --name deepr-fluo-20x \
+  --init-from "$WORK/stage7/checkpoint.pt" "${DEV[@]}" $(cat "$WORK/args8.txt") | tee "$WORK/stage8_log.jsonl"
+"${TRAIN[@]}" "$WORK/synthetic_stage8.json" -o "$WORK/stage9" --name deepr-fluo-20x \
+  --init-from "$WORK/stage8/checkpoint.pt" "${DEV[@]}" $(cat "$WORK/args9.txt") | tee "$WORK/train_log.jsonl"
+rm -rf "$WORK/model" && mv "$WORK/stage9" "$WORK/model"
 scripts/finish_bundled.sh "$WORK"

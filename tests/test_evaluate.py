@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from napari_deepr.evaluate import markdown_table, per_field_table
+import pytest
+
+from napari_deepr.evaluate import do_no_harm, do_no_harm_table, markdown_table, per_field_table
 
 
 def _row(z, out_a, out_b):
@@ -35,7 +37,9 @@ def test_summary_of_the_tilt_sweep_over_specimen_types():
     tilt = {"true_deg": 1.5, "fitted_deg": 1.6, "error_deg": 0.1,
             "fitted_deg_by_specimen": {"cells": [1.7, 1.9], "tissue": [1.4, 1.2]}}
     s = summarize({"per_z": rows, "tilt": tilt}, (-5, 5))
-    assert s["tilt_fitted_deg"] == 1.6 and s["targets"]["tilt_within_0.15deg"]
+    assert s["tilt_fitted_deg"] == 1.6
+    # the target is on every specimen type: |1.9 - 1.5| = 0.4 > 0.2 fails it
+    assert s["tilt_worst_error_deg_by_specimen"] == pytest.approx(0.4) and not s["targets"]["tilt_within_0.2deg_every_specimen"]
     # |1.7-1.5|, |1.9-1.5|, |1.4-1.5|, |1.2-1.5| -> mean 0.25; range over all fits
     assert abs(s["tilt_mean_error_deg_by_specimen"] - 0.25) < 1e-9
     assert s["tilt_fitted_range_deg_by_specimen"] == [1.2, 1.9]
@@ -54,3 +58,27 @@ def test_reserve_fields_are_summarized_apart_from_the_headline_means():
     # only z = -3 and 2 are in the 2-5 µm band: (0.7 + 0.9) / 2; the headline mean ignores the reserve
     assert abs(s["reserve_ssim_output_2to5"] - 0.8) < 1e-12 and abs(s["reserve_dpm_mae_2to5"] - 0.3) < 1e-12
     assert abs(s["mean_ssim_output_2to5"] - 0.7) < 1e-12
+
+
+def test_do_no_harm_takes_the_worst_near_focus_change_per_field_and_the_dpm_at_focus():
+    from napari_deepr.evaluate import summarize
+
+    rows = []
+    for z, a_out, b_out in ((-1, 0.72, 0.95), (0, 0.695, 0.97), (1, 0.75, 0.96), (3, 0.9, 0.9)):
+        r = _row(z, a_out, b_out)
+        r["dpm_oor_fraction"] = 0.0
+        for n, d in (("a", 0.3), ("b", 0.9)):
+            r["fields"][n]["dpm_mean"] = d + abs(z)
+        rows.append(r)
+    res = {"per_z": rows, "real_fields": ["b"]}
+    d = do_no_harm(res)
+    # field a: input 0.7 everywhere, outputs 0.72 / 0.695 / 0.75 -> worst -0.005 at z = 0; b: 0.9 -> +0.05
+    assert d["do_no_harm_worst_field"] == "a" and d["do_no_harm_worst_delta"] == pytest.approx(-0.005)
+    assert d["do_no_harm_delta_by_field"]["b"]["+0"] == pytest.approx(0.07)
+    assert d["dpm_mean_in_focus_by_field"] == {"a": 0.3, "b": 0.9}
+    assert d["dpm_mean_in_focus"] == pytest.approx(0.6) and d["dpm_mean_in_focus_worst"] == pytest.approx(0.9)
+    s = summarize(res, (-5, 5))
+    assert s["targets"]["do_no_harm_le1um(out>=in-0.01 every field)"]  # within the 0.01 allowed
+    assert not s["targets"]["dpm_mean_in_focus<=0.6"]
+    table = do_no_harm_table({"summary": s})
+    assert "| a | +0.020 | -0.005 | +0.050 | 0.30 |" in table

@@ -686,6 +686,16 @@ def _thick_offset(z: float, lo: float, hi: float, offset_range, quantum: float, 
     return float(np.clip(d, math.ceil(a / q - 1e-9) * q, math.floor(b / q + 1e-9) * q))
 
 
+def _random_window(img: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``side`` × ``side`` window of ``img`` (reflect-padded first when it is smaller)."""
+    if img.shape[0] < side or img.shape[1] < side:
+        py, px_ = max(0, side - img.shape[0]), max(0, side - img.shape[1])
+        img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
+    y0 = rng.integers(0, img.shape[0] - side + 1)
+    x0 = rng.integers(0, img.shape[1] - side + 1)
+    return img[y0 : y0 + side, x0 : x0 + side]
+
+
 def _real_crop(img: np.ndarray, side: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     img = np.asarray(img, dtype=np.float64)
     if img.ndim != 2:
@@ -695,24 +705,13 @@ def _real_crop(img: np.ndarray, side: int, rng: np.random.Generator, scale: floa
         # prefilter of sigma (1/scale - 1)/2 anti-aliases (scikit-image's rule for resize), in
         # scipy so lent training machines without scikit-image can simulate too.
         src = max(8, int(round(side / scale)))
-        if img.shape[0] < src or img.shape[1] < src:
-            py, px_ = max(0, src - img.shape[0]), max(0, src - img.shape[1])
-            img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
-        y0 = rng.integers(0, img.shape[0] - src + 1)
-        x0 = rng.integers(0, img.shape[1] - src + 1)
-        img = img[y0 : y0 + src, x0 : x0 + src]
+        img = _random_window(img, src, rng)
         if scale < 1:
             img = ndimage.gaussian_filter(img, (1 / scale - 1) / 2, mode="reflect")
         img = ndimage.zoom(img, side / src, order=1, mode="reflect", grid_mode=True)[:side, :side]
         if img.shape != (side, side):
             img = np.pad(img, ((0, side - img.shape[0]), (0, side - img.shape[1])), mode="reflect")
-    if img.shape[0] < side or img.shape[1] < side:
-        py, px_ = max(0, side - img.shape[0]), max(0, side - img.shape[1])
-        img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
-    y0 = rng.integers(0, img.shape[0] - side + 1)
-    x0 = rng.integers(0, img.shape[1] - side + 1)
-    crop = img[y0 : y0 + side, x0 : x0 + side]
-    crop = np.rot90(crop, rng.integers(4))
+    crop = np.rot90(_random_window(img, side, rng), rng.integers(4))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     lo, hi = np.percentile(crop, [1, 99.9])
