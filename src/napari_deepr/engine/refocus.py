@@ -164,6 +164,11 @@ class RefocusJob:
     memory_budget : int, optional
         Bytes the activations of one host-side tile may take; the default tile shrinks to fit (the
         streaming path passes :data:`STREAM_TILE_BUDGET`). A given ``tile`` is used as is.
+    stream : bool, optional
+        Keep the results this job allocates in disk-backed arrays (``numpy.memmap`` of an anonymous
+        temporary file), with the arena off and the tile within :data:`STREAM_TILE_BUDGET`. Default:
+        when :func:`should_stream` says the results would not fit comfortably in free memory;
+        False forces memory.
     precision : {"fp32", "fp16", "bf16", "int8"}
         As in :func:`refocus`. A reduced precision that fails (conversion, loading, running, or
         NaN/inf) falls back to float32, and a provider that fails to the next one, with one warning;
@@ -207,6 +212,7 @@ class RefocusJob:
         trust: bool | int = False,
         trust_out=None,
         memory_budget: int | None = None,
+        stream: bool | None = None,
     ):
         _check_settings(tile=tile, overlap=overlap, batch=batch, threads=threads, halo=halo, providers=providers,
                         axes=axes, precision=precision)
@@ -301,6 +307,15 @@ class RefocusJob:
         if dpm and not self.model.has_dpm:
             raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
         self.want_dpm = dpm
+        # Results that would not fit comfortably in free memory go to disk-backed arrays, and the
+        # tile and onnxruntime's arena are then bounded too, so a whole slide costs tiles, not its size.
+        owned = [out is None] + ([dpm_out is None] if dpm else []) + ([trust_out is None] if self.passes else [])
+        if stream is None:
+            stream = any(owned) and should_stream(self.shape, n_maps=len(owned) - 1)
+        self.streaming = bool(stream)
+        if self.streaming:
+            memory_arena = False if memory_arena is None else memory_arena
+            memory_budget = STREAM_TILE_BUDGET if memory_budget is None else memory_budget
         self.arena = memory_arena
         self.warnings: list[str] = []
         #: Messages already issued with ``warnings.warn`` (front ends show only the rest of ``warnings``).
@@ -337,14 +352,14 @@ class RefocusJob:
         # An output this job allocates may be promoted to float64 if the refocused values of a float
         # image do not fit in float32 (inputs near 3e38); a caller's preallocated output cannot.
         self._own_output = out is None
-        self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
+        self.output = out if out is not None else self._result_array(self.shape)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
         if dpm:
-            self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+            self.dpm = dpm_out if dpm_out is not None else self._result_array(self.dpm_shape)
         self.trust_map = None
         if self.passes:
-            self.trust_map = trust_out if trust_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+            self.trust_map = trust_out if trust_out is not None else self._result_array(self.dpm_shape)
         self.planes = planes if planes is not None else list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
         # A strip of tile rows [ka, kb) (for distributed work) also runs row ka-1 to rebuild the
         # overlap it shares with the strip above, so strips add up to exactly the whole-image result.
@@ -772,6 +787,16 @@ class RefocusJob:
             self.output = self.output.astype(np.float64)
         return res
 
+    def _result_array(self, shape) -> np.ndarray:
+        """A zeroed float32 result: in memory, or on disk (an unlinked temporary file) when streaming."""
+        if not self.streaming:
+            return np.zeros(shape, dtype=np.float32)
+        import tempfile
+
+        # The file has no name (removed at once on POSIX): its space returns when the array is freed.
+        f = tempfile.TemporaryFile(prefix="deepr-result-")
+        return np.memmap(f, dtype=np.float32, mode="w+", shape=tuple(shape))
+
     def _scratch(self, shape) -> np.ndarray:
         """A float32 work array: in memory, or a temporary memmap when it would take over an eighth of free memory."""
         nbytes = 4 * math.prod(shape)
@@ -911,6 +936,7 @@ def refocus(
     resample: bool = True,
     force_modality: bool = False,
     trust: bool | int = False,
+    stream: bool | None = None,
 ):
     """Refocus a defocused image (2-D, stacks, channels, RGB; numpy, dask or zarr).
 
@@ -938,6 +964,9 @@ def refocus(
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
+    stream : bool, optional
+        Keep the results on disk (``numpy.memmap``) with the tile and memory bounded; default: when
+        they would take more than a quarter of free memory (:func:`should_stream`). False forces memory.
     precision : {"fp32", "fp16", "bf16", "int8"}
         ``bf16`` runs the float32 graphs in bfloat16 on CPUs with AVX512-BF16/AMX through onnxruntime's
         OpenVINO provider (``onnxruntime-openvino``; the model was trained under bf16 autocast);
@@ -970,7 +999,7 @@ def refocus(
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, precision=precision, pixel_size_um=pixel_size_um,
-        resample=resample, force_modality=force_modality, trust=trust,
+        resample=resample, force_modality=force_modality, trust=trust, stream=stream,
     )
     for msg in job.notes:  # before the run: unknown pixel size, resampling, forced modality
         warnings.warn(msg, UserWarning, stacklevel=2)
@@ -999,6 +1028,46 @@ def available_memory() -> int:
     return 4 << 30
 
 
+#: Results (output, DPM, trust map) taking more than this share of free memory are streamed to disk.
+STREAM_MEMORY_FRACTION = 0.25
+#: A file whose results would take more than this is refocused disk to disk by the ``deepr`` command
+#: even when memory would hold them (a 5800² float32 plane): a whole slide then costs tiles, not its size.
+STREAM_FILE_BYTES = 128 << 20
+#: Activation bytes of one tile on the streaming path. Measured with the arena off: a 8192² uint16
+#: TIFF disk to disk peaks under 2 GB with the tile this allows (docs/PERFORMANCE.md).
+STREAM_TILE_BUDGET = 1 << 30
+
+
+def result_bytes(shape, n_maps: int = 0) -> int:
+    """Bytes of the float32 results of an input of ``shape``: the output and ``n_maps`` maps (over-counted for channels)."""
+    return 4 * math.prod(int(v) for v in shape) * (1 + n_maps)
+
+
+def should_stream(shape, n_maps: int = 0, *, input_bytes: int = 0, from_file: bool = False,
+                  free: int | None = None) -> bool:
+    """Whether refocusing an input of ``shape`` should stream its results to disk.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The input's shape.
+    n_maps : int
+        How many maps besides the output are asked for (DPM, trust map).
+    input_bytes : int
+        Bytes the input itself will take in memory (0 when it is already there or read lazily).
+    from_file : bool
+        The input is read from a file and the results go to one: then results of
+        :data:`STREAM_FILE_BYTES` or more stream even when memory would hold them.
+    free : int, optional
+        Free memory in bytes (default :func:`available_memory`).
+    """
+    need = result_bytes(shape, n_maps)
+    free = available_memory() if free is None else int(free)
+    if need + input_bytes > STREAM_MEMORY_FRACTION * free:
+        return True
+    return bool(from_file) and need >= STREAM_FILE_BYTES
+
+
 def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int | None = None,
               budget_bytes: int | None = None) -> int:
     """The card's tile, shrunk (in multiples of the model's size multiple) to fit a quarter of free
@@ -1006,8 +1075,10 @@ def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int |
     (the streaming path's bound on resident memory)."""
     tile = card.tile
     budget = (available_memory() if memory is None else memory) * budget_fraction
-    if budget_bytes is not None:
-        budget = min(budget, budget_bytes)
+    if budget_bytes is not None and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget_bytes:
+        # A hard bound: the largest multiple that fits (fewer tiles than halving would give).
+        fit = int(math.sqrt(budget_bytes / (batch * BYTES_PER_TILE_PIXEL))) // card.tile_multiple * card.tile_multiple
+        tile = max(4 * card.tile_multiple, min(tile, fit))
     while tile > 4 * card.tile_multiple and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget:
         tile = max(4 * card.tile_multiple, (tile // 2) // card.tile_multiple * card.tile_multiple)
     return tile
@@ -1215,4 +1286,4 @@ def megapixels(shape, axes: str) -> float:
     return math.prod(s for s, a in zip(shape, axes, strict=True) if a not in "CS") / 1e6
 
 
-__all__ = ["Progress", "RefocusJob", "guess_axes", "megapixels", "refocus", "result_shapes"]
+__all__ = ["Progress", "RefocusJob", "guess_axes", "megapixels", "refocus", "result_shapes", "should_stream"]
