@@ -36,7 +36,6 @@ from .providers import (
 )
 from .tiling import axis_weights, plan_axis, read_region
 
-_HOST_PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda", "rocm": "cuda", "directml": "dml"}
 
@@ -466,7 +465,7 @@ class RefocusJob:
                 if PROVIDERS.get(used, used) != provs[0]:
                     # onnxruntime drops a provider that fails to initialise (missing CUDA libraries) with a log line only.
                     raise ModelError(f"{short} did not start (onnxruntime ran {used} instead)")
-            except (ModelError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of a precision or provider moves to the next
                 last = exc
                 reasons.append(f"{prec} on {short} could not start ({_one_line(exc)})")
                 continue
@@ -479,8 +478,8 @@ class RefocusJob:
                 also = f" in {prec}" if prec != self.requested_precision else ""
                 self._warn(f"{'; '.join(reasons)}; falling back to {where}{also}.")
             return
-        if last is not None and not reasons[:-1] and len(self._chain) == 1:
-            raise last if isinstance(last, ModelError) else ModelError(str(last))
+        if len(self._chain) == 1 and isinstance(last, ModelError):  # only the CPU was tried: its own words
+            raise last
         raise ModelError(f"No precision or provider could run model {self.model.name}: {'; '.join(reasons)}.")
 
     def _warn(self, msg: str) -> None:
