@@ -1,39 +1,42 @@
 """The fp16 graphs' quality cost against fp32, measurable without a GPU.
 
-    python benchmarks/fp16_quality.py      # writes models/deepr-fluo-20x/fp16_quality.json
+    python benchmarks/fp16_quality.py                      # 12 pairs simulated here (seed 99)
+    python benchmarks/fp16_quality.py --pairs pairs.npz --n 4 --json out.json   # pairs made elsewhere
 
-The same 12 simulated 512² pairs as ``quality_delta`` (seed 99). The fp16 graphs run on onnxruntime's
-CPU provider, which has float16 kernels: the engine refuses ``precision="fp16"`` on the CPU only
-because it is slow there. On a GPU, ``quality_delta(model, "fp16", providers="cuda")`` measures it.
+The same simulated 512² pairs as ``quality_delta`` (seed 99; ``scripts/make_check_pairs.py`` saves
+them for machines without psfmodels). The fp16 graphs run on onnxruntime's CPU provider, which has
+float16 kernels: the engine refuses ``precision="fp16"`` on the CPU only because it is slow there, so
+this script lets the CPU count as an fp16 provider. The run fails if the engine fell back to fp32.
+On a GPU, ``quality_delta(model, "fp16", providers="cuda")`` measures the same thing.
 """
+import argparse
 import json
+import warnings
+
 import numpy as np
-from napari_deepr.engine.dpm import structure_mask
-from napari_deepr.engine.fp16 import fp16_variant
-from napari_deepr.engine.model import load_model
-from napari_deepr.engine.refocus import RefocusJob
-from napari_deepr.optics.simulate import random_training_pair
-from napari_deepr.science.metrics import ssim
-# Same pairs as quality_delta (seed 99, 12 pairs of 512²); the fp16 graphs run on onnxruntime's CPU
-# provider (its float16 kernels), because no GPU is at hand: the engine only refuses fp16 on CPU for speed.
-m = load_model("models/deepr-fluo-20x")
-rng = np.random.default_rng(99)
-s = {"fp32": [], "fp16": []}; d = {"fp32": [], "fp16": []}
-for _ in range(12):
-    x, y, z = random_training_pair(rng, patch=512)
-    mask = structure_mask(y)
-    for prec in ("fp32", "fp16"):
-        job = RefocusJob(x, m, dpm=True, providers="cpu")
-        if prec == "fp16":
-            job.generator_path, job.dpm_path = fp16_variant(m.generator_path), fp16_variant(m.dpm_path)
-            job._open_sessions()
-        out, dpm = job.run()
-        s[prec].append(ssim(out, y)); d[prec].append(float(np.abs(dpm[mask] - abs(float(z))).mean()))
-a, b = np.array(s["fp32"]), np.array(s["fp16"])
-q = {"precision": "fp16", "pairs": 12, "ssim_fp32": float(a.mean()), "ssim_fp16": float(b.mean()), "delta": float(b.mean() - a.mean()),
-     "worst_pair_delta": float((b - a).min()), "dpm_mae_fp32_um": float(np.mean(d["fp32"])), "dpm_mae_fp16_um": float(np.mean(d["fp16"])),
-     "max_abs_ssim_change": float(np.abs(b - a).max())}
-q["acceptable"] = q["delta"] >= -0.01
-q["measured_on"] = "the fp16 graphs on onnxruntime's CPU provider (float16 kernels; no GPU at hand), same pairs as quality_delta (seed 99)"
+import onnx
+import onnxruntime as ort
+
+from napari_deepr.engine import refocus as engine
+from napari_deepr.engine.quantize import quality_delta
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="models/deepr-fluo-20x")
+ap.add_argument("--pairs", help="npz from scripts/make_check_pairs.py (else simulated here)")
+ap.add_argument("--n", type=int, default=12)
+ap.add_argument("--json", help="write the result here (default: <model>/fp16_quality.json when all 12 pairs run)")
+args = ap.parse_args()
+engine.FP16_PROVIDERS = (*engine.FP16_PROVIDERS, "CPUExecutionProvider")
+pairs = None
+if args.pairs:
+    d = np.load(args.pairs)
+    pairs = [(d["x"][i].astype(np.float32), d["y"][i].astype(np.float32), float(d["z"][i])) for i in range(min(args.n, len(d["z"])))]
+with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # a fallback to fp32 would make the comparison empty
+    q = quality_delta(args.model, precision="fp16", n=args.n, pairs=pairs, providers="cpu")
+q["measured_on"] = (f"the fp16 graphs on onnxruntime {ort.__version__}'s CPU provider (float16 kernels; no GPU at hand), "
+                    f"onnx {onnx.__version__}, same pairs as quality_delta (seed 99)")
 print(json.dumps(q))
-open("models/deepr-fluo-20x/fp16_quality.json", "w").write(json.dumps(q, indent=1) + "\n")
+target = args.json or (f"{args.model}/fp16_quality.json" if q["pairs"] == 12 and not args.pairs else None)
+if target:
+    open(target, "w").write(json.dumps(q, indent=1) + "\n")

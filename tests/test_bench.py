@@ -22,6 +22,11 @@ def test_bench_reports_engine_and_raw(tiny_model):
     # The tiny test model was not exported by the trainer, so PyTorch eager says why it is absent.
     assert "torch_eager_s" in row or "torch_eager_unavailable" in res
     assert "engine/raw" in format_table(res)
+    # The fastest network-only rate of this run, and the engine's share of it, in the table too.
+    nets = {k: row[f"{k}_mp_s"] for k in ("raw_untiled", "torch_eager") if f"{k}_mp_s" in row}
+    assert row["network_best"]["mp_s"] == max(nets.values())
+    assert row["engine_vs_best_network"] == pytest.approx(row["engine_mp_s"] / max(nets.values()))
+    assert "fastest network-only" in format_table(res)
 
 
 def test_bench_reduced_precisions_timed_or_explained(tiny_model):

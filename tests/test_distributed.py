@@ -50,3 +50,63 @@ def test_local_cluster_is_bit_identical(tiny_model, tmp_path):
     assert out.axes == "ZYX" and out.z_step_um == 1.0
     assert np.array_equal(np.asarray(out.data), local.output)
     assert info["scheduler"].startswith("tcp://")
+
+
+# -- streaming chosen by default for large inputs ---------------------------------------------------
+def test_should_stream_follows_free_memory_and_file_size():
+    from napari_deepr.engine.refocus import STREAM_FILE_BYTES, should_stream
+
+    gib = 2**30
+    slide = (8192, 8192)  # 256 MiB of float32 results
+    assert not should_stream(slide, free=16 * gib)  # an array in memory whose results fit: memory
+    assert should_stream(slide, free=gib // 2)  # results over a quarter of free memory: disk
+    assert should_stream(slide, 1, input_bytes=128 * 2**20, free=2 * gib)  # DPM and the input count too
+    assert should_stream(slide, from_file=True, free=64 * gib)  # a whole slide from a file: disk
+    small = (2048, 2048)
+    assert 4 * 2048 * 2048 < STREAM_FILE_BYTES and not should_stream(small, from_file=True, free=64 * gib)
+
+
+def test_cli_streams_a_large_file_by_itself_and_in_memory_forces_memory(tiny_model, tmp_path, monkeypatch, capsys):
+    import json
+
+    from napari_deepr.engine import refocus as engine
+
+    a = _img((300, 260), seed=2)
+    src = io.write_image(tmp_path / "in.tif", a, axes="YX", pixel_size_um=0.325)
+    ref = napari_deepr.refocus(a, tiny_model, tile=64, overlap=32)
+    monkeypatch.setattr(engine, "STREAM_FILE_BYTES", 1000)  # this small file counts as a whole slide
+    args = ["--model", str(tiny_model), "--tile", "64", "--overlap", "32", "-q"]
+    assert main(["refocus", str(src), "-o", str(tmp_path / "s.tif"), *args]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["streamed"].startswith("chosen") and "peak_rss_mb" in info
+    assert np.array_equal(np.asarray(io.read_image(tmp_path / "s.tif").data), ref)
+    assert main(["refocus", str(src), "-o", str(tmp_path / "m.tif"), "--in-memory", *args]) == 0
+    assert "streamed" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.array_equal(np.asarray(io.read_image(tmp_path / "m.tif").data), ref)
+    assert main(["refocus", str(src), "-o", str(tmp_path / "x.tif"), "--in-memory", "--out-of-core", *args]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_api_keeps_results_too_large_for_memory_on_disk(tiny_model, monkeypatch):
+    from napari_deepr.engine import refocus as engine
+
+    a = _img((300, 260), seed=3)
+    ref = napari_deepr.refocus(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325)
+    monkeypatch.setattr(engine, "available_memory", lambda: 4 * a.size)  # the results would take it all
+    job = engine.RefocusJob(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325)
+    assert job.streaming and isinstance(job.output, np.memmap) and job.arena is False
+    assert np.array_equal(job.run(), ref)
+    out = napari_deepr.refocus(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325, stream=False)
+    assert not isinstance(out, np.memmap) and np.array_equal(out, ref)
+
+
+def test_the_streaming_tile_fits_its_memory_budget():
+    from pathlib import Path
+
+    from napari_deepr.engine.model import load_model
+    from napari_deepr.engine.refocus import BYTES_PER_TILE_PIXEL, STREAM_TILE_BUDGET, auto_tile
+
+    card = load_model(Path(__file__).resolve().parents[1] / "models" / "deepr-fluo-20x").card
+    tile = auto_tile(card, memory=64 * 2**30, budget_bytes=STREAM_TILE_BUDGET)
+    assert tile * tile * BYTES_PER_TILE_PIXEL <= STREAM_TILE_BUDGET < (tile + 32) ** 2 * BYTES_PER_TILE_PIXEL
+    assert tile == 1312 and auto_tile(card, memory=64 * 2**30) == card.tile  # without a budget: unchanged

@@ -124,7 +124,12 @@ def cmd_refocus(args) -> int:
             print(f"deepr: {'warning' if v.level == 'warning' else 'note'}: {v.message}", file=sys.stderr)
     domain = dict(pixel_size_um=pixel_size, resample=not args.no_resample, force_modality=args.force_modality,
                   trust=_trust_arg(args))
-    if args.scheduler or args.out_of_core:
+    if args.in_memory and (args.scheduler or args.out_of_core):
+        raise SettingsError("--in-memory cannot be combined with --out-of-core or --scheduler; choose one.")
+    streamed = bool(args.scheduler or args.out_of_core)
+    if not streamed and not args.in_memory:
+        streamed = _stream_by_default(img, card, args)
+    if streamed:
         from .engine.distributed import refocus_file
 
         info = refocus_file(
@@ -133,11 +138,14 @@ def cmd_refocus(args) -> int:
             precision=args.precision, progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
             overwrite=args.overwrite, trust_path=args.trust, **domain,
         )
+        info["output"] = str(out_path)
+        info["streamed"] = "asked" if (args.scheduler or args.out_of_core) else "chosen (large input; --in-memory forces memory)"
         print(json.dumps(info))
         return 0
     job = RefocusJob(
         img, args.model, dpm=bool(args.dpm), tile=args.tile, overlap=args.overlap, batch=args.batch,
-        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision, **domain,
+        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision,
+        stream=False if args.in_memory else None, **domain,
     )
     stop = _cancel_on_sigint()
     job.run(None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"), stop)
@@ -165,8 +173,9 @@ def cmd_refocus(args) -> int:
     summary = {"output": str(out_path), "provider": job.provider, "model": card.name,
                "pixel_size_um": px, "pixel_size_source": job.sampling.source, "resampled": job.sampling.resample}
     map_axes = "".join(a for i, a in enumerate(axes) if i not in (job.layout.channel_axis, job.layout.rgb_axis))
-    for w in job.warnings:
-        print(f"deepr: warning: {w}", file=sys.stderr)
+    for w in dict.fromkeys(job.warnings):
+        if w not in job.announced:  # the fallback warnings were already shown when they happened
+            print(f"deepr: warning: {w}", file=sys.stderr)
     if args.dpm:
         dpm_axes = map_axes
         dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
@@ -198,6 +207,28 @@ def cmd_refocus(args) -> int:
         print(f"Trust: {100 * share:.0f}% of the field is trustworthy ({job.passes} passes).", file=sys.stderr)
     print(json.dumps(summary))
     return 0
+
+
+def _stream_by_default(img, card, args) -> bool:
+    """Whether ``deepr refocus`` streams disk to disk without being asked (see ``engine.refocus.should_stream``).
+
+    RGB images stay in memory: their output is converted back to the input's type, which the
+    streaming writer does not do yet.
+    """
+    from .engine.refocus import _layout, should_stream
+
+    shape = tuple(img.data.shape)
+    try:
+        lay = _layout(shape, (args.axes or img.axes).upper(), card.channels)
+    except Exception:  # noqa: BLE001 - the engine reports a bad layout in its own words
+        return False
+    if lay.rgb_axis is not None:
+        return False
+    import numpy as np
+
+    eager = int(np.prod(shape)) * np.dtype(img.data.dtype).itemsize if isinstance(img.data, np.ndarray) else 0
+    n_maps = int(bool(args.dpm)) + int(bool(args.trust))
+    return should_stream(shape, n_maps, input_bytes=eager, from_file=True)
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -418,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-passes", type=int, default=8, metavar="N",
                    help="test-time passes (flips and turns) for the trust map, 1-8 (default 8)")
     r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
-    r.add_argument("--out-of-core", action="store_true", help="stream chunk by chunk with dask even without a scheduler")
+    r.add_argument("--out-of-core", action="store_true",
+                   help="stream disk to disk even for a small image (chosen by itself for large ones)")
+    r.add_argument("--in-memory", action="store_true",
+                   help="keep the whole result in memory even for a large image (faster tiles, more memory)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output that napari-deepr did not write")
     r.add_argument("-q", "--quiet", action="store_true")
 

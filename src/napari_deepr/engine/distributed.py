@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import io
 from ..errors import InputError
-from .refocus import Progress, RefocusJob, plane_stats
+from .refocus import STREAM_TILE_BUDGET, Progress, RefocusJob, plane_stats
 
 
 class _StripSink:
@@ -120,7 +120,7 @@ def refocus_lazy(
     job = RefocusJob(
         given, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, memory_arena=False,  # resident memory bounded by one tile
-        precision=precision, trust_out=trust_out, **domain,
+        precision=precision, trust_out=trust_out, memory_budget=STREAM_TILE_BUDGET, **domain,
     )
     if scheduler is not None and job.planewise:
         from ..errors import InputError

@@ -46,8 +46,16 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_providers(providers: str | list[str] | tuple[str, ...] | None) -> list[str]:
+def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, missing: list[str] | None = None) -> list[str]:
     """Turn short or full provider names into the onnxruntime list to try, CPU always last.
+
+    Parameters
+    ----------
+    providers : str or list of str, optional
+        Short or full names; ``None`` or ``"auto"`` picks the GPU-like providers this build offers.
+    missing : list, optional
+        When given, a sentence for each asked-for provider this build lacks is appended to it
+        instead of being warned about (the engine folds them into its one fallback warning).
 
     Raises
     ------
@@ -74,12 +82,12 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None) -> li
         if full in avail:
             out.append(full)
         elif full != "CPUExecutionProvider":
-            warnings.warn(
-                f"The {SHORT_NAMES.get(full, full)} execution provider is not available in this onnxruntime "
-                f"({ort.__version__}, offers {', '.join(available_providers())}); falling back to CPU.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            why = (f"The {SHORT_NAMES.get(full, full)} execution provider is not available in this onnxruntime "
+                   f"({ort.__version__}, offers {', '.join(available_providers())})")
+            if missing is not None:
+                missing.append(why)
+            else:
+                warnings.warn(f"{why}; falling back to CPU.", RuntimeWarning, stacklevel=3)
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")
     return out
@@ -164,8 +172,12 @@ def get_session(
     threads: int | None = None,
     arena: bool | None = None,
     provider_options: dict[str, dict[str, str]] | None = None,
+    fallback: bool = True,
 ):
     """One cached InferenceSession per (file, providers, options, threads); falls back to CPU if creation fails.
+
+    With ``fallback=False`` a failure raises :class:`~napari_deepr.errors.ModelError` instead (the
+    engine then tries its next precision or provider and warns once).
 
     Returns
     -------
@@ -189,7 +201,7 @@ def get_session(
                     providers=[(p, opts[p]) if p in opts else p for p in providers],
                 )
             except Exception as exc:
-                if providers != ["CPUExecutionProvider"]:
+                if fallback and providers != ["CPUExecutionProvider"]:
                     warnings.warn(
                         f"Could not start {SHORT_NAMES.get(providers[0], providers[0])} for {path.name} ({_first_line(exc)}); falling back to CPU.",
                         RuntimeWarning,

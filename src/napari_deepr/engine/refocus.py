@@ -25,6 +25,7 @@ from . import trust as _trust
 from .domain import Sampling, check_modality, resample_plane, resampled_size, resolve_sampling
 from .model import DeepRModel, load_model
 from .providers import (
+    PROVIDERS,
     SHORT_NAMES,
     bf16_provider_options,
     default_threads,
@@ -35,8 +36,7 @@ from .providers import (
 )
 from .tiling import axis_weights, plan_axis, read_region
 
-_HOST_PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider")
-_FP16_SHORT_NAMES = {SHORT_NAMES[p] for p in FP16_PROVIDERS}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _DEVICE_TYPES = {"cuda": "cuda", "tensorrt": "cuda", "rocm": "cuda", "directml": "dml"}
 
 
@@ -160,6 +160,18 @@ class RefocusJob:
     trust : bool or int
         Also compute a per-pixel trust map (see :mod:`napari_deepr.engine.trust`) from that many
         D4 test-time passes (``True``: 8), in ``trust_map`` (or ``trust_out`` when given, like ``dpm_out``).
+    memory_budget : int, optional
+        Bytes the activations of one host-side tile may take; the default tile shrinks to fit (the
+        streaming path passes :data:`STREAM_TILE_BUDGET`). A given ``tile`` is used as is.
+    stream : bool, optional
+        Keep the results this job allocates in disk-backed arrays (``numpy.memmap`` of an anonymous
+        temporary file), with the arena off and the tile within :data:`STREAM_TILE_BUDGET`. Default:
+        when :func:`should_stream` says the results would not fit comfortably in free memory;
+        False forces memory.
+    precision : {"fp32", "fp16", "bf16", "int8"}
+        As in :func:`refocus`. A reduced precision that fails (conversion, loading, running, or
+        NaN/inf) falls back to float32, and a provider that fails to the next one, with one warning;
+        ``precision`` and ``provider`` say what ran.
 
     Attributes
     ----------
@@ -198,6 +210,8 @@ class RefocusJob:
         force_modality: bool = False,
         trust: bool | int = False,
         trust_out=None,
+        memory_budget: int | None = None,
+        stream: bool | None = None,
     ):
         _check_settings(tile=tile, overlap=overlap, batch=batch, threads=threads, halo=halo, providers=providers,
                         axes=axes, precision=precision)
@@ -255,49 +269,77 @@ class RefocusJob:
             raise InputError(
                 f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
             )
-        self.precision = precision
+        if precision not in PRECISIONS:
+            raise InputError(f"Unknown precision '{precision}'; use fp32, fp16, bf16 or int8.")
+        self.requested_precision = self.precision = precision
         self.provider_options = None
+        # Sentences about what could not run as asked; folded into one warning when sessions open.
+        self._fallbacks: list[str] = []
         if precision == "bf16":
             if providers not in (None, "auto", "cpu", "openvino", ["cpu"], ["openvino"]):
                 raise InputError("bf16 runs on the CPU through the OpenVINO provider; use fp32 on other providers.")
             self.providers = require_bf16()
             self.provider_options = bf16_provider_options(threads)
         else:
-            self.providers = resolve_providers(providers)
-        if precision == "fp16" and self.providers[0] not in FP16_PROVIDERS:
+            self.providers = resolve_providers(providers, missing=self._fallbacks)
+        if precision == "fp16" and not any(p in FP16_PROVIDERS for p in self.providers):
+            if not self._fallbacks and providers not in (None, "auto"):
+                # Only the CPU was asked for: a setting to change, not a device that failed.
+                raise InputError(
+                    "fp16 runs on GPU providers (cuda, tensorrt, rocm, directml), and none is running here; "
+                    "use fp32, or bf16 on a CPU that has it."
+                )
+            self._fallbacks.append("fp16 needs a GPU provider (cuda, tensorrt, rocm, directml) and none is available here")
+        if precision == "int8" and not (self.model.root / "generator.int8.onnx").is_file():
             raise InputError(
-                "fp16 runs on GPU providers (cuda, tensorrt, rocm, directml), and none is running here; "
-                "use fp32, or bf16 on a CPU that has it."
+                f"Model {self.model.name} has no int8 variant; create it with 'deepr quantize {self.model.name}'."
             )
         self.threads = threads
-        on_gpu = self.providers[0] not in _HOST_PROVIDERS
-        # Tile and batch from the memory of the device that holds the activations: a GPU's own memory
-        # when one runs the network (a fixed batch of 2048² tiles needs ~10 GB), else the host's.
-        memory = None
-        if not tile or (on_gpu and not batch):  # asking a GPU costs a call to nvidia-smi (cached)
-            memory = (gpu_free_memory() if on_gpu else None) or available_memory()
         if batch is not None and int(batch) < 1:
             raise InputError("Batch must be at least 1.")
         mult = card.tile_multiple
-        tile = int(tile) if tile else auto_tile(card, int(batch or 1), memory=memory)
-        self.batch = int(batch) if batch else (auto_batch(tile, memory) if on_gpu else 1)
         overlap = card.overlap if overlap is None else int(overlap)
-        if tile <= 0 or tile % mult:
+        if tile is not None and (int(tile) <= 0 or int(tile) % mult):
             raise InputError(f"Tile size {tile} is not a positive multiple of {mult}, which this model needs.")
-        if overlap < 0 or overlap > tile // 2:
-            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({tile // 2}).")
+        if tile is not None and (overlap < 0 or overlap > int(tile) // 2):
+            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({int(tile) // 2}).")
         if dpm and not self.model.has_dpm:
             raise InputError(f"Model {card.name} has no DPM decoder (dpm.onnx), so no defocus map can be computed.")
         self.want_dpm = dpm
+        # Results that would not fit comfortably in free memory go to disk-backed arrays, and the
+        # tile and onnxruntime's arena are then bounded too, so a whole slide costs tiles, not its size.
+        owned = [out is None] + ([dpm_out is None] if dpm else []) + ([trust_out is None] if self.passes else [])
+        if stream is None:
+            stream = any(owned) and should_stream(self.shape, n_maps=len(owned) - 1)
+        self.streaming = bool(stream)
+        if self.streaming:
+            memory_arena = False if memory_arena is None else memory_arena
+            memory_budget = STREAM_TILE_BUDGET if memory_budget is None else memory_budget
+        self.arena = memory_arena
+        self.warnings: list[str] = []
+        #: Messages already issued with ``warnings.warn`` (front ends show only the rest of ``warnings``).
+        self.announced: set[str] = set()
+        self._chain = self._candidates()
+        self._open_sessions()
+        # Tile and batch from the memory of the device that holds the activations (a GPU's own memory
+        # when one runs the network, else the host's), decided by the provider that actually started.
+        on_gpu = self.provider not in ("cpu", "openvino")
+        memory = None
+        if not tile or (on_gpu and not batch):  # asking a GPU costs a call to nvidia-smi (cached)
+            memory = (gpu_free_memory() if on_gpu else None) or available_memory()
+        if tile:
+            tile = int(tile)
+        elif on_gpu:
+            tile = gpu_tile(card, (h, w), memory, batch=int(batch) if batch else None)
+        else:
+            tile = auto_tile(card, int(batch or 1), memory=memory, budget_bytes=memory_budget)
+        self.batch = int(batch) if batch else (auto_batch(tile, memory) if on_gpu else 1)
+        if overlap < 0 or overlap > tile // 2:
+            raise InputError(f"Overlap {overlap} must be between 0 and half the tile ({tile // 2}).")
         self.tile, self.overlap = tile, overlap
         halo = card.halo if halo is None else int(halo)
         self.plan_y = plan_axis(h, tile, overlap, mult, halo)
         self.plan_x = plan_axis(w, tile, overlap, mult, halo)
-        self.generator_path = self._generator_path(precision)
-        self.dpm_path = fp16_variant(self.model.dpm_path) if precision == "fp16" and dpm else self.model.dpm_path
-        self.arena = memory_arena
-        self.warnings: list[str] = []
-        self._open_sessions()
         # Decided by the provider that actually started (a GPU that fell back to the CPU gets neither).
         on_gpu = self.provider not in ("cpu", "openvino")
         # On a GPU, features for the DPM decoder stay in device memory between the two graphs (IO
@@ -309,14 +351,14 @@ class RefocusJob:
         # An output this job allocates may be promoted to float64 if the refocused values of a float
         # image do not fit in float32 (inputs near 3e38); a caller's preallocated output cannot.
         self._own_output = out is None
-        self.output = out if out is not None else np.zeros(self.shape, dtype=np.float32)
+        self.output = out if out is not None else self._result_array(self.shape)
         self.dpm_shape = result_shapes(self.shape, axes, card.channels)[1]
         self.dpm = None
         if dpm:
-            self.dpm = dpm_out if dpm_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+            self.dpm = dpm_out if dpm_out is not None else self._result_array(self.dpm_shape)
         self.trust_map = None
         if self.passes:
-            self.trust_map = trust_out if trust_out is not None else np.zeros(self.dpm_shape, dtype=np.float32)
+            self.trust_map = trust_out if trust_out is not None else self._result_array(self.dpm_shape)
         self.planes = planes if planes is not None else list(np.ndindex(*[self.shape[i] for i in self.layout.plane_axes]))
         # A strip of tile rows [ka, kb) (for distributed work) also runs row ka-1 to rebuild the
         # overlap it shares with the strip above, so strips add up to exactly the whole-image result.
@@ -380,39 +422,81 @@ class RefocusJob:
         target[tuple(idx)] = value
 
     # -- the run -----------------------------------------------------------------------------------
-    def _open_sessions(self):
-        opts = self.provider_options
-        try:
-            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
-        except ModelError:
-            if self.precision != "fp16":
-                raise
-            self.session, self.provider = None, "cpu"  # the GPU did not start and the CPU refused the fp16 graph
-        if self.precision == "fp16" and self.provider not in _FP16_SHORT_NAMES:
-            msg = "The GPU provider did not start, so fp16 cannot run; continuing in fp32 on the CPU."
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            self.warnings.append(msg)
-            self.precision = "fp32"
-            self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
-            self.providers = ["CPUExecutionProvider"]
-            self.session, self.provider = get_session(self.generator_path, self.providers, self.threads, self.arena, opts)
-        self.dpm_session = None
-        if self.want_dpm:
-            self.dpm_session, _ = get_session(self.dpm_path, self.providers, self.threads, self.arena, opts)
+    def _candidates(self) -> list[tuple[str, list[str], dict | None]]:
+        """(precision, providers, provider options) to try in order: the asked-for precision on each
+        provider, then float32 on the same provider, then the next provider; CPU float32 last."""
+        req, out = self.requested_precision, []
+        for i, full in enumerate(self.providers):
+            tail = list(self.providers[i:])  # nodes the provider lacks go to the ones after it
+            if req == "fp16" and full in FP16_PROVIDERS:
+                out.append(("fp16", tail, None))
+            elif req == "bf16" and full == "OpenVINOExecutionProvider":
+                out.append(("bf16", tail, self.provider_options))
+                continue  # OpenVINO's fp32 is slower than the CPU provider's (measured ~15 %)
+            elif req == "int8":
+                out.append(("int8", tail, None))
+            out.append(("fp32", tail, None))
+        return out
 
-    def _generator_path(self, precision: str):
-        if precision in ("fp32", "bf16"):
-            return self.model.generator_path
+    def _open_sessions(self, start: int = 0, why: str | None = None):
+        """Open the generator (and DPM decoder) with the first candidate from ``start`` that starts.
+
+        Every candidate that fails adds its reason; when the one that runs is not the first asked
+        for, one warning says what failed and what runs instead.
+
+        Raises
+        ------
+        ModelError
+            When not even float32 on the CPU loads.
+        """
+        reasons = list(self._fallbacks) + ([why] if why else [])
+        self._fallbacks = []
+        last = None
+        for k in range(start, len(self._chain)):
+            prec, provs, opts = self._chain[k]
+            short = SHORT_NAMES.get(provs[0], provs[0])
+            try:
+                gpath, dpath = self._graph_paths(prec)
+                sess, used = get_session(gpath, provs, self.threads, self.arena, opts, fallback=False)
+                dsess = None
+                if self.want_dpm:
+                    dsess, dused = get_session(dpath, provs, self.threads, self.arena, opts, fallback=False)
+                    used = used if dused == used else dused
+                if PROVIDERS.get(used, used) != provs[0]:
+                    # onnxruntime drops a provider that fails to initialise (missing CUDA libraries) with a log line only.
+                    raise ModelError(f"{short} did not start (onnxruntime ran {used} instead)")
+            except Exception as exc:  # noqa: BLE001 - any failure of a precision or provider moves to the next
+                last = exc
+                reasons.append(f"{prec} on {short} could not start ({_one_line(exc)})")
+                continue
+            self._index = k
+            self.precision, self.providers, self.provider_options = prec, provs, opts
+            self.generator_path, self.dpm_path = gpath, dpath
+            self.session, self.dpm_session, self.provider = sess, dsess, used
+            if reasons:
+                where = "CPU" if used == "cpu" else used
+                also = f" in {prec}" if prec != self.requested_precision else ""
+                self._warn(f"{'; '.join(reasons)}; falling back to {where}{also}.")
+            return
+        if len(self._chain) == 1 and isinstance(last, ModelError):  # only the CPU was tried: its own words
+            raise last
+        raise ModelError(f"No precision or provider could run model {self.model.name}: {'; '.join(reasons)}.")
+
+    def _warn(self, msg: str) -> None:
+        """One warning, issued now and kept for front ends that collect them."""
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        self.announced.add(msg)
+        self.warnings.append(msg)
+
+    def _graph_paths(self, precision: str):
+        """The generator and DPM decoder files for ``precision`` (float16 copies are made here)."""
+        m = self.model
         if precision == "fp16":
-            return fp16_variant(self.model.generator_path)
+            gen = fp16_variant(m.generator_path)
+            return gen, (fp16_variant(m.dpm_path, feeds_from=m.generator_path) if self.want_dpm else m.dpm_path)
         if precision == "int8":
-            p = self.model.root / "generator.int8.onnx"
-            if not p.is_file():
-                raise InputError(
-                    f"Model {self.model.name} has no int8 variant; create it with 'deepr quantize {self.model.name}'."
-                )
-            return p
-        raise InputError(f"Unknown precision '{precision}'; use fp32, fp16, bf16 or int8.")
+            return m.root / "generator.int8.onnx", m.dpm_path
+        return m.generator_path, m.dpm_path
 
     def _check_stats(self, p, mean, std):
         """Refuse NaN/inf planes; constant planes are passed through unchanged (std would be 0)."""
@@ -428,34 +512,34 @@ class RefocusJob:
         names = [self.model.output_name]
         if self.want_dpm:
             names += list(self.model.feature_names)
+        stage = "generator"
         try:
             if self.io_binding:
-                return self._checked(x, *self._run_bound(x))
-            res = self.session.run(names, {self.model.input_name: x})
-        except ModelError:
-            raise
+                out, dpm = self._run_bound(x)
+            else:
+                res = self.session.run(names, {self.model.input_name: x})
+                out, dpm = res[0], None
+                if self.want_dpm:
+                    stage = "dpm"
+                    feeds = dict(zip(self.model.feature_names, res[1:], strict=True))
+                    dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
+            if self.precision != "fp32" and not (np.isfinite(out).all() and (dpm is None or np.isfinite(dpm).all())):
+                # Half precision overflows at 65504: a reduced-precision graph that does is a failure of
+                # that graph (float32 is tried next), not of the model.
+                raise FloatingPointError(f"the {self.precision} graph gave NaN or infinite values")
         except Exception as exc:
-            if self.provider == "cpu":
+            if self._index + 1 >= len(self._chain):
+                if stage == "dpm":
+                    raise ModelError(f"The DPM decoder of model {self.model.name} failed ({_one_line(exc)}).") from exc
                 raise ModelError(
                     f"Model {self.model.name} failed on a {x.shape[2]}×{x.shape[3]} tile ({_one_line(exc)}); "
                     "it may need a fixed input size or be broken."
                 ) from exc
-            msg = f"The {self.provider} provider failed while running ({str(exc).splitlines()[0][:160]}); continuing on CPU."
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            self.warnings.append(msg)
-            self.providers, self.provider_options, self.io_binding = ["CPUExecutionProvider"], None, False
-            if self.precision == "fp16":  # half-precision graphs are GPU-only
-                self.generator_path, self.dpm_path = self.model.generator_path, self.model.dpm_path
-            self._open_sessions()
+            self._open_sessions(self._index + 1, f"{self.precision} on {self.provider} failed while running ({_one_line(exc)})")
+            # IO binding and the pipeline stay only while a device other than the host runs the network.
+            if self.provider in ("cpu", "openvino"):
+                self.io_binding = False
             return self._run_network(x)
-        out = res[0]
-        dpm = None
-        if self.want_dpm:
-            feeds = dict(zip(self.model.feature_names, res[1:], strict=True))
-            try:
-                dpm = self.dpm_session.run(["dpm"] if "dpm" in _output_names(self.dpm_session) else None, feeds)[0]
-            except Exception as exc:
-                raise ModelError(f"The DPM decoder of model {self.model.name} failed ({_one_line(exc)}).") from exc
         return self._checked(x, out, dpm)
 
     def _checked(self, x, out, dpm):
@@ -702,6 +786,16 @@ class RefocusJob:
             self.output = self.output.astype(np.float64)
         return res
 
+    def _result_array(self, shape) -> np.ndarray:
+        """A zeroed float32 result: in memory, or on disk (an unlinked temporary file) when streaming."""
+        if not self.streaming:
+            return np.zeros(shape, dtype=np.float32)
+        import tempfile
+
+        # The file has no name (removed at once on POSIX): its space returns when the array is freed.
+        f = tempfile.TemporaryFile(prefix="deepr-result-")
+        return np.memmap(f, dtype=np.float32, mode="w+", shape=tuple(shape))
+
     def _scratch(self, shape) -> np.ndarray:
         """A float32 work array: in memory, or a temporary memmap when it would take over an eighth of free memory."""
         nbytes = 4 * math.prod(shape)
@@ -841,6 +935,7 @@ def refocus(
     resample: bool = True,
     force_modality: bool = False,
     trust: bool | int = False,
+    stream: bool | None = None,
 ):
     """Refocus a defocused image (2-D, stacks, channels, RGB; numpy, dask or zarr).
 
@@ -868,6 +963,9 @@ def refocus(
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
+    stream : bool, optional
+        Keep the results on disk (``numpy.memmap``) with the tile and memory bounded; default: when
+        they would take more than a quarter of free memory (:func:`should_stream`). False forces memory.
     precision : {"fp32", "fp16", "bf16", "int8"}
         ``bf16`` runs the float32 graphs in bfloat16 on CPUs with AVX512-BF16/AMX through onnxruntime's
         OpenVINO provider (``onnxruntime-openvino``; the model was trained under bf16 autocast);
@@ -900,13 +998,14 @@ def refocus(
     job = RefocusJob(
         image, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
         out=out, dpm_out=dpm_out, threads=threads, precision=precision, pixel_size_um=pixel_size_um,
-        resample=resample, force_modality=force_modality, trust=trust,
+        resample=resample, force_modality=force_modality, trust=trust, stream=stream,
     )
     for msg in job.notes:  # before the run: unknown pixel size, resampling, forced modality
         warnings.warn(msg, UserWarning, stacklevel=2)
     result = job.run(progress, cancel)
-    for msg in job.warnings:  # construction and run warnings, each once
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    for msg in dict.fromkeys(job.warnings):  # construction and run warnings, each once
+        if msg not in job.announced:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
 
 
@@ -928,15 +1027,95 @@ def available_memory() -> int:
     return 4 << 30
 
 
-def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int | None = None) -> int:
+#: Results (output, DPM, trust map) taking more than this share of free memory are streamed to disk.
+STREAM_MEMORY_FRACTION = 0.25
+#: A file whose results would take more than this is refocused disk to disk by the ``deepr`` command
+#: even when memory would hold them (a 5800² float32 plane): a whole slide then costs tiles, not its size.
+STREAM_FILE_BYTES = 128 << 20
+#: Activation bytes of one tile on the streaming path. Measured with the arena off: a 8192² uint16
+#: TIFF disk to disk peaks under 2 GB with the tile this allows (docs/PERFORMANCE.md).
+STREAM_TILE_BUDGET = 1 << 30
+
+
+def result_bytes(shape, n_maps: int = 0) -> int:
+    """Bytes of the float32 results of an input of ``shape``: the output and ``n_maps`` maps (over-counted for channels)."""
+    return 4 * math.prod(int(v) for v in shape) * (1 + n_maps)
+
+
+def should_stream(shape, n_maps: int = 0, *, input_bytes: int = 0, from_file: bool = False,
+                  free: int | None = None) -> bool:
+    """Whether refocusing an input of ``shape`` should stream its results to disk.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The input's shape.
+    n_maps : int
+        How many maps besides the output are asked for (DPM, trust map).
+    input_bytes : int
+        Bytes the input itself will take in memory (0 when it is already there or read lazily).
+    from_file : bool
+        The input is read from a file and the results go to one: then results of
+        :data:`STREAM_FILE_BYTES` or more stream even when memory would hold them.
+    free : int, optional
+        Free memory in bytes (default :func:`available_memory`).
+    """
+    need = result_bytes(shape, n_maps)
+    free = available_memory() if free is None else int(free)
+    if need + input_bytes > STREAM_MEMORY_FRACTION * free:
+        return True
+    return bool(from_file) and need >= STREAM_FILE_BYTES
+
+
+def auto_tile(card, batch: int = 1, budget_fraction: float = 0.25, memory: int | None = None,
+              budget_bytes: int | None = None) -> int:
     """The card's tile, shrunk (in multiples of the model's size multiple) to fit a quarter of free
-    memory (``memory`` bytes; default the host's available memory)."""
+    memory (``memory`` bytes; default the host's available memory), and ``budget_bytes`` when given
+    (the streaming path's bound on resident memory)."""
     tile = card.tile
     budget = (available_memory() if memory is None else memory) * budget_fraction
+    if budget_bytes is not None and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget_bytes:
+        # A hard bound: the largest multiple that fits (fewer tiles than halving would give).
+        fit = int(math.sqrt(budget_bytes / (batch * BYTES_PER_TILE_PIXEL))) // card.tile_multiple * card.tile_multiple
+        tile = max(4 * card.tile_multiple, min(tile, fit))
     while tile > 4 * card.tile_multiple and batch * tile * tile * BYTES_PER_TILE_PIXEL > budget:
         tile = max(4 * card.tile_multiple, (tile // 2) // card.tile_multiple * card.tile_multiple)
     return tile
 
+
+#: Largest default tile on a GPU: an untiled 8192² call fails on CUDA ("Resize: output pitch exceeds
+#: supported int range", H200, onnxruntime-gpu 1.31), and at 8192² tiles of up to 4096 were 4.9× faster
+#: than 2048 and 6.1× faster than 1024 (batch 4, same run).
+GPU_MAX_TILE = 4096
+
+
+def gpu_tile(card, image_hw: tuple[int, int], memory: int | None, batch: int | None = None,
+             budget_fraction: float = 0.25, most: int = GPU_MAX_TILE) -> int:
+    """Default tile side on a GPU provider, from the device's free memory and the image's size.
+
+    On a GPU each network call costs a fixed overhead, so fewer, larger tiles win (see
+    :data:`GPU_MAX_TILE`); the card's tile is a CPU-sized choice. The tile is the largest multiple of
+    the model's size multiple whose activations (``batch`` tiles, default 1; :data:`BYTES_PER_TILE_PIXEL`)
+    fit in ``budget_fraction`` of ``memory`` bytes, at most ``most``, and no larger than the image
+    needs: :func:`~napari_deepr.engine.tiling.plan_axis` then spreads the fewest tiles evenly.
+
+    Parameters
+    ----------
+    card : ModelCard
+    image_hw : (int, int)
+        Height and width of the plane at the model's sampling.
+    memory : int or None
+        Free device memory in bytes; None (unknown) keeps the card's tile.
+    """
+    mult = card.tile_multiple
+    if not memory:
+        return card.tile
+    per_tile = (batch or 1) * BYTES_PER_TILE_PIXEL
+    side = int(math.sqrt(memory * budget_fraction / per_tile)) // mult * mult
+    side = max(4 * mult, min(side, most // mult * mult))
+    # An image smaller than that runs as one tile of its own (padded) size.
+    need = -(-(max(image_hw) + 2 * card.halo) // mult) * mult
+    return min(side, need)
 
 
 def auto_batch(tile: int, memory: int, budget_fraction: float = 0.25, most: int = 4) -> int:
@@ -1106,4 +1285,4 @@ def megapixels(shape, axes: str) -> float:
     return math.prod(s for s, a in zip(shape, axes, strict=True) if a not in "CS") / 1e6
 
 
-__all__ = ["Progress", "RefocusJob", "guess_axes", "megapixels", "refocus", "result_shapes"]
+__all__ = ["Progress", "RefocusJob", "guess_axes", "megapixels", "refocus", "result_shapes", "should_stream"]
