@@ -223,7 +223,6 @@ OPTIONS = {
     "threads_float": (["--threads", "1.5"], "out.tif", "not a number"),
     "precision_bogus": (["--precision", "fp8"], "out.tif", "precision"),
     "precision_int8_missing": (["--precision", "int8"], "out.tif", "int8"),
-    "precision_fp16_on_cpu": (["--precision", "fp16"], "out.tif", "fp16"),
     "axes_bad_letters": (["--axes", "QQ"], "out.tif", "axes"),
     "axes_too_many": (["--axes", "ZYX"], "out.tif", "axes"),
     "axes_repeated": (["--axes", "YY"], "out.tif", "axes"),
