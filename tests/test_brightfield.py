@@ -154,3 +154,21 @@ def test_random_brightfield_pair_contract_and_reproducibility():
     assert z == 6.0
     grad = lambda a: float(np.mean(np.abs(np.diff(a, axis=-1))))  # noqa: E731
     assert grad(y) > 1.5 * grad(x)
+
+
+def test_weak_object_transfer_predicts_the_abbe_image_of_a_weak_object():
+    from napari_deepr.optics.brightfield import weak_object_transfer
+
+    rng = np.random.default_rng(7)
+    eps = ndimage.gaussian_filter(rng.standard_normal((64, 64)), 1.5, mode="wrap")
+    phi = ndimage.gaussian_filter(rng.standard_normal((64, 64)), 1.5, mode="wrap")
+    eps *= 0.005 / eps.std()
+    phi *= 0.005 / phi.std()
+    kw = dict(na=0.75, wavelength_um=0.55, pixel_size_um=0.325, condenser_na=0.45, source_step=0.25)
+    for z in (-4.0, 0.0, 3.0):
+        img = abbe_intensity(1 + eps + 1j * phi, z, pad=0, cell_average=False, **kw)
+        h_e, h_p = weak_object_transfer((64, 64), z, **kw)
+        lin = 1 + np.fft.ifft2(h_e * np.fft.fft2(eps) + h_p * np.fft.fft2(phi)).real
+        assert np.sqrt(((img - lin) ** 2).mean()) < 0.03 * (img - 1).std()
+    h_e, h_p = weak_object_transfer((64, 64), 0.0, **kw)
+    assert np.abs(h_p).max() < 1e-12 and h_e[0, 1].real == pytest.approx(2.0)

@@ -75,6 +75,7 @@ __all__ = [
     "stained_section",
     "stains_to_od",
     "stains_to_rgb",
+    "weak_object_transfer",
 ]
 
 #: Wavelengths (µm) at which the R, G and B channels of a colour camera are imaged.
@@ -504,3 +505,53 @@ def random_brightfield_pair(
     if quantize:
         noisy = np.clip(np.rint(noisy), 0, 255)
     return noisy.astype(np.float32), (target * balance[:, None, None]).astype(np.float32), z
+
+
+def weak_object_transfer(
+    shape: tuple[int, int],
+    z_um: float,
+    *,
+    na: float,
+    wavelength_um: float,
+    pixel_size_um: float,
+    immersion_index: float = 1.0,
+    condenser_na: float,
+    source_step: float = 0.25,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Transfer functions of a weak object under the same partially coherent illumination.
+
+    For ``t = 1 + ε(x) + iφ(x)`` with small real ``ε`` (amplitude) and ``φ`` (phase), the image is,
+    to first order, ``I = 1 + F⁻¹{H_ε Ê + H_φ Φ̂}`` with (θ the defocus phase of
+    :func:`abbe_intensity`, the mean over condenser points ``s``)::
+
+        H_ε(f) = ⟨P(f+f_s) e^{i[θ(f+f_s)-θ(f_s)]} + P(f_s-f) e^{-i[θ(f_s-f)-θ(f_s)]}⟩_s
+        H_φ(f) = i ⟨P(f+f_s) e^{i[θ(f+f_s)-θ(f_s)]} - P(f_s-f) e^{-i[θ(f_s-f)-θ(f_s)]}⟩_s
+
+    At focus with a symmetric condenser ``H_φ = 0`` (a weak phase object is invisible) and ``H_ε = 2``
+    inside the coherent pass band. Used to estimate a specimen's phase from two defocused planes
+    (``scripts/brightfield_vs_real.py``). No condenser-cell averaging (exact for the sampled points).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Complex ``H_ε`` and ``H_φ`` on the ``numpy.fft.fftfreq`` grid of ``shape``.
+    """
+    lam, n = float(wavelength_um), float(immersion_index)
+    fy = sfft.fftfreq(shape[0], d=pixel_size_um)[:, None]
+    fx = sfft.fftfreq(shape[1], d=pixel_size_um)[None, :]
+    fc2 = (na / lam) ** 2
+    k2 = (n / lam) ** 2
+
+    def theta(gy, gx):
+        return -2 * np.pi * z_um * np.sqrt(np.clip(k2 - gy**2 - gx**2, 0, None))
+
+    src = condenser_points(na, lam, condenser_na, source_step)
+    h_e = np.zeros(shape, complex)
+    h_p = np.zeros(shape, complex)
+    for sy, sx in src:
+        t0 = theta(sy, sx)
+        plus = ((fy + sy) ** 2 + (fx + sx) ** 2 <= fc2) * np.exp(1j * (theta(fy + sy, fx + sx) - t0))
+        minus = ((sy - fy) ** 2 + (sx - fx) ** 2 <= fc2) * np.exp(-1j * (theta(sy - fy, sx - fx) - t0))
+        h_e += plus + minus
+        h_p += 1j * (plus - minus)
+    return h_e / len(src), h_p / len(src)
