@@ -437,7 +437,7 @@ class SyntheticSource(Source):
         self.range_um = float(np.abs(z_arr).max())
         # One test call validates the options with a clear message before any worker starts.
         try:
-            x, y, _ = _generate(self.kwargs, self.real, np.random.default_rng([seed, 10**6]), self.generator)
+            x, y, _ = self._make(self.kwargs, self.real, np.random.default_rng([seed, 10**6]))
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"The synthetic dataset options are invalid: {str(exc).splitlines()[0]}") from exc
         if x.shape[-2:] != (self.patch, self.patch) or y.shape != x.shape:
@@ -511,6 +511,13 @@ class SyntheticSource(Source):
             },
         }
 
+    def _make(self, kwargs: dict, real, rng):
+        # The fluorescence generator is called with the historical three arguments (tests replace
+        # _generate with a three-argument stand-in); others name themselves.
+        if self.generator == "random_training_pair":
+            return _generate(kwargs, real, rng)
+        return _generate(kwargs, real, rng, self.generator)
+
     def _drain(self, block_for: int = 0) -> None:
         if self._queue is None:
             return
@@ -533,7 +540,7 @@ class SyntheticSource(Source):
 
     def _take(self, rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
         if self.workers <= 0:
-            return [_generate(self.kwargs, self.real, self._rng_sync, self.generator) for _ in range(n)]
+            return [self._make(self.kwargs, self.real, self._rng_sync) for _ in range(n)]
         need = max(0, min(n, 2 * n - len(self.buffer)) - len(self.fresh))
         self._drain(block_for=need)
         out = self.fresh[:n]
@@ -567,7 +574,7 @@ class SyntheticSource(Source):
             for i in range(self.val_pairs):
                 # A degenerate range (z, z) pins the defocus, spreading validation evenly over z.
                 kw = dict(self.kwargs, z_range_um=(float(zs_plan[i]), float(zs_plan[i])))
-                x, y, z = _generate(kw, self.real, rng, self.generator)
+                x, y, z = self._make(kw, self.real, rng)
                 xs.append(zscore(x))
                 ys.append(zscore(y))
                 zs.append(z)
