@@ -165,7 +165,7 @@ def cmd_refocus(args) -> int:
     }
     axes = (args.axes or img.axes).upper()
     output = job.output
-    if job.layout.rgb_axis is not None:  # RGB: back in the input's dtype and range (clipped)
+    if job.layout.rgb_axis is not None or job.modality.image == "rgb":  # RGB: input's dtype and range (clipped)
         output = to_input_range(output, img.data.dtype)
         meta["intensity"] += f"; RGB clipped to the {np.dtype(img.data.dtype).name} range"
     io.write_image(out_path, output, axes=axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=meta,
@@ -365,14 +365,23 @@ def cmd_quantize(args) -> int:
 
 # -- demo (the README's main job) -------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
+    from .demo import NO_BRIGHTFIELD_MODEL, find_brightfield_model, run_brightfield_demo, run_demo
+    from .engine.domain import model_modality
     from .engine.model import load_model
 
     _check_folder_target(args.output)
-    load_model(args.model)  # refused before the output folder is created
-    out = run_demo(args.output, model=args.model, provider=args.provider)
-    for k, v in out.items():
+    chosen = load_model(args.model)  # refused before the output folder is created
+
+    if model_modality(chosen.card) != ("brightfield", "rgb"):  # an RGB model gets only the RGB case
+        out = run_demo(args.output, model=args.model, provider=args.provider)
+        for k, v in out.items():
+            print(f"{k:>12}: {v}")
+    bf = chosen if model_modality(chosen.card) == ("brightfield", "rgb") else find_brightfield_model()
+    if bf is None:
+        print(f"{'brightfield':>12}: {NO_BRIGHTFIELD_MODEL}")
+        return 0
+    print(f"{'brightfield':>12}: {bf.card.name}, simulated H&E field at +6 µm")
+    for k, v in run_brightfield_demo(Path(args.output) / "brightfield", bf, provider=args.provider).items():
         print(f"{k:>12}: {v}")
     return 0
 
@@ -512,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calibration-tiles", type=_positive_int, default=64)
     qz.add_argument("--json", help="also write the measurement here")
 
-    d = sub.add_parser("demo", help="refocus the bundled tilted sample: image, DPM and comparison PNG")
+    d = sub.add_parser("demo", help="refocus the bundled tilted sample (and, with a brightfield model installed, "
+                                    "a simulated H&E field): images, DPM and comparison PNGs")
     d.add_argument("-o", "--output", default="deepr_quickstart")
     d.add_argument("--model", default="default")
     d.add_argument("--provider", action="append")

@@ -36,10 +36,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.domain import preflight
+from ..engine.domain import model_for_image, preflight
 from ..engine.dpm import dpm_geometry, out_of_range_mask
 from ..engine.trust import trusted_fraction
-from ..engine.model import list_models, load_model
+from ..engine.model import DEFAULT_MODEL, list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
 from ..engine.refocus import RefocusJob, available_memory, result_shapes
@@ -220,6 +220,8 @@ class RefocusWidget(QWidget):
         self._dpm_display = None  # derived DPM shown when the engine's DPM has a colour axis
         self._fit_source = None
         self._last_model_index = 0
+        # Until the user picks a model, the picker follows the layer: RGB → brightfield, gray → fluorescence.
+        self._model_chosen = False
         self._build_ui()
         self._connect_viewer()
         self.refresh_models()
@@ -361,6 +363,7 @@ class RefocusWidget(QWidget):
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
         self.model_combo.currentIndexChanged.connect(self._on_model_index)
+        self.layer_combo.currentIndexChanged.connect(self._match_model_to_layer)
         self.layer_combo.currentIndexChanged.connect(self._update_checks)
 
     def _connect_viewer(self) -> None:
@@ -396,7 +399,33 @@ class RefocusWidget(QWidget):
             if idx >= 0:
                 self.layer_combo.setCurrentIndex(idx)
         self.layer_combo.blockSignals(False)
+        self._match_model_to_layer()
         self._update_checks()
+
+    def _match_model_to_layer(self, *_) -> None:
+        """Choose the installed model whose card fits the layer (RGB → brightfield RGB, gray →
+        fluorescence), unless the user has chosen one; none fitting keeps the default model."""
+        layer = self.selected_layer()
+        if self._model_chosen or layer is None or not hasattr(self, "model_combo") or self.worker is not None:
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                models = list_models()
+        except DeepRError:
+            return
+        m = model_for_image("rgb" if getattr(layer, "rgb", False) else "minisblack", models, DEFAULT_MODEL)
+        if m is None:
+            return
+        path = m.root if m.root.joinpath("generator.onnx") == m.generator_path else m.generator_path
+        idx = self.model_combo.findData(str(path))
+        if idx < 0 or idx == self.model_combo.currentIndex():
+            return
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentIndex(idx)
+        self.model_combo.blockSignals(False)
+        self._last_model_index = idx
+        self._on_model_changed()
 
     def _on_inserted(self, event) -> None:
         event.value.events.name.connect(lambda e: self.refresh_layers())
@@ -447,11 +476,14 @@ class RefocusWidget(QWidget):
 
     def models_changed(self, selected: Path | None) -> None:
         """Called when a model is registered elsewhere (training widget, another refocus widget)."""
+        if selected is not None:
+            self._model_chosen = True  # a model just trained or added is the one wanted
         self.refresh_models(select=selected)
 
     def set_model(self, path: str | Path) -> None:
         """Add a model folder or ``.onnx`` file to the picker and choose it."""
         register_model(path, select=False)
+        self._model_chosen = True
         self.refresh_models(select=Path(path).expanduser().resolve())
 
     def _on_model_index(self, index: int) -> None:
@@ -469,6 +501,7 @@ class RefocusWidget(QWidget):
                 self.model_combo.blockSignals(False)
             return
         self._last_model_index = index
+        self._model_chosen = True  # the user picked it: layer changes no longer switch models
         self._on_model_changed()
 
     def selected_model(self):

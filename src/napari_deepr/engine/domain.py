@@ -306,6 +306,34 @@ def check_modality(card, shape, axes: str, *, force: bool = False, name: str | N
     )
 
 
+def model_for_image(photometric: str, models, default_name: str | None = None):
+    """The model that fits an image's photometry: RGB → a brightfield RGB model, gray → fluorescence.
+
+    Parameters
+    ----------
+    photometric : {"rgb", "minisblack"}
+        The image's photometry (:func:`image_photometric`; a napari layer's ``rgb`` flag).
+    models : sequence
+        Candidate models (objects with a ``card``), e.g. :func:`napari_deepr.engine.model.list_models`.
+    default_name : str, optional
+        Name of the default model, preferred among equally fitting ones and returned when none fits.
+
+    Returns
+    -------
+    object or None
+        The first fitting model (the default first when it fits), else the default model when it is
+        among ``models``, else None.
+    """
+    want = ("brightfield", "rgb") if str(photometric).lower() == "rgb" else ("fluorescence", "minisblack")
+    models = list(models)
+    default = next((m for m in models if default_name and m.card.name == default_name), None)
+    ordered = ([default] if default is not None else []) + [m for m in models if m is not default]
+    for m in ordered:
+        if model_modality(m.card) == want:
+            return m
+    return default
+
+
 def to_input_range(output, dtype):
     """An RGB output in the input's dtype: clipped to its range (integers are rounded)."""
     dtype = np.dtype(dtype)
@@ -320,7 +348,7 @@ def to_input_range(output, dtype):
 
 __all__ = [
     "DEFAULT_RATIO_RANGE", "Modality", "SCALE_TOLERANCE", "Sampling", "check_modality", "check_pixel_size",
-    "image_photometric", "model_modality", "preflight", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
+    "image_photometric", "model_for_image", "model_modality", "preflight", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
     "to_input_range",
 ]
 

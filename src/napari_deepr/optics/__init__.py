@@ -3,6 +3,7 @@
 Qt-free and torch-free; see ``docs/ARCHITECTURE.md``.
 """
 
+from .brightfield import random_brightfield_pair, stained_section
 from .psf import (
     OPTICS_20X_075,
     OPTICS_40X_095,
@@ -39,10 +40,12 @@ __all__ = [
     "defocus_psf",
     "make_specimen",
     "psf_size",
+    "random_brightfield_pair",
     "random_surface_dpm",
     "random_training_pair",
     "simulate_stack",
     "sphere_dpm",
+    "stained_section",
     "tilt_dpm",
     "write_psf_bank",
     "write_sample_set",

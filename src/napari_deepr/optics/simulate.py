@@ -31,7 +31,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-from .psf import OPTICS_20X_075, Optics, blur_radius_um, defocus_psf, psf_size
+from .psf import OPTICS_20X_075, Optics, defocus_psf, psf_size
 from .specimens import SPECIMEN_KINDS, make_specimen
 
 __all__ = [
@@ -560,28 +560,27 @@ def brightfield(
     phase_rad: np.ndarray | None = None,
     condenser_na: float | None = None,
     source_step: float = 0.25,
+    cell_average: bool = True,
     photons: float = 2000.0,
     read_noise: float = 2.0,
     offset: float = 100.0,
     rng: np.random.Generator | int | None = None,
     noise: bool = True,
 ) -> np.ndarray:
-    """Partially coherent brightfield image of a thin specimen (Abbe source-point summation).
+    """Partially coherent brightfield image of a thin specimen at one wavelength (Abbe summation).
 
-    What it models: Köhler illumination by a uniform, incoherent circular condenser of
-    ``condenser_na`` (default 0.7 × objective NA), a thin specimen with complex transmittance
-    ``t = 10^(-A/2) · exp(iφ)`` (``A`` the optical density, ``φ`` the phase delay), an ideal
-    objective pupil of radius NA/λ and free-space angular-spectrum defocus in the immersion medium.
-    Each condenser point is a tilted plane wave; the image is the incoherent sum of the coherent
-    images, ``I_z = Σ_s |F⁻¹{T(f) P(f + f_s) exp(i 2π z (√((n/λ)² − |f + f_s|²) − n/λ))}|²``.
-    This reproduces the hallmark of brightfield defocus: an absorber is sharpest at focus, while a
-    weak phase object (unstained cells) has almost no contrast at focus and reverses contrast
-    between ``-z`` and ``+z``.
+    What it models (details in :mod:`napari_deepr.optics.brightfield`): Köhler illumination by a
+    uniform, incoherent circular condenser of ``condenser_na`` (default 0.7 × objective NA), a thin
+    specimen with complex transmittance ``t = 10^(-A/2) · exp(iφ)`` (``A`` the optical density,
+    ``φ`` the phase delay), an ideal objective pupil of radius NA/λ and angular-spectrum defocus in
+    the immersion medium, with the project's sign (``z > 0``: focal plane beyond the specimen, seen
+    from the objective). An absorber is sharpest at focus; a weak phase object (unstained cells)
+    has almost no contrast at focus and reverses contrast between ``-z`` and ``+z`` (a cell denser
+    than its medium is bright at ``z < 0``, dark at ``z > 0``).
 
-    What it does not model: thick or multiply scattering specimens (the sample is a single thin
-    layer), polarisation (scalar optics), objective aberrations, colour (one wavelength; call it
-    per channel for RGB), camera colour filters, and condenser misalignment. It is meant for tests
-    and data augmentation, not as a quantitative phase-imaging forward model.
+    What it does not model: thick or multiply scattering specimens, polarisation, objective
+    aberrations, colour (one wavelength; :func:`napari_deepr.optics.brightfield.stained_section`
+    images each colour channel at its own wavelength), and condenser misalignment.
 
     Parameters
     ----------
@@ -598,6 +597,9 @@ def brightfield(
     source_step : float
         Spacing of condenser points in units of ``NA_objective / λ``; 0.25 gives ~25 points for
         the default condenser.
+    cell_average : bool
+        Each condenser point stands for its grid cell (removes most of a coarse grid's ghosting at
+        large defocus; see :func:`napari_deepr.optics.brightfield.abbe_intensity`).
     photons : float
         Photons per pixel of the clear background (exposure).
     read_noise, offset, rng, noise
@@ -609,39 +611,20 @@ def brightfield(
     numpy.ndarray
         uint16 (or float32 relative intensity) image, or a ``(Z, Y, X)`` stack for a sequence.
     """
+    from .brightfield import abbe_intensity
+
     optics = OPTICS_20X_075 if optics is None else optics
     a = np.asarray(absorbance, dtype=np.float64)
     phi = np.zeros_like(a) if phase_rad is None else np.asarray(phase_rad, dtype=np.float64)
     if phi.shape != a.shape or a.ndim != 2:
         raise ValueError("absorbance and phase_rad must be 2-D arrays of the same shape.")
     na_c = 0.7 * optics.na if condenser_na is None else float(condenser_na)
-    lam, n, px = optics.wavelength_um, optics.immersion_index, optics.pixel_size_um
-    zs = np.atleast_1d(np.asarray(z_um, dtype=float))
-    half = math.ceil(blur_radius_um(float(np.abs(zs).max()), optics) * 1.3 / px) + 4
-    h, w = a.shape
-    fshape = (sfft.next_fast_len(h + 2 * half), sfft.next_fast_len(w + 2 * half))
-    pad = ((half, fshape[0] - h - half), (half, fshape[1] - w - half))
-    t = np.pad(np.exp(-a * np.log(10) / 2 + 1j * phi), pad, mode="reflect")
-    T = sfft.fft2(t)
-    fy = sfft.fftfreq(fshape[0], d=px)[:, None]
-    fx = sfft.fftfreq(fshape[1], d=px)[None, :]
-    fc = optics.na / lam
-    g = np.arange(-1.0, 1.0 + 1e-9, source_step) * fc
-    src = [(sy, sx) for sy in g for sx in g if sy**2 + sx**2 <= (na_c / lam) ** 2 + 1e-12]
-    if not src:
-        src = [(0.0, 0.0)]
-    out = []
-    for z in zs:
-        acc = np.zeros(fshape)
-        for sy, sx in src:
-            fyy, fxx = fy + sy, fx + sx
-            f2 = fyy**2 + fxx**2
-            pupil = f2 <= fc**2
-            kz = np.sqrt(np.clip((n / lam) ** 2 - f2, 0, None)) - n / lam
-            field = sfft.ifft2(T * pupil * np.exp(2j * np.pi * z * kz))
-            acc += np.abs(field) ** 2
-        out.append(acc[half : half + h, half : half + w] / len(src))
-    rel = np.stack(out)
+    rel = abbe_intensity(
+        10.0 ** (-a / 2) * np.exp(1j * phi), np.atleast_1d(np.asarray(z_um, dtype=float)), na=optics.na,
+        wavelength_um=optics.wavelength_um, pixel_size_um=optics.pixel_size_um,
+        immersion_index=optics.immersion_index, condenser_na=na_c, source_step=source_step,
+        cell_average=cell_average,
+    )
     if noise:
         res = camera(photons * rel, read_noise=read_noise, offset=offset, rng=rng)
     else:

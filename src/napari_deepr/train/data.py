@@ -7,14 +7,17 @@ Two sources give the trainer the same thing, batches of ``(input, target, z_um)`
   pairs from the validation fields (split by field of view when the dataset was built). Stored
   patches larger than the training patch are randomly cropped.
 * :class:`SyntheticSource` -- pairs simulated on the fly by
-  ``napari_deepr.optics.simulate.random_training_pair(rng, patch=..., z_range_um=..., real_images=...)``,
+  ``napari_deepr.optics.simulate.random_training_pair(rng, patch=..., z_range_um=..., real_images=...)``
+  (one gray channel, fluorescence) or, with ``"generator": "random_brightfield_pair"``, by
+  ``napari_deepr.optics.brightfield.random_brightfield_pair`` (three RGB channels, brightfield),
   selected by a JSON file ``{"synthetic": {...keyword arguments..., "real_images_dir": "..."}}``.
   Background worker processes fill a buffer that the trainer samples from, so simulation and
   training overlap. A fixed validation set is simulated once from its own seed.
 
 Every training pair gets one of the 8 flips/rotations of the square (the same for input and target)
 and each image is z-scored by its own statistics (input by the input's mean and std, target by the
-target's), as in the paper. Validation pairs are z-scored but not augmented.
+target's), as in the paper; a multi-channel (RGB) image is z-scored channel by channel, as the engine
+normalizes it at inference. Validation pairs are z-scored but not augmented.
 """
 
 from __future__ import annotations
@@ -42,11 +45,22 @@ class DatasetError(DeepRError):
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
-    """Zero-mean, unit-variance copy of ``image`` as float32 (flat images become zeros)."""
+    """Zero-mean, unit-variance copy of ``image`` as float32 (flat images become zeros).
+
+    A ``(C, H, W)`` image is normalized per channel (the engine's per-channel statistics).
+    """
     a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3:
+        return np.stack([zscore(c) for c in a])
     m = float(a.mean())
     s = float(a.std())
     return ((a - m) / (s if s > 1e-6 else 1.0)).astype(np.float32, copy=False)
+
+
+def _nchw(images: list) -> np.ndarray:
+    """Stack ``(H, W)`` or ``(C, H, W)`` images into ``[N, C, H, W]``."""
+    out = np.stack(images)
+    return out[:, None] if out.ndim == 3 else out
 
 
 def d4(image: np.ndarray, k: int) -> np.ndarray:
@@ -108,6 +122,7 @@ class Source(abc.ABC):
 
     info: dict
     patch: int
+    channels: int = 1
 
     @abc.abstractmethod
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,7 +239,7 @@ class PairsSource(Source):
             xs.append(zscore(d4(x, k)))
             ys.append(zscore(d4(y, k)))
             zs.append(z)
-        return np.stack(xs)[:, None], np.stack(ys)[:, None], np.asarray(zs, np.float32)
+        return _nchw(xs), _nchw(ys), np.asarray(zs, np.float32)
 
     def validation(self):
         """See :meth:`Source.validation`."""
@@ -234,21 +249,24 @@ class PairsSource(Source):
             xs.append(zscore(x))
             ys.append(zscore(y))
             zs.append(z)
-        return np.stack(xs)[:, None], np.stack(ys)[:, None], np.asarray(zs, np.float32)
+        return _nchw(xs), _nchw(ys), np.asarray(zs, np.float32)
 
 
 # ----------------------------------------------------------------------------- synthetic
-def load_real_images(folder: str | os.PathLike) -> list[np.ndarray]:
+def load_real_images(folder: str | os.PathLike, rgb: bool = False) -> list[np.ndarray]:
     """In-focus 2-D images from a folder for the simulator (``real_images=``).
 
     Each TIFF gives one float32 ``(Y, X)`` image: 2-D images as they are, RGB (brightfield) images as
     the inverted mean over colour samples (bright where stained), z-stacks as their sharpest plane
-    (highest normalized variance).
+    (highest normalized variance). With ``rgb`` only RGB images are used, as ``(Y, X, 3)`` arrays
+    (the brightfield simulator colour-deconvolves them into stain amounts).
 
     Parameters
     ----------
     folder : path
         Folder with TIFF files (not recursive).
+    rgb : bool
+        Keep only RGB images, in colour.
 
     Returns
     -------
@@ -266,6 +284,13 @@ def load_real_images(folder: str | os.PathLike) -> list[np.ndarray]:
         img = read_image(f)
         a = np.asarray(img.data, dtype=np.float32)
         axes = img.axes
+        if rgb:
+            if "S" not in axes or a.shape[axes.index("S")] not in (3, 4) or a.ndim != 3:
+                continue
+            a = np.moveaxis(a, axes.index("S"), -1)[..., :3]
+            if min(a.shape[:2]) >= 32:
+                out.append(np.ascontiguousarray(a))
+            continue
         if "S" in axes:
             # Brightfield RGB: absorbance-like density (inverted mean), bright where stained.
             a = a.mean(axis=axes.index("S"))
@@ -281,8 +306,17 @@ def load_real_images(folder: str | os.PathLike) -> list[np.ndarray]:
         if min(a.shape) >= 32:
             out.append(np.ascontiguousarray(a))
     if not out:
-        raise DatasetError(f"The real-images folder {p} holds no usable TIFF image.")
+        kind = "RGB TIFF image" if rgb else "TIFF image"
+        raise DatasetError(f"The real-images folder {p} holds no usable {kind}.")
     return out
+
+
+#: Pair generators a synthetic dataset may name (``"generator"``), with the module that holds them
+#: and whether their real images are RGB.
+GENERATORS = {
+    "random_training_pair": ("simulate", False),
+    "random_brightfield_pair": ("brightfield", True),
+}
 
 
 def _simulator():
@@ -295,8 +329,24 @@ def _simulator():
     return simulate
 
 
-def _generate(kwargs: dict, real: list | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    fn = _simulator().random_training_pair
+def _pair_fn(name: str):
+    """The pair generator called ``name`` (see :data:`GENERATORS`)."""
+    if name not in GENERATORS:
+        raise DatasetError(f"Unknown synthetic generator {name!r}; use one of {', '.join(GENERATORS)}.")
+    if GENERATORS[name][0] == "simulate":
+        return getattr(_simulator(), name)
+    import importlib
+
+    try:  # (``optics.brightfield`` as an attribute is the one-wavelength function, hence the module path)
+        module = importlib.import_module("napari_deepr.optics.brightfield")
+    except ImportError as exc:
+        raise DatasetError(f"The brightfield data source needs napari_deepr.optics.brightfield ({exc}).") from exc
+    return getattr(module, name)
+
+
+def _generate(kwargs: dict, real: list | None, rng: np.random.Generator,
+              generator: str = "random_training_pair") -> tuple[np.ndarray, np.ndarray, float]:
+    fn = _pair_fn(generator)
     if real is not None:
         kwargs = dict(kwargs, real_images=real)
     x, y, z = fn(rng, **kwargs)
@@ -305,7 +355,8 @@ def _generate(kwargs: dict, real: list | None, rng: np.random.Generator) -> tupl
     return np.asarray(x, np.float32), np.asarray(y, np.float32), z
 
 
-def _worker(kwargs: dict, real_dir: str | None, seed: list[int], out: Any, stop: Any) -> None:
+def _worker(kwargs: dict, real_dir: str | None, seed: list[int], out: Any, stop: Any,
+            generator: str = "random_training_pair") -> None:
     """Background process: simulate pairs forever into ``out`` until ``stop`` is set."""
     # A forked worker inherits the trainer's stop handlers: restore plain termination, and leave
     # Ctrl-C to the trainer (which stops the workers itself).
@@ -313,9 +364,9 @@ def _worker(kwargs: dict, real_dir: str | None, seed: list[int], out: Any, stop:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(seed)
-    real = load_real_images(real_dir) if real_dir else None
+    real = load_real_images(real_dir, rgb=GENERATORS[generator][1]) if real_dir else None
     while not stop.is_set():
-        pair = _generate(kwargs, real, rng)
+        pair = _generate(kwargs, real, rng, generator)
         while not stop.is_set():
             try:
                 out.put(pair, timeout=0.2)
@@ -330,10 +381,11 @@ class SyntheticSource(Source):
     Parameters
     ----------
     spec : dict
-        The ``"synthetic"`` object of the dataset JSON: keyword arguments of
-        ``random_training_pair`` plus the trainer's own keys ``real_images_dir`` (folder of in-focus
-        images passed as ``real_images``), ``validation_pairs`` (default 48) and
-        ``validation_seed``. ``patch`` is set by the trainer.
+        The ``"synthetic"`` object of the dataset JSON: keyword arguments of the pair generator plus
+        the trainer's own keys ``generator`` (``random_training_pair``, the default, or
+        ``random_brightfield_pair`` for RGB brightfield), ``real_images_dir`` (folder of in-focus
+        images passed as ``real_images``; only its RGB images for brightfield), ``validation_pairs``
+        (default 48) and ``validation_seed``. ``patch`` is set by the trainer.
     patch : int
         Patch side (multiple of 32).
     seed : int
@@ -349,11 +401,13 @@ class SyntheticSource(Source):
         Folder that relative ``real_images_dir`` paths are resolved against.
     """
 
-    OWN_KEYS = ("real_images_dir", "validation_pairs", "validation_seed", "name", "description")
+    OWN_KEYS = ("real_images_dir", "validation_pairs", "validation_seed", "name", "description", "generator")
 
     def __init__(self, spec: dict, patch: int, seed: int = 0, workers: int = 1, buffer: int = 256,
                  restart: int = 0, base_dir: str | os.PathLike | None = None) -> None:
-        simulate = _simulator()
+        self.generator = str(spec.get("generator") or "random_training_pair")
+        pair_fn = _pair_fn(self.generator)
+        rgb_real = GENERATORS[self.generator][1]
         if patch % 32:
             raise DatasetError(f"The training patch ({patch} px) must be a multiple of 32.")
         self.patch = int(patch)
@@ -362,16 +416,16 @@ class SyntheticSource(Source):
         optics = _optics_from_spec(self.kwargs.get("optics"))
         if optics is not None:
             self.kwargs["optics"] = optics
-        params = inspect.signature(simulate.random_training_pair).parameters
+        params = inspect.signature(pair_fn).parameters
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         unknown = [k for k in self.kwargs if k not in params and not accepts_any]
         if unknown:
-            raise DatasetError(f"random_training_pair does not accept the option(s) {', '.join(unknown)}.")
+            raise DatasetError(f"{self.generator} does not accept the option(s) {', '.join(unknown)}.")
         real_dir = spec.get("real_images_dir")
         if real_dir and base_dir is not None and not Path(real_dir).is_absolute():
             real_dir = str((Path(base_dir) / real_dir).resolve())
         self.real_dir = real_dir
-        self.real = load_real_images(real_dir) if real_dir else None
+        self.real = load_real_images(real_dir, rgb=rgb_real) if real_dir else None
         z_range = self.kwargs.get("z_range_um", params["z_range_um"].default if "z_range_um" in params else 5.0)
         if z_range is inspect.Parameter.empty:
             raise DatasetError("The synthetic dataset needs z_range_um.")
@@ -383,13 +437,14 @@ class SyntheticSource(Source):
         self.range_um = float(np.abs(z_arr).max())
         # One test call validates the options with a clear message before any worker starts.
         try:
-            x, y, _ = _generate(self.kwargs, self.real, np.random.default_rng([seed, 10**6]))
+            x, y, _ = self._make(self.kwargs, self.real, np.random.default_rng([seed, 10**6]))
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"The synthetic dataset options are invalid: {str(exc).splitlines()[0]}") from exc
         if x.shape[-2:] != (self.patch, self.patch) or y.shape != x.shape:
             raise DatasetError(
-                f"random_training_pair returned {x.shape} images for a {self.patch}-px patch."
+                f"{self.generator} returned {x.shape} images for a {self.patch}-px patch."
             )
+        self.channels = int(x.shape[0]) if x.ndim == 3 else 1
         self.seed = seed
         self.workers = int(workers)
         self.buffer_size = max(int(buffer), 8)
@@ -409,7 +464,7 @@ class SyntheticSource(Source):
             for w in range(self.workers):
                 proc = ctx.Process(
                     target=_worker,
-                    args=(self.kwargs, self.real_dir, [seed, w, restart], self._queue, self._stop),
+                    args=(self.kwargs, self.real_dir, [seed, w, restart], self._queue, self._stop, self.generator),
                     daemon=True,
                 )
                 proc.start()
@@ -424,22 +479,44 @@ class SyntheticSource(Source):
             "wavelength_um": round(float(np.mean(wl_range)), 4) if wl_range is not None else base.wavelength_um,
             "wavelength_range_um": list(wl_range) if wl_range is not None else None,
         }
+        dpm_sign = "positive = focal plane above the sample (stage too high)"
+        sign_meaningful = bool(getattr(base, "aberrated", False))
+        module = GENERATORS[self.generator][0]
+        if module == "brightfield":
+            wls = [float(w) for w in self.kwargs.get("wavelengths_um", _param_default(params, "wavelengths_um"))]
+            card_optics["wavelength_um"] = round(float(np.median(wls)), 4)
+            card_optics["wavelengths_um"] = wls
+            card_optics["wavelength_range_um"] = None
+            card_optics["condenser_ratio_range"] = list(self.kwargs.get(
+                "condenser_ratio_range", _param_default(params, "condenser_ratio_range")))
+            dpm_sign = "positive = focal plane beyond the specimen, seen from the objective"
+            # With symmetric optics only the specimen's phase tells +z from -z in brightfield.
+            opd = self.kwargs.get("phase_opd_range_um", _param_default(params, "phase_opd_range_um"))
+            sign_meaningful = bool(opd is not None and max(opd) > 0)
         self.info = {
             "kind": "synthetic",
             "path": None,
             "optics": card_optics,
             "range_um": self.range_um,
             "z_step_um": None,
-            "dpm_sign": "positive = focal plane above the sample (stage too high)",
-            "dpm_sign_meaningful": bool(getattr(base, "aberrated", False)),
+            "dpm_sign": dpm_sign,
+            "dpm_sign_meaningful": sign_meaningful,
+            "channels": self.channels,
             "provenance": {
-                "simulator": "napari_deepr.optics.simulate.random_training_pair",
+                "simulator": f"napari_deepr.optics.{module}.{self.generator}",
                 "optics": base.to_dict() if hasattr(base, "to_dict") else None,
                 "options": {k: v for k, v in self.kwargs.items() if _jsonable(v)},
                 "real_images_dir": real_dir,
                 "real_images": len(self.real or []),
             },
         }
+
+    def _make(self, kwargs: dict, real, rng):
+        # The fluorescence generator is called with the historical three arguments (tests replace
+        # _generate with a three-argument stand-in); others name themselves.
+        if self.generator == "random_training_pair":
+            return _generate(kwargs, real, rng)
+        return _generate(kwargs, real, rng, self.generator)
 
     def _drain(self, block_for: int = 0) -> None:
         if self._queue is None:
@@ -463,7 +540,7 @@ class SyntheticSource(Source):
 
     def _take(self, rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
         if self.workers <= 0:
-            return [_generate(self.kwargs, self.real, self._rng_sync) for _ in range(n)]
+            return [self._make(self.kwargs, self.real, self._rng_sync) for _ in range(n)]
         need = max(0, min(n, 2 * n - len(self.buffer)) - len(self.fresh))
         self._drain(block_for=need)
         out = self.fresh[:n]
@@ -485,7 +562,7 @@ class SyntheticSource(Source):
             xs.append(zscore(d4(x, k)))
             ys.append(zscore(d4(y, k)))
             zs.append(z if np.ndim(z) == 0 else d4(z, k))
-        return np.stack(xs)[:, None], np.stack(ys)[:, None], _z_batch(zs, self.patch)
+        return _nchw(xs), _nchw(ys), _z_batch(zs, self.patch)
 
     def validation(self):
         """See :meth:`Source.validation` (simulated once from ``validation_seed``, z spread evenly)."""
@@ -497,11 +574,11 @@ class SyntheticSource(Source):
             for i in range(self.val_pairs):
                 # A degenerate range (z, z) pins the defocus, spreading validation evenly over z.
                 kw = dict(self.kwargs, z_range_um=(float(zs_plan[i]), float(zs_plan[i])))
-                x, y, z = _generate(kw, self.real, rng)
+                x, y, z = self._make(kw, self.real, rng)
                 xs.append(zscore(x))
                 ys.append(zscore(y))
                 zs.append(z)
-            self._val = (np.stack(xs)[:, None], np.stack(ys)[:, None], np.asarray(zs, np.float32))
+            self._val = (_nchw(xs), _nchw(ys), np.asarray(zs, np.float32))
         return self._val
 
     def close(self) -> None:

@@ -398,8 +398,10 @@ class Trainer:
         # 256 px, batch 5) one fp32 generator step takes 1.4 s NCHW but 6.9 s channels_last, while
         # bf16 takes 0.98 s NCHW and 0.74 s channels_last.
         self.cl = torch.channels_last if config.bf16 else torch.contiguous_format
-        self.G = Generator(1, config.base, config.max_channels).to(self.device, memory_format=self.cl)
-        self.D = Discriminator(1, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
+        # Image channels come from the data (1 gray, 3 for RGB brightfield); the card records them.
+        self.channels = int(getattr(self.source, "channels", 1))
+        self.G = Generator(self.channels, config.base, config.max_channels).to(self.device, memory_format=self.cl)
+        self.D = Discriminator(self.channels, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
         self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=(0.9, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=(0.9, 0.999))
@@ -657,14 +659,19 @@ class Trainer:
         order = np.argsort(z_all)
         pick = order[np.unique(np.linspace(0, len(order) - 1, min(5, len(order))).round().astype(int))]
         tiles = []
+        rgb = x_all.shape[1] == 3
         for i in pick:
-            tgt = y_all[i, 0]
-            lo, hi = np.percentile(tgt, [0.5, 99.8])
-            hi = hi if hi > lo else lo + 1
-            row = [np.clip((a - lo) / (hi - lo), 0, 1) for a in (x_all[i, 0], outputs[i, 0], tgt)]
-            gap = np.ones((tgt.shape[0], 4))
+            # RGB (brightfield) previews in colour, each channel stretched by the target's percentiles
+            tgt = np.moveaxis(y_all[i], 0, -1) if rgb else y_all[i, 0]
+            src = (np.moveaxis(x_all[i], 0, -1), np.moveaxis(outputs[i], 0, -1), tgt) if rgb else (
+                x_all[i, 0], outputs[i, 0], tgt)
+            axis = (0, 1) if rgb else None
+            lo, hi = np.percentile(tgt, 0.5, axis=axis), np.percentile(tgt, 99.8, axis=axis)
+            hi = np.where(hi > lo, hi, lo + 1)
+            row = [np.clip((a - lo) / (hi - lo), 0, 1) for a in src]
+            gap = np.ones((tgt.shape[0], 4) + tgt.shape[2:])
             tiles.append(np.concatenate([row[0], gap, row[1], gap, row[2]], axis=1))
-            tiles.append(np.ones((4, tiles[-1].shape[1])))
+            tiles.append(np.ones((4,) + tiles[-1].shape[1:]))
         mosaic = (np.concatenate(tiles[:-1], axis=0) * 255).astype(np.uint8)
         img = Image.fromarray(mosaic).convert("RGB")
         draw = ImageDraw.Draw(img)
@@ -891,14 +898,15 @@ class Trainer:
         card = {
             "name": self.cfg.name or self.out.name,
             "version": self.cfg.version,
-            "modality": self.cfg.modality,
-            "channels": 1,
+            "modality": "brightfield" if (self.channels == 3 and self.cfg.modality == TrainConfig.modality) else self.cfg.modality,
+            "channels": self.channels,
+            "photometric": "rgb" if self.channels == 3 else "minisblack",
             "pixel_size_um": px,
             "na": na,
             "wavelength_um": optics.get("wavelength_um"),
             "immersion_index": optics.get("immersion_index"),
             "defocus_range_um": [-self.range_um, self.range_um],
-            "normalization": "zscore_per_plane",
+            "normalization": "zscore_per_plane" if self.channels == 1 else "zscore_per_plane_per_channel",
             "output_scaling": "input_mean_std",
             "tile_multiple": TILE_MULTIPLE,
             "min_size": TILE_MULTIPLE,

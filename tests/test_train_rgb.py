@@ -1,0 +1,76 @@
+"""The trainer on RGB brightfield data: three-channel generator, per-channel z-score, card fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+pytest.importorskip("pytorch_msssim")
+
+from napari_deepr.train.__main__ import main  # noqa: E402
+from napari_deepr.train.data import SyntheticSource, load_real_images  # noqa: E402
+
+# cheap brightfield pairs: few condenser points, coarse condenser grid at every defocus
+FAST_BF = {"generator": "random_brightfield_pair", "z_range_um": [-4, 4], "condenser_ratio_range": [0.3, 0.3],
+           "max_walkoff_um": 10.0, "source_step": 0.5}
+TINY = ["--base", "4", "--d-base", "4", "--batch", "2", "--g-steps", "1", "--d-steps", "1", "--threads", "2"]
+
+
+def test_brightfield_source_gives_three_channels_zscored_per_channel():
+    src = SyntheticSource(dict(FAST_BF, validation_pairs=3), 64, seed=0, workers=0)
+    try:
+        assert src.channels == 3
+        x, y, z = src.sample(np.random.default_rng(0), 2)
+        assert x.shape == y.shape == (2, 3, 64, 64) and z.shape == (2,) and np.all(np.abs(z) <= 4)
+        np.testing.assert_allclose(x.mean(axis=(2, 3)), 0, atol=1e-4)
+        np.testing.assert_allclose(x.std(axis=(2, 3)), 1, atol=1e-3)
+        vx, _, vz = src.validation()
+        assert vx.shape == (3, 3, 64, 64)
+        np.testing.assert_allclose(vz, [-4, 0, 4], atol=1e-6)
+        assert src.info["optics"]["wavelengths_um"] == [0.61, 0.54, 0.47]
+        assert src.info["dpm_sign_meaningful"] is True  # the weak phase tells +z from -z
+        assert src.info["provenance"]["simulator"].endswith("brightfield.random_brightfield_pair")
+    finally:
+        src.close()
+
+
+def test_rgb_real_images_are_loaded_in_colour_and_gray_ones_skipped(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "he.tif", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "gray.tif", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    rgb = load_real_images(tmp_path, rgb=True)
+    assert len(rgb) == 1 and rgb[0].shape == (40, 48, 3)
+    assert len(load_real_images(tmp_path)) == 2  # the gray path keeps both (RGB as inverted mean)
+
+
+@pytest.mark.slow
+def test_rgb_model_trains_exports_and_refocuses_rgb(tmp_path, capsys):
+    cfg = tmp_path / "bf.json"
+    cfg.write_text(json.dumps({"synthetic": dict(FAST_BF, validation_pairs=2)}))
+    out = tmp_path / "m"
+    rc = main([str(cfg), "-o", str(out), "--patch", "64", "--iterations", "2", "--dpm-iterations", "2",
+               "--workers", "0", "--val-pairs", "2", "--dpm-target", "magnitude", *TINY])
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0, events[-1]
+    card = json.loads((out / "model.json").read_text())
+    assert card["channels"] == 3 and card["photometric"] == "rgb" and card["modality"] == "brightfield"
+    assert card["normalization"] == "zscore_per_plane_per_channel"
+    assert card["defocus_range_um"] == [-4.0, 4.0]
+    assert (out / "previews").is_dir() and any((out / "previews").glob("*.png"))
+
+    import napari_deepr
+    from napari_deepr.engine.domain import model_modality
+    from napari_deepr.engine.model import load_model
+
+    model = load_model(out)
+    assert model.card.channels == 3 and model_modality(model.card) == ("brightfield", "rgb")
+    rgb = np.random.default_rng(1).integers(0, 255, (96, 64, 3), dtype=np.uint8)
+    res = napari_deepr.refocus(rgb, model=out)
+    assert res.shape == rgb.shape
+    with pytest.raises(Exception, match="RGB|gray|channel"):
+        napari_deepr.refocus(rgb[..., 0], model=out)  # a gray image through an RGB model is refused
