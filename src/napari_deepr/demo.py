@@ -72,11 +72,13 @@ def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, 
         a.axis("off")
     if dpm is not None:
         lim = max(abs(defocus_range_um[0]), abs(defocus_range_um[1]))
-        h = ax[3].imshow(dpm, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        # |defocus| maps are sequential from 0 (no sign to show); signed maps diverge around focus.
+        h = (ax[3].imshow(dpm, cmap="magma", vmin=0, vmax=lim) if magnitude
+             else ax[3].imshow(dpm, cmap="RdBu_r", vmin=-lim, vmax=lim))
         oor = out_of_range_mask(dpm, defocus_range_um)
         if oor.any():
             ax[3].contour(oor, levels=[0.5], colors="k", linewidths=0.8)
-        ax[3].set_title("DPM (µm)")
+        ax[3].set_title("DPM |defocus| (µm)" if magnitude else "DPM (µm)")
         ax[3].axis("off")
         fig.colorbar(h, ax=ax[3], fraction=0.046)
         y_um = np.arange(dpm.shape[0]) * pixel_size_um
