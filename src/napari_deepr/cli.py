@@ -253,6 +253,7 @@ def cmd_pairs(args) -> int:
     summary = build_pairs(
         args.stacks, args.output, z_step_um=args.z_step, range_um=args.range, patch=args.patch,
         focus_method=args.focus_method, infocus_index=args.infocus_index, split=args.split, seed=args.seed,
+        gap_px=args.gap,
         progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set, overwrite=args.overwrite,
     )
     print(json.dumps(summary, default=str))
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--infocus-index", type=_nonneg_int, help="manual in-focus plane (overrides --focus-method)")
     pr.add_argument("--split", type=_fraction, default=0.85)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--gap", type=_nonneg_int, default=None,
+                    help="one field only: px between the training and validation regions (default: the network's "
+                         "receptive-field radius, 223 px)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a pairs dataset")
     pr.add_argument("-q", "--quiet", action="store_true")
 
