@@ -300,6 +300,18 @@ def cmd_bench(args) -> int:
 
     if args.json:
         io.check_output_path(args.json, kind="file", overwrite=True)
+    if args.train:
+        try:
+            from .train.bench_torch import bench_train, format_train_bench
+        except ImportError as exc:
+            raise SettingsError(f"deepr bench --train needs the [train] extra ({exc.name} is missing).") from exc
+        result = bench_train(patch=args.train_patch, batch=args.train_batch, seconds=args.train_seconds,
+                             threads=args.threads)
+        print(format_train_bench(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.json}")
+        return 0
     result = run_bench(
         model=args.model, sizes=args.sizes, repeats=args.repeats, threads=args.threads, torch_eager=not args.no_torch,
         baselines=not args.no_baselines, tile=args.tile, overlap=args.overlap, variants=args.variants,
@@ -472,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true")
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", help="write the results as JSON here")
+    b.add_argument("--train", action="store_true",
+                   help="training throughput instead: generator updates/s of the trainer's default configuration "
+                        "beside a plain PyTorch forward+backward of the same network on the same batch")
+    b.add_argument("--train-patch", type=_positive_int, default=256)
+    b.add_argument("--train-batch", type=_positive_int, default=5)
+    b.add_argument("--train-seconds", type=_positive_float, default=20.0, help="time per measured configuration")
 
     qz = sub.add_parser(
         "quantize", help="write an int8 (static QDQ) variant of a model, or check bf16, and measure its SSIM cost",
