@@ -1205,7 +1205,7 @@ class Trainer:
                 "gan_iterations": self.iteration,
                 "best_iteration": self.best["iteration"],
                 "dpm_iterations": self.dpm_iteration,
-                "wall_s": {k: round(v, 1) for k, v in self.elapsed.items()},
+                "wall_s": {k: round(v, 1) for k, v in dict(self.elapsed, total=self.used()).items()},
                 "parent": None if self.parent is None else {
                     "name": self.parent.name, "version": self.parent.card.get("version"),
                     "path": str(self.parent.weights), "chosen": "automatically (matching card)" if self.parent.auto
@@ -1419,6 +1419,7 @@ class Trainer:
         self.phase = "done"
         self.save_checkpoint("done")
         run_s = self.used()
+        self.elapsed["total"] = run_s
         budget_s = 60.0 * cfg.minutes if cfg.minutes else None
         self.emit("done", model_dir=str(self.out), iterations=self.iteration, dpm_iterations=self.dpm_iteration,
                   best_iteration=self.best["iteration"], best_val_berhu=self.best["berhu"],
