@@ -49,7 +49,8 @@ def dataset(tmp_path_factory):
 
 
 def _run(argv, capsys, on_event=None):
-    """Run the trainer in-process; return (exit code, parsed JSON events)."""
+    """Run the trainer in-process with --json; return (exit code, parsed JSON events)."""
+    argv = [*argv, "--json"]
     if on_event is None:
         rc = main(argv)
         lines = capsys.readouterr().out.splitlines()
@@ -71,7 +72,8 @@ def _run(argv, capsys, on_event=None):
             cli._emit = old
         lines = capsys.readouterr().out.splitlines()
     events = [json.loads(line) for line in lines]  # every stdout line is one JSON object
-    return rc, events
+    # setup status lines and phase plans are checked in their own tests
+    return rc, [e for e in events if e["event"] not in ("status", "plan")]
 
 
 # ------------------------------------------------------------------------------------ networks
@@ -227,7 +229,7 @@ def test_bad_datasets_refused(tmp_path, capsys):
         open_source(bad_json, 64)
     rc, events = _run([str(tmp_path / "empty"), "-o", str(tmp_path / "m")], capsys)
     assert rc == 2 and [e["event"] for e in events] == ["error"]
-    assert events[0]["message"].endswith(".") and "\n" not in events[0]["message"]
+    assert events[-1]["message"].endswith(".") and "\n" not in events[-1]["message"]
 
 
 # ------------------------------------------------------------------------------------ training
@@ -246,7 +248,8 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     prog = [e for e in events if e["event"] == "progress" and e["phase"] == "gan"]
     assert [e["iteration"] for e in prog] == list(range(1, 41))
     assert {"berhu", "msssim", "adv", "d", "total"} <= set(prog[0]["losses"])
-    assert prog[0]["it_s"] > 0 and prog[-1]["eta_s"] == 0
+    # eta_s is for the whole run (generator, DPM decoder and export), so it shrinks but stays above 0 here
+    assert prog[0]["it_s"] > 0 and 0 < prog[-1]["eta_s"] < prog[0]["eta_s"]
     val = [e for e in events if e["event"] == "validation" and e["phase"] == "gan"]
     # the generator starts as the identity, so validation BerHu starts at the input's; it must fall
     first, last = val[0]["metrics"], val[-1]["metrics"]
@@ -288,7 +291,7 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     assert model.has_dpm and model.feature_names == tuple(f"feat{i}" for i in range(6))
     # ORT on a new image matches the trained torch generator (best checkpoint)
     best = torch.load(out / "best.pt", weights_only=True)
-    g = Generator(base=4)
+    g = Generator(base=4, max_channels=64)
     g.load_state_dict(best["generator"])
     x = np.random.default_rng(5).standard_normal((1, 1, 96, 128)).astype(np.float32)
     ort_out = gen.run(["output"], {"input": x})[0]
@@ -321,9 +324,19 @@ def test_stop_file_and_resume(dataset, tmp_path, capsys):
     assert gan_its == [4, 5, 6]
     assert events[-1]["event"] == "done" and events[-1]["iterations"] == 6
 
+    # --resume on a finished run says so and does nothing more ...
+    rc, events = _run([*args, "--resume"], capsys)
+    assert rc == 0 and [e["event"] for e in events] == ["done"] and events[0]["already_finished"]
+    assert "already finished" in events[0]["message"] and "--iterations" in events[0]["message"]
+    # ... and trains on when given a larger budget
+    rc, events = _run([*args[:3], "--iterations", "8", *args[5:], "--resume"], capsys)
+    assert rc == 0 and any("trains on" in n for n in events[0]["notes"])
+    assert [e["iteration"] for e in events if e["event"] == "progress" and e["phase"] == "gan"] == [7, 8]
+    assert events[-1]["event"] == "done" and events[-1]["iterations"] == 8
+
     # a finished run can train a fresh DPM decoder on its generator
     rc, events = _run([*args, "--redo-dpm", "--dpm-iterations", "3"], capsys)
-    assert rc == 0 and events[0]["phase"] == "dpm" and events[0]["iteration"] == 6
+    assert rc == 0 and events[0]["phase"] == "dpm" and events[0]["iteration"] == 8
     dpm_its = [e["iteration"] for e in events if e["event"] == "progress"]
     assert dpm_its == [1, 2, 3] and events[-1]["dpm_iterations"] == 3
 
@@ -359,7 +372,7 @@ def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
     best = torch.load(first / "best.pt", weights_only=True)["generator"]
     assert gen.keys() == best.keys() and all(torch.equal(gen[k], best[k]) for k in gen)
     assert dec is not None and "range_um" in dec
-    assert init_architecture(gen) == (4, 128)
+    assert init_architecture(gen) == (4, 64)  # max-channels defaults to the bundled model's 64
 
     second = tmp_path / "second"
     args = [str(dataset), "-o", str(second), "--iterations", "0", "--val-every", "100", "--dpm-iterations", "1",
@@ -369,7 +382,7 @@ def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
     assert any(e["event"] == "init" for e in events)
     # width comes from the model it starts from (base 4), not from --base 8
     start = next(e for e in events if e["event"] == "start")
-    assert start["parameters"]["generator"] == count_parameters(Generator(base=4))
+    assert start["parameters"]["generator"] == count_parameters(Generator(base=4, max_channels=64))
     # no generator updates: the exported generator is the one it started from
     again, _ = load_init_weights(second)
     assert all(torch.allclose(again[k], gen[k]) for k in gen)
@@ -385,7 +398,7 @@ def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "napari_deepr.train", str(dataset), "-o", str(out), "--iterations", "100000",
-         "--val-every", "1000", "--val-pairs", "4", *TINY],
+         "--val-every", "1000", "--val-pairs", "4", "--json", *TINY],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
     events = []
@@ -399,6 +412,153 @@ def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert rc == 0
-    assert events[0]["event"] == "start" and events[-1]["event"] == "stopped"
+    assert events[0]["event"] == "status"  # a setup line before PyTorch is even imported
+    assert [e for e in events if e["event"] != "status"][0]["event"] == "start" and events[-1]["event"] == "stopped"
     ck = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and values only
     assert ck["iteration"] == events[-1]["iteration"] >= 2
+
+
+# ------------------------------------------------------------------------------ fine-tuning and budgets
+@pytest.mark.slow
+def test_fine_tune_keeps_parent_dpm_target_and_beats_parent(dataset, tmp_path, capsys):
+    """A fine-tune of a tiny model keeps its parent's DPM target and improves validation SSIM over it."""
+    parent = tmp_path / "parent"
+    rc, events = _run([str(dataset), "-o", str(parent), "--iterations", "3", "--val-every", "100",
+                       "--dpm-iterations", "20", "--lr-dpm", "3e-3", "--dpm-target", "magnitude", "--val-pairs", "12",
+                       "--from-scratch", *TINY], capsys)
+    assert rc == 0
+    assert json.loads((parent / "model.json").read_text())["dpm_target"] == "magnitude"
+    # these pairs record z_sign_meaningful=True: a run from scratch with --dpm-target auto would learn the sign
+    assert json.loads((dataset / "index.json").read_text())["z_sign_meaningful"] is True
+
+    child = tmp_path / "child"
+    rc, events = _run([str(dataset), "-o", str(child), "--init-from", str(parent), "--iterations", "30",
+                       "--val-every", "10", "--dpm-iterations", "10", "--val-pairs", "12", *TINY, "--lr-g", "2e-3"],
+                      capsys)
+    assert rc == 0, events[-1]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["parent"]["name"] == "parent" and not start["parent"]["auto"]
+    assert start["config"]["dpm_target"] == "magnitude" and start["config"]["gan"] is False
+    assert start["config"]["lr_schedule"] == "cosine"
+    card = json.loads((child / "model.json").read_text())
+    assert card["dpm_target"] == "magnitude" and card["dpm_sign_meaningful"] is False
+    assert card["provenance"]["parent"]["name"] == "parent"
+    # scored against the parent on the same validation pairs; the export says which is better
+    parent_val = next(e for e in events if e["event"] == "validation" and e["phase"] == "parent")
+    comp = card["quality"]["parent_comparison"]
+    assert comp["parent_ssim_output"] == pytest.approx(parent_val["metrics"]["ssim_output"])
+    assert comp["n"] == parent_val["metrics"]["n"] > 0
+    assert comp["ssim_output"] > comp["parent_ssim_output"] + 0.002 and comp["better"]  # measured +0.004
+    assert "better than its parent" in comp["verdict"]
+    exp = next(e for e in events if e["event"] == "export")
+    assert exp["comparison"]["verdict"] == comp["verdict"] and exp["traced"] is False  # parent graphs were reused
+
+
+def test_one_field_dataset_is_split_by_region(tmp_path):
+    """One field: a validation band, then a gap of at least the receptive field, then training crops."""
+    from napari_deepr.stacks.pairs import RECEPTIVE_FIELD_RADIUS_PX, load_pairs, region_split
+
+    rng = np.random.default_rng(0)
+    stack = rng.random((5, 384, 384)).astype(np.float32)
+    summary = build_pairs([stack], tmp_path / "one", z_step_um=0.5, range_um=1.0, patch=64, register=False,
+                          focus_method="nvar")
+    assert summary["fields"] == 1 and summary["val_pairs"] > 0 and summary["train_pairs"] > 0
+    pairs = load_pairs(tmp_path / "one")
+    crops = {c["id"]: c for c in pairs.crops}
+    train_x = [crops[pairs.pairs[i]["crop"]]["x"] for i in pairs.pair_ids("train")]
+    val_x = [crops[pairs.pairs[i]["crop"]]["x"] for i in pairs.pair_ids("val")]
+    gap = min(val_x) - (max(train_x) + 64)
+    assert gap >= RECEPTIVE_FIELD_RADIUS_PX  # never split by patch: whole bands, far apart
+    assert pairs.index["validation"]["kind"] == "region" and pairs.index["validation"]["gap_px"] == gap
+    src = open_source(tmp_path / "one", 64, val_pairs=1000)
+    assert src.info["validation"]["kind"] == "region" and "region" in src.info["validation"]["description"]
+    assert not set(src.train_ids) & set(src.val_ids)
+
+    # a one-field dataset written before region splits (all crops "train") is split the same way on load
+    index = json.loads((tmp_path / "one" / "index.json").read_text())
+    index.pop("validation")
+    for rec in index["crops"] + index["pairs"]:
+        rec["split"] = "train"
+    (tmp_path / "one" / "index.json").write_text(json.dumps(index))
+    old = open_source(tmp_path / "one", 64, val_pairs=1000)
+    assert sorted(old.val_ids) == sorted(src.val_ids) and sorted(old.train_ids) == sorted(src.train_ids)
+
+    # a field too small for the full gap keeps what fits and says so
+    labels, rec, warns = region_split((2, 4), 64, 0.85)
+    assert list(labels[0]) == ["train", "gap", "gap", "val"] and rec["gap_px"] == 128
+    assert warns and "too small" in warns[0]
+
+
+def test_receptive_field_constant_matches_the_network():
+    """stacks.pairs cannot import torch, so its receptive-field radius is checked against the generator here."""
+    from napari_deepr.stacks.pairs import RECEPTIVE_FIELD_RADIUS_PX
+
+    torch.manual_seed(0)
+    g = Generator(base=2, max_channels=4)
+    torch.nn.init.normal_(g.decoder.out.weight)
+    for p in g.parameters():
+        p.data.abs_()  # all-positive weights: no cancellation hides a dependency
+    x = torch.zeros(1, 1, 640, 640, requires_grad=True)
+    g(x)[0, 0, 320, 320].backward()
+    support = (x.grad[0, 0].abs() > 0).nonzero()
+    radius = int(max(320 - support.min(), support.max() - 320))
+    assert radius == RECEPTIVE_FIELD_RADIUS_PX
+
+
+@pytest.mark.slow
+def test_minutes_budget_holds_for_the_whole_run(dataset, tmp_path):
+    """--minutes 1: the run's own final report puts its whole wall time, export included, within 5 %."""
+    import time
+
+    out = tmp_path / "model"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_deepr.train", str(dataset), "-o", str(out), "--minutes", "1",
+         "--val-pairs", "8", "--json", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    events, first_line_s = [], None
+    try:
+        for line in proc.stdout:
+            if first_line_s is None:
+                first_line_s = time.monotonic() - t0
+            events.append(json.loads(line))
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wall = time.monotonic() - t0
+    assert rc == 0, events[-1]
+    assert first_line_s < 10 and events[0]["event"] == "status"
+    done = events[-1]
+    assert done["event"] == "done" and done["budget_s"] == 60
+    assert abs(done["run_s"] - 60) <= 3, done  # within 5 % of the budget, export included
+    assert wall - done["run_s"] < 3  # the report's clock starts with the process
+    kinds = [e["event"] for e in events]
+    assert kinds.index("export") < kinds.index("done") and done["iterations"] > 0 and done["dpm_iterations"] > 0
+    plans = [e for e in events if e["event"] == "plan"]
+    assert [p["phase"] for p in plans] == ["gan", "dpm"] and plans[0]["deadline_s"] < plans[1]["deadline_s"] <= 60
+
+
+def test_console_speaks_sentences(capsys):
+    """Without --json the trainer talks to a person: sentences, warnings, the run's end, no JSON."""
+    import io
+
+    from napari_deepr.train.console import Console
+
+    buf = io.StringIO()
+    c = Console(buf, bar=False)
+    c({"event": "status", "message": "opening the dataset", "elapsed_s": 0.4})
+    c({"event": "start", "budget_s": 480.0, "parent": {"name": "deepr-fluo-20x", "auto": True},
+       "parameters": {"generator": 674033}, "patch": 256, "config": {"batch": 5, "lr_g": 1e-4, "lr_schedule": "cosine"},
+       "precision": "bf16 autocast", "threads": 2, "device": "cpu", "validation_pairs": 48,
+       "validation": {"description": "held-out fields of view: 1 of 4"}, "notes": [],
+       "warnings": ["The dataset spans ±6 µm, wider than deepr-fluo-20x's ±5 µm."]})
+    c({"event": "progress", "phase": "gan", "iteration": 1, "losses": {"total": 1.0, "berhu": 0.1, "msssim": 0.2},
+       "it_s": 0.5, "eta_s": 470, "run_s": 10})
+    c({"event": "done", "iterations": 90, "dpm_iterations": 300, "run_s": 478.0, "budget_s": 480.0, "model_dir": "m"})
+    text = buf.getvalue()
+    assert "fine-tuning deepr-fluo-20x (chosen because its card matches the dataset)" in text
+    assert "warning: The dataset spans ±6 µm" in text and "run ETA 7:50" in text
+    assert "whole run 7:58 of a 8:00 budget (99.6 %)" in text and "{" not in text

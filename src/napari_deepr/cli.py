@@ -284,6 +284,7 @@ def cmd_pairs(args) -> int:
     summary = build_pairs(
         args.stacks, args.output, z_step_um=args.z_step, range_um=args.range, patch=args.patch,
         focus_method=args.focus_method, infocus_index=args.infocus_index, split=args.split, seed=args.seed,
+        gap_px=args.gap,
         progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set, overwrite=args.overwrite,
     )
     print(json.dumps(summary, default=str))
@@ -330,6 +331,18 @@ def cmd_bench(args) -> int:
 
     if args.json:
         io.check_output_path(args.json, kind="file", overwrite=True)
+    if args.train:
+        try:
+            from .train.bench_torch import bench_train, format_train_bench
+        except ImportError as exc:
+            raise SettingsError(f"deepr bench --train needs the [train] extra ({exc.name} is missing).") from exc
+        result = bench_train(patch=args.train_patch, batch=args.train_batch, seconds=args.train_seconds,
+                             threads=args.threads)
+        print(format_train_bench(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.json}")
+        return 0
     result = run_bench(
         model=args.model, sizes=args.sizes, repeats=args.repeats, threads=args.threads, torch_eager=not args.no_torch,
         baselines=not args.no_baselines, tile=args.tile, overlap=args.overlap, variants=args.variants,
@@ -489,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--infocus-index", type=_nonneg_int, help="manual in-focus plane (overrides --focus-method)")
     pr.add_argument("--split", type=_fraction, default=0.85)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--gap", type=_nonneg_int, default=None,
+                    help="one field only: px between the training and validation regions (default: the network's "
+                         "receptive-field radius, 223 px)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a pairs dataset")
     pr.add_argument("-q", "--quiet", action="store_true")
 
@@ -511,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true")
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", help="write the results as JSON here")
+    b.add_argument("--train", action="store_true",
+                   help="training throughput instead: generator updates/s of the trainer's default configuration "
+                        "beside a plain PyTorch forward+backward of the same network on the same batch")
+    b.add_argument("--train-patch", type=_positive_int, default=256)
+    b.add_argument("--train-batch", type=_positive_int, default=5)
+    b.add_argument("--train-seconds", type=_positive_float, default=20.0, help="time per measured configuration")
 
     qz = sub.add_parser(
         "quantize", help="write an int8 (static QDQ) variant of a model, or check bf16, and measure its SSIM cost",

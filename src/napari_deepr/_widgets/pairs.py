@@ -566,12 +566,18 @@ def describe_summary(summary, out: str) -> str:
     tr, va = summary.get("train_pairs"), summary.get("val_pairs")
     ftr, fva = summary.get("train_fields"), summary.get("val_fields")
     text = f"Dataset written to {where}: {n} pairs from {summary.get('crops', '?')} patches"
-    if isinstance(tr, int) and isinstance(va, int):
+    if isinstance(tr, int) and isinstance(va, int) and summary.get("fields") == 1 and va > 0:
+        # One field: split by region (stacks.pairs.region_split), with a gap left out.
+        text += (f"; {tr} for training and {va} for validation from a held-out region of the one field"
+                 + (f" ({summary['gap_pairs']} pairs left out as a gap between them)" if summary.get("gap_pairs") else ""))
+    elif isinstance(tr, int) and isinstance(va, int):
         text += (f"; {tr} for training ({ftr} field{'s' if ftr != 1 else ''}), "
                  f"{va} for validation ({fva} field{'s' if fva != 1 else ''})")
     text += "."
+    for w in summary.get("warnings") or []:
+        text += f" {w}"
     if va == 0:
-        text += (" With no validation field, the trainer holds out pairs of the training field itself, "
+        text += (" With no validation field or region, the trainer validates on the training crops, "
                  "which flatters its validation scores; add a second z-stack of another field if you can.")
     return text
 

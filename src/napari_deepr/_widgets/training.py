@@ -73,9 +73,11 @@ def trainer_options(
     d_steps : int
         Discriminator updates per iteration (the paper: 3).
     bf16 : bool
-        bfloat16 arithmetic: faster on GPUs and on CPUs with AVX512-BF16 or AMX.
+        Force bfloat16 arithmetic; unticked, the trainer uses it where the CPU/GPU runs it natively
+        (AVX512-BF16, AMX, recent GPUs) and float32 elsewhere.
     init_from : str
-        Fine-tune: start from this exported model folder (e.g. the bundled model) instead of from scratch.
+        Fine-tune from this model folder; empty: the bundled model whose card matches the dataset
+        (the trainer says which, or why it trains from scratch).
     threads : int
         PyTorch threads (auto: all cores).
     workers : int
@@ -484,7 +486,8 @@ class TrainingWidget(QWidget):
             raise ValueError("Choose a model folder for the trained model.")
         if not Path(dataset).exists():
             raise ValueError(f"The dataset {dataset} does not exist.")
-        args = ["-m", "napari_deepr.train", dataset, "-o", out]
+        # --json: the trainer's events as JSON lines (its default output is a bar for a terminal).
+        args = ["-m", "napari_deepr.train", dataset, "-o", out, "--json"]
         if self.budget_combo.currentData() == "minutes":
             args += ["--minutes", f"{self.minutes_spin.value():g}"]
         else:
@@ -645,6 +648,11 @@ class TrainingWidget(QWidget):
                 f"Training on {event.get('device', '?')} ({event.get('source', 'pairs')} data, "
                 f"patch {event.get('patch')}, ±{event.get('range_um', 0):g} µm)"
                 + (" — resumed" if event.get("resumed") else ""))
+        elif kind == "status":
+            self._set_phase("Setting up", busy=True)
+            self.status.show_message(f"Setting up: {event.get('message', '')}…")
+        elif kind == "warning":
+            notify("warning", str(event.get("message", "")))
         elif kind == "progress":
             self._on_progress(event)
         elif kind == "validation":
@@ -655,7 +663,8 @@ class TrainingWidget(QWidget):
             self.status.show_message("Exporting the ONNX model and measuring its quality on the validation "
                                      "pairs (about a minute)…")
         elif kind == "export":
-            self.status.show_message(f"Exported ONNX model to {event.get('path')}.")
+            verdict = (event.get("comparison") or {}).get("verdict")
+            self.status.show_message(f"Exported ONNX model to {event.get('path')}." + (f" {verdict}" if verdict else ""))
         elif kind == "done":
             self._status = "done"
             if event.get("model_dir"):
@@ -682,8 +691,8 @@ class TrainingWidget(QWidget):
         if total:
             self.progress.setRange(0, int(total))
             self.progress.setValue(min(it, int(total)))
-        else:  # a time budget: the share of it spent
-            spent, eta = ev.get("elapsed_s"), ev.get("eta_s")
+        else:  # a time budget: the share of the whole run spent (eta_s is for the whole run)
+            spent, eta = ev.get("run_s", ev.get("elapsed_s")), ev.get("eta_s")
             if isinstance(spent, (int, float)) and isinstance(eta, (int, float)) and spent + eta > 0:
                 self.progress.setRange(0, 1000)
                 self.progress.setValue(int(1000 * spent / (spent + eta)))
@@ -696,6 +705,11 @@ class TrainingWidget(QWidget):
     def _on_validation(self, ev: dict) -> None:
         it = int(ev.get("iteration", 0))
         m = ev.get("metrics") or {}
+        if ev.get("phase") == "parent":  # the parent scored on the same pairs, before training
+            if isinstance(m.get("ssim_output"), (int, float)):
+                self.status.show_message(f"Parent {ev.get('parent')}: validation SSIM {m['ssim_output']:.3f} "
+                                         f"(input {m.get('ssim_input', 0):.3f}).")
+            return
         if ev.get("phase", "gan") == "gan":
             for metric in ("berhu", "ssim", "rmse"):
                 for which, key in (("output", f"{metric}_output" if metric != "berhu" else "berhu"),

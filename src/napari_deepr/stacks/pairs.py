@@ -6,6 +6,13 @@ which follows tilt and field curvature), pair every plane within ``±range_um`` 
 it, record the defocus in micrometres, and split the fields of view 0.85 / 0.15 into training and
 validation sets -- by field, never by patch, so no field contributes to both.
 
+A dataset built from ONE field is split by region instead (:func:`region_split`): a band of whole
+crops along the field's longer side validates, the crops within ``gap_px`` of it (default the
+generator's receptive-field radius, :data:`RECEPTIVE_FIELD_RADIUS_PX`) are left out (split
+``"gap"``), and the rest trains -- so no validation pixel is refocused from training pixels and no
+object straddles both sets. A field too small for the full gap keeps the largest gap it allows and
+says so in ``summary.warnings``; ``index.json["validation"]`` says what the validation set is.
+
 On-disk format (``format`` = ``"napari-deepr-pairs"``, ``version`` = 1)::
 
     DATASET/
@@ -33,6 +40,9 @@ Files are uncompressed and contiguous, so readers can memory-map them.
   ``z_um`` (defocus of each stored plane), ``target`` (position of the in-focus plane in the file),
   ``split``,
 * ``pairs`` -- ``crop``, ``plane`` (position in the crop file), ``z_um``, ``split``,
+* ``validation`` -- what the validation set is: ``kind`` (``"fields"``, ``"region"`` or ``"none"``),
+  a one-sentence ``description``, and for regions ``axis``, ``val_px`` (extent), ``gap_px``,
+  ``gap_wanted_px``,
 * ``summary`` -- counts: ``pairs``, ``train_pairs``, ``val_pairs``, ``fields``,
   ``train_fields``, ``val_fields``, ``crops``, ``pairs_per_z`` (defocus in µm rounded to 0.01 ->
   count), and ``warnings``.
@@ -46,6 +56,7 @@ This module does not import torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -134,6 +145,78 @@ def _split_fields(n: int, split: float, seed: int) -> list[str]:
     return labels
 
 
+RECEPTIVE_FIELD_RADIUS_PX = 223
+"""Receptive-field radius of the Deep-R generator (5 levels of 3x3 convolutions, 2x2 pooling and
+bilinear up-sampling): an output pixel depends on input pixels up to 223 px away (446-px extent).
+Measured from the gradient support of :class:`napari_deepr.train.nets.Generator` (a test keeps it
+honest); written here because this module must not import torch."""
+
+
+def region_split(grid: tuple[int, int], patch: int, split: float, gap_px: int | None = None
+                 ) -> tuple[np.ndarray, dict, list[str]]:
+    """Split the crops of one field by region: training band, gap, validation band.
+
+    The validation band is ``round(n * (1 - split))`` whole crop columns (or rows, whichever axis has
+    more crops) at the far end of the field, at least one; the ``ceil(gap_px / patch)`` crop columns
+    next to it are left out so that the nearest training and validation pixels are at least
+    ``gap_px`` apart. When the field has too few crops for that gap, the gap shrinks to what fits
+    (one training column is kept) and a warning says so.
+
+    Parameters
+    ----------
+    grid : (int, int)
+        Crops along y and x.
+    patch : int
+        Crop side in pixels.
+    split : float
+        Fraction of the field meant for training (as ``build_pairs``' ``split``).
+    gap_px : int, optional
+        Wanted gap; default :data:`RECEPTIVE_FIELD_RADIUS_PX`.
+
+    Returns
+    -------
+    labels : ndarray of str, shape ``grid``
+        ``"train"``, ``"gap"`` or ``"val"`` per crop.
+    record : dict
+        The ``validation`` record of ``index.json``.
+    warnings : list of str
+        Sentences for ``summary.warnings``.
+    """
+    ny, nx = (int(grid[0]), int(grid[1]))
+    gap_wanted = int(RECEPTIVE_FIELD_RADIUS_PX if gap_px is None else gap_px)
+    labels = np.full((ny, nx), "train", dtype=object)
+    axis = "x" if nx >= ny else "y"
+    n = nx if axis == "x" else ny
+    if n < 2 or split >= 1:
+        rec = {"kind": "none", "description": "no held-out data: the field has a single crop along each side"
+               if n < 2 else "no held-out data (split 1.0)"}
+        return labels, rec, ["Only one field of view and too small to hold out a region: there is no validation set."
+                             if n < 2 else "Split 1.0: there is no validation set."]
+    n_val = min(max(1, round(n * (1 - split))), n - 1)
+    k_gap = math.ceil(gap_wanted / patch) if gap_wanted > 0 else 0
+    warns = []
+    if n_val + k_gap > n - 1:
+        k_gap = max(0, n - 1 - n_val)
+        warns.append(
+            f"The field is only {n * patch} px along {axis}, too small for a {gap_wanted}-px gap (the network's "
+            f"receptive field) between the training and validation regions; the gap is {k_gap * patch} px, so "
+            "validation may overstate how well the model generalizes."
+        )
+    idx = np.arange(n)
+    lab1 = np.where(idx >= n - n_val, "val", np.where(idx >= n - n_val - k_gap, "gap", "train"))
+    if axis == "x":
+        labels[:, :] = lab1[None, :]
+    else:
+        labels[:, :] = lab1[:, None]
+    val_px = n_val * patch
+    rec = {
+        "kind": "region", "axis": axis, "val_px": val_px, "gap_px": k_gap * patch, "gap_wanted_px": gap_wanted,
+        "description": (f"held-out region of the one field: the last {val_px} px along {axis}, {k_gap * patch} px "
+                        f"away from every training crop (receptive-field radius {RECEPTIVE_FIELD_RADIUS_PX} px)"),
+    }
+    return labels, rec, warns
+
+
 def _check(cancel: Callable[[], bool] | None) -> None:
     if cancel is not None and cancel():
         raise Cancelled("Building training pairs was cancelled.")
@@ -150,6 +233,7 @@ def build_pairs(
     infocus_index: int | None = None,
     split: float = 0.85,
     seed: int = 0,
+    gap_px: int | None = None,
     register: bool = True,
     optics: dict | None = None,
     z_sign_meaningful: bool = True,
@@ -181,6 +265,9 @@ def build_pairs(
         Fraction of fields of view used for training; the rest validate.
     seed : int
         Seed of the field split.
+    gap_px : int, optional
+        One field only: least distance between the training and the validation region (default the
+        generator's receptive-field radius; see :func:`region_split`).
     register : bool
         Register the planes of each stack (translation, sub-pixel) before cropping.
     optics : dict, optional
@@ -239,6 +326,15 @@ def build_pairs(
         if infocus_index is not None and not 0 <= infocus_index < f.data.shape[0]:
             raise PairsError(f"The in-focus index {infocus_index} is outside the {f.data.shape[0]} planes of {f.name}.")
     labels = _split_fields(len(fields), split, seed)
+    if len(fields) == 1:
+        grid = (fields[0].data.shape[1] // patch, fields[0].data.shape[2] // patch)
+        region_labels, validation, split_warnings = region_split(grid, patch, split, gap_px)
+    else:
+        region_labels, split_warnings = None, []
+        n_val = labels.count("val")
+        validation = {"kind": "fields" if n_val else "none",
+                      "description": f"held-out fields of view: {n_val} of {len(fields)}" if n_val
+                      else "no held-out data (split 1.0)"}
 
     io.clean_stale_partials(out)
     tmp = io._temp_sibling(out)
@@ -271,6 +367,7 @@ def build_pairs(
                 for j in range(focus.shape[1]):
                     _check(cancel)
                     k0 = int(focus[i, j])
+                    crop_split = labels[fi] if region_labels is None else str(region_labels[i, j])
                     planes = list(range(max(0, k0 - half), min(stack.shape[0], k0 + half + 1)))
                     y0, x0 = i * patch, j * patch
                     block = np.ascontiguousarray(stack[planes, y0:y0 + patch, x0:x0 + patch], dtype=np.float32)
@@ -280,15 +377,16 @@ def build_pairs(
                     zs = [round((k - k0) * f.z_step_um, 6) for k in planes]
                     crops.append({
                         "id": cid, "file": name, "field": fi, "y": y0, "x": x0, "infocus_plane": k0,
-                        "planes": planes, "z_um": zs, "target": planes.index(k0), "split": labels[fi],
+                        "planes": planes, "z_um": zs, "target": planes.index(k0), "split": crop_split,
                     })
                     for pos, z in enumerate(zs):
-                        pairs.append({"crop": cid, "plane": pos, "z_um": z, "split": labels[fi]})
+                        pairs.append({"crop": cid, "plane": pos, "z_um": z, "split": crop_split})
                     ids.append(cid)
             field_records.append({
                 "id": fi, "source": f.source, "series": f.series, "name": f.name,
                 "shape": list(stack.shape), "z_step_um": f.z_step_um, "pixel_size_um": f.pixel_size_um,
-                "split": labels[fi], "registration_shifts_px": np.round(shifts, 4).tolist(), "crops": ids,
+                "split": labels[fi] if region_labels is None else "train+val (by region)",
+                "registration_shifts_px": np.round(shifts, 4).tolist(), "crops": ids,
                 "infocus_planes": focus.tolist(),
             })
         steps = {f.z_step_um for f in fields}
@@ -297,6 +395,7 @@ def build_pairs(
         if len(pxs) == 1 and None not in pxs:
             rec_optics.setdefault("pixel_size_um", pxs.pop())
         summary = _summary(field_records, crops, pairs)
+        summary["warnings"] = [w for w in summary["warnings"] if region_labels is None] + split_warnings
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -309,6 +408,7 @@ def build_pairs(
             "seed": int(seed),
             "split_fraction": float(split),
             "optics": rec_optics,
+            "validation": validation,
             "z_sign": Z_SIGN,
             "z_sign_meaningful": bool(z_sign_meaningful),
             "fields": field_records,
@@ -344,8 +444,9 @@ def _summary(fields: list[dict], crops: list[dict], pairs: list[dict]) -> dict:
         "pairs": len(pairs),
         "train_pairs": sum(p["split"] == "train" for p in pairs),
         "val_pairs": sum(p["split"] == "val" for p in pairs),
+        "gap_pairs": sum(p["split"] == "gap" for p in pairs),
         "fields": len(fields),
-        "train_fields": sum(f["split"] == "train" for f in fields),
+        "train_fields": sum(f["split"] != "val" for f in fields),
         "val_fields": sum(f["split"] == "val" for f in fields),
         "crops": len(crops),
         "pairs_per_z": dict(sorted(per_z.items(), key=lambda kv: float(kv[0]))),

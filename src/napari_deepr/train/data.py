@@ -178,11 +178,22 @@ class PairsSource(Source):
         if len(self.train_ids) == 0:
             raise DatasetError(f"{folder} holds no training pairs.")
         self.warnings: list[str] = []
+        self.validation_record = dict(self.pairs.index.get("validation") or {})
+        if not self.validation_record:
+            n_val_fields = len(self.pairs.fields("val"))
+            self.validation_record = {"kind": "fields", "description": f"held-out fields of view: {n_val_fields}"}
+        if len(self.val_ids) == 0 and len(self.pairs.fields()) == 1:
+            # A one-field dataset written before region splits existed: split it by region now,
+            # the same way build_pairs does, rather than validate on the training crops.
+            self._split_by_region()
         if len(self.val_ids) == 0:
             self.val_ids = self.train_ids
+            self.validation_record = {
+                "kind": "training", "description": "the training crops themselves (the dataset holds no "
+                "held-out field or region), so the numbers measure fit, not generalization"}
             self.warnings.append(
-                "The dataset has no validation field of view, so validation uses training fields; "
-                "build it from at least two fields to measure generalization."
+                "The dataset has no validation field or region, so validation uses the training crops; "
+                "build it from a larger field or from two fields to measure generalization."
             )
         range_um = float(self.pairs.index["range_um"])
         z_step = self.pairs.index.get("z_step_um")
@@ -209,6 +220,8 @@ class PairsSource(Source):
                 "z_sign", "positive = planes after the in-focus plane in the stacks' order"
             ),
             "dpm_sign_meaningful": bool(self.pairs.index.get("z_sign_meaningful", True)),
+            "validation": self.validation_record,
+            "modality": optics.get("modality"),
             "provenance": {
                 "dataset": str(Path(folder).resolve()),
                 "summary": self.pairs.index.get("summary", {}),
@@ -216,6 +229,22 @@ class PairsSource(Source):
                 "focus_method": self.pairs.index.get("focus_method"),
             },
         }
+
+    def _split_by_region(self) -> None:
+        from ..stacks.pairs import region_split
+
+        crops = self.pairs.crops
+        p = int(self.pairs.patch)
+        ys = sorted({int(c["y"]) for c in crops})
+        xs = sorted({int(c["x"]) for c in crops})
+        labels, record, warns = region_split((len(ys), len(xs)), p, float(self.pairs.index.get("split_fraction", 0.85)))
+        if record["kind"] != "region":
+            return
+        crop_label = {c["id"]: labels[ys.index(int(c["y"])), xs.index(int(c["x"]))] for c in crops}
+        self.train_ids = [i for i, q in enumerate(self.pairs.pairs) if crop_label[q["crop"]] == "train"]
+        self.val_ids = [i for i, q in enumerate(self.pairs.pairs) if crop_label[q["crop"]] == "val"]
+        self.validation_record = record
+        self.warnings += warns
 
     def _crop(self, a: np.ndarray, rng: np.random.Generator | None, y0: int | None = None,
               x0: int | None = None) -> tuple[int, int]:
@@ -502,6 +531,8 @@ class SyntheticSource(Source):
             "dpm_sign": dpm_sign,
             "dpm_sign_meaningful": sign_meaningful,
             "channels": self.channels,
+            "validation": {"kind": "simulated", "description": f"{self.val_pairs} simulated validation pairs "
+                           f"(fixed seed {self.val_seed}, spread evenly over the defocus range)"},
             "provenance": {
                 "simulator": f"napari_deepr.optics.{module}.{self.generator}",
                 "optics": base.to_dict() if hasattr(base, "to_dict") else None,

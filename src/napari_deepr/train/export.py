@@ -14,6 +14,13 @@ Contract (``docs/ARCHITECTURE.md``):
 Both graphs come from ``torch.onnx.export(..., dynamo=True, external_data=False)`` (torch >= 2.5;
 one self-contained file each, opset 18+). After writing, each file is checked in onnxruntime against
 PyTorch on random inputs of two shapes, and the largest absolute difference is returned.
+
+Tracing is the slow part (5-10 s per graph on 2 cores) and its duration is hard to predict, which
+would break a wall-clock budget at the very end of a run. So a timed run traces the graphs once at
+the start (:func:`trace_graphs`, into ``MODEL_DIR/.graphs/``) and :func:`export_model` later only
+writes the trained weights into those graphs' initializers -- which the exporter names after the
+PyTorch state dict -- and checks the result in onnxruntime as always; anything unexpected (a missing
+or reshaped initializer, a check that fails) falls back to a fresh trace.
 """
 
 from __future__ import annotations
@@ -122,6 +129,80 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
     return m
 
 
+GRAPHS = ".graphs"
+
+
+def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: str | os.PathLike) -> dict:
+    """Trace the generator (and DPM) ONNX graphs into ``out_dir/.graphs/`` for a later :func:`export_model`.
+
+    Returns
+    -------
+    dict
+        ``{"folder": path, "seconds": {...}}``.
+    """
+    folder = Path(out_dir) / GRAPHS
+    folder.mkdir(parents=True, exist_ok=True)
+    g = _cpu_copy(generator)
+    names = feature_names(g.num_features)
+    example = torch.randn(2, g.in_channels, 2 * TILE_MULTIPLE, 3 * TILE_MULTIPLE, generator=torch.Generator().manual_seed(0))
+    batch, h, w = _dims()
+    seconds = {}
+    t0 = time.perf_counter()
+    path = folder / "generator.onnx"
+    tmp = _tmp(path)
+    try:
+        _export(_GeneratorGraph(g), (example,), tmp, ["input"], ["output", *names],
+                {"input": {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds["generator"] = round(time.perf_counter() - t0, 2)
+    if dpm_decoder is not None:
+        t0 = time.perf_counter()
+        d = _cpu_copy(dpm_decoder)
+        with torch.no_grad():
+            feats = g.forward_with_features(example)[1]
+        shapes = {n: {0: batch, 2: 2 ** (LEVELS - i) * h, 3: 2 ** (LEVELS - i) * w} for i, n in enumerate(names)}
+        path = folder / "dpm.onnx"
+        tmp = _tmp(path)
+        try:
+            _export(_DPMGraph(d), tuple(feats), tmp, names, ["dpm"], shapes)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        seconds["dpm"] = round(time.perf_counter() - t0, 2)
+    return {"folder": str(folder), "seconds": seconds}
+
+
+def _fill(template: Path, graph: nn.Module, dest: Path) -> None:
+    """Write ``template`` with its initializers replaced by ``graph``'s state dict into ``dest``.
+
+    Raises
+    ------
+    ValueError
+        When an initializer is missing or has another shape (the caller then traces afresh).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(template))
+    state = {k: v.detach().cpu().float().numpy() for k, v in graph.state_dict().items()}
+    seen = set()
+    for init in model.graph.initializer:
+        arr = state.get(init.name)
+        if arr is None:
+            continue
+        if tuple(init.dims) != arr.shape:
+            raise ValueError(f"{init.name} has shape {tuple(init.dims)} in the traced graph, {arr.shape} now")
+        old = numpy_helper.to_array(init)
+        init.CopyFrom(numpy_helper.from_array(arr.astype(old.dtype), init.name))
+        seen.add(init.name)
+    missing = set(state) - seen
+    if missing:
+        raise ValueError(f"the traced graph lacks {sorted(missing)[0]}")
+    onnx.save(model, str(dest))
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
 
@@ -134,6 +215,7 @@ def export_model(
     *,
     check_shapes: tuple[tuple[int, int, int], ...] = ((1, 64, 96), (2, 96, 64)),
     seed: int = 0,
+    graphs: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``generator.onnx``, ``dpm.onnx`` (when a decoder is given) and ``model.json``.
 
@@ -151,12 +233,24 @@ def export_model(
         Random inputs on which onnxruntime is compared with PyTorch (multiples of 32).
     seed : int
         Seed of the random check inputs.
+    graphs : path, optional
+        Folder written by :func:`trace_graphs`: fill its graphs with the weights instead of tracing.
 
     Returns
     -------
     dict
-        Paths, export seconds per file, max abs error ORT vs torch per file, opset.
+        Paths, export seconds per file, max abs error ORT vs torch per file, opset, and ``traced``
+        (False when the pre-traced graphs were filled).
     """
+    if graphs is not None:
+        try:
+            return _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, Path(graphs))
+        except (ValueError, OSError) as exc:
+            warnings.warn(f"The pre-traced ONNX graphs could not be reused ({exc}); tracing afresh.", stacklevel=2)
+    return _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, None)
+
+
+def _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, graphs: Path | None) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = _cpu_copy(generator)
@@ -171,10 +265,13 @@ def export_model(
     tmp = _tmp(gen_path)
     t0 = time.perf_counter()
     try:
-        _export(
-            _GeneratorGraph(g), (example,), tmp, ["input"], ["output", *names],
-            {"input": {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}},
-        )
+        if graphs is not None:
+            _fill(graphs / "generator.onnx", _GeneratorGraph(g), tmp)
+        else:
+            _export(
+                _GeneratorGraph(g), (example,), tmp, ["input"], ["output", *names],
+                {"input": {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}},
+            )
         _set_metadata(tmp, card, {"role": "generator", "feature_names": names})
         os.replace(tmp, gen_path)
     finally:
@@ -196,7 +293,10 @@ def export_model(
         tmp = _tmp(dpm_path)
         t0 = time.perf_counter()
         try:
-            _export(_DPMGraph(d), tuple(feats), tmp, names, ["dpm"], shapes)
+            if graphs is not None:
+                _fill(graphs / "dpm.onnx", _DPMGraph(d), tmp)
+            else:
+                _export(_DPMGraph(d), tuple(feats), tmp, names, ["dpm"], shapes)
             _set_metadata(tmp, card, {"role": "dpm", "feature_names": names})
             os.replace(tmp, dpm_path)
         finally:
@@ -214,6 +314,9 @@ def export_model(
 
     result["max_abs_error"] = verify_export(g, dpm_decoder and _cpu_copy(dpm_decoder), gen_path, dpm_path,
                                             check_shapes, seed)
+    result["traced"] = graphs is None
+    if graphs is not None and max(result["max_abs_error"].values()) > 1e-3:
+        raise ValueError(f"the filled graphs differ from PyTorch by {max(result['max_abs_error'].values()):.2g}")
     import onnx
 
     result["opset"] = int(next(o.version for o in onnx.load(str(gen_path), load_external_data=False).opset_import

@@ -13,11 +13,32 @@ Phases, in order (the phase is saved in the checkpoint, so ``--resume`` continue
    features) learns the uniform defocus of each pair with an L2 loss (Adam 1e-4).
 3. ``export`` -- final validation table, ``generator.onnx``, ``dpm.onnx``, ``model.json``.
 
-Budgets: ``iterations`` and ``minutes`` bound the GAN phase (whichever ends first; both count the
-whole run across resumes; minutes are wall-clock including validations, checked after each
-iteration, so a run overshoots by at most one iteration and the phase's final validation); ``dpm_iterations`` / ``dpm_minutes`` bound the DPM phase (default: a
-quarter of the GAN phase's budget, at least 20 updates). Stopping (SIGINT, SIGTERM or a file
-``MODEL_DIR/STOP``) writes ``MODEL_DIR/checkpoint.pt`` and returns the ``stopped`` status.
+Start (:mod:`.parent`): without ``init_from`` the run fine-tunes from the bundled model whose card
+matches the dataset (modality, one channel, pixel size within 10 %, range inside the model's), with
+fine-tuning defaults (lr 1e-4, cosine decay, no discriminator -- the bundled model was trained
+without one -- and the parent's DPM target); ``from_scratch`` opts out and trains the bundled
+architecture (base 16, max 64 channels) with the paper's settings (lr 5e-4 constant, LSGAN).
+
+Budget: ``minutes`` bounds the WHOLE run -- setup, generator, DPM decoder, final validation and
+export -- counted across resumes, and is split like this: setup (opening data, loading the parent,
+tracing the ONNX graphs, scoring the parent) runs first and is measured; a reserve for the end
+(final validation + filling the traced graphs with the trained weights + their check in
+onnxruntime + the last checkpoint), estimated from the measured validation and export-check times,
+is set aside; of the rest the generator gets 75 % and the DPM decoder 25 % (``dpm_minutes`` fixes
+the DPM share instead; with ``dpm_iterations=0`` the generator gets it all). Each phase stops
+before an iteration or a validation that would not fit, using the measured duration of the last
+ones, so the run ends within a few percent of the budget. Without ``minutes``, ``iterations`` and
+``dpm_iterations`` count updates as in the paper; with neither, the run gets 10 minutes.
+Checkpoints: at each validation, at least every :data:`CHECKPOINT_EVERY_S` (120 s) of training, at
+each phase change and on a stop. Stopping (SIGINT, SIGTERM or a file ``MODEL_DIR/STOP``) writes
+``MODEL_DIR/checkpoint.pt`` and returns the ``stopped`` status; ``--resume`` continues it, and on a
+finished run either says it is finished or, given a larger budget, trains on.
+
+Validation: every ``val_every`` iterations and, with a time budget, at least every tenth of it; the
+best generator by validation BerHu is exported. The validation set is what the data source says it
+is (held-out fields, a held-out region of a single field with a gap of at least the receptive field,
+or simulated pairs); a fine-tune is scored with its parent on the same pairs before training, and
+the export says which of the two is better.
 
 Protocol: :func:`train` calls ``emit(dict)`` for every event; ``__main__`` prints them as JSON lines.
 """
@@ -25,6 +46,7 @@ Protocol: :func:`train` calls ``emit(dict)`` for every event; ``__main__`` print
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -43,6 +65,7 @@ import torch
 from . import losses as L
 from .data import DatasetError, Source, bin_of, defocus_bins, open_source
 from .nets import TILE_MULTIPLE, Discriminator, DPMDecoder, Generator, count_parameters
+from .parent import Parent, choose_parent, mismatches, resolve_parent
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -66,10 +89,12 @@ class TrainConfig:
     out : str
         Model folder.
     iterations, minutes : optional
-        GAN-phase budget (whichever ends first). Neither: the paper's 100 000 iterations.
+        ``minutes`` bounds the whole run (see the module docstring for the split); ``iterations``
+        the GAN phase's iterations (whichever ends first). Neither: 10 minutes.
     dpm_iterations, dpm_minutes : optional
-        DPM-phase budget. Neither: a quarter of the GAN budget (``g_steps * iterations / 4`` updates
-        or ``minutes / 4``), at least 20 updates. ``dpm_iterations=0`` skips the DPM decoder.
+        DPM-phase budget. Neither: 25 % of the training time with ``minutes``, else a quarter of
+        the GAN updates (``g_steps * iterations / 4``), at least 20. ``dpm_iterations=0`` skips the
+        DPM decoder.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     base, max_channels, d_base : int
@@ -79,13 +104,15 @@ class TrainConfig:
     g_steps, d_steps : int
         Generator and discriminator updates per iteration.
     lr_g, lr_d, lr_dpm : float
-        Adam learning rates.
-    lr_schedule : str
-        ``constant`` (paper) or ``cosine`` (decays to 5 % over the budget).
+        Adam learning rates (``lr_g`` None: 1e-4 fine-tuning, 5e-4 from scratch).
+    lr_schedule : str, optional
+        ``constant`` (paper) or ``cosine`` (decays to 5 % over the budget); None: cosine when
+        fine-tuning, constant from scratch.
     clip : float
         Gradient-norm clip for every network.
-    gan : bool
-        Use the discriminator and the adversarial term.
+    gan : bool, optional
+        Use the discriminator and the adversarial term (None: only from scratch -- a fresh
+        discriminator would pull a fine-tuned generator away from its parent).
     adv_weight, msssim_weight, berhu_weight : float
         lambda, nu, xi of the generator loss.
     balance : str
@@ -102,10 +129,12 @@ class TrainConfig:
         0 disables).
     seed : int
         Seed of weights, sampling and augmentation.
-    bf16 : bool
-        bfloat16 autocast for forward/backward (about 1.5x faster on CPUs with AVX512-BF16).
+    bf16 : bool, optional
+        bfloat16 autocast for forward/backward. None: on where the hardware runs bf16 natively (CPU
+        flags ``avx512_bf16`` or ``amx_bf16``; a CUDA GPU with bf16), off elsewhere, where it is
+        emulated and many times slower.
     threads : int, optional
-        torch intra-op threads.
+        torch intra-op threads (default: the CPUs this process may use).
     workers : int
         Synthetic-data worker processes.
     log_every : int
@@ -118,9 +147,12 @@ class TrainConfig:
         Model card inference defaults (default: 1024, and an overlap of at least 96 px that covers
         twice the geometric blur radius at the edge of the defocus range).
     init_from : str, optional
-        Fine-tuning: start the generator (and the DPM decoder, when its defocus range matches) from
-        an exported model folder / ``generator.onnx`` or a ``checkpoint.pt`` / ``best.pt``; the
-        network width is taken from it. Optimisers, budgets and iteration counts start fresh.
+        Fine-tuning: start the generator and the DPM decoder from a model name (model search path),
+        a model folder / ``generator.onnx`` or a ``checkpoint.pt`` / ``best.pt``; the network width
+        is taken from it. Optimisers, budgets and iteration counts start fresh. None: the bundled
+        model whose card matches the dataset, if any (see :mod:`.parent`).
+    from_scratch : bool
+        Do not start from any model.
     """
 
     dataset: str = ""
@@ -131,18 +163,18 @@ class TrainConfig:
     dpm_minutes: float | None = None
     device: str = "auto"
     base: int = 16
-    max_channels: int = 512
+    max_channels: int = 64
     d_base: int = 16
     patch: int | None = None
     batch: int = 5
     g_steps: int = 6
     d_steps: int = 3
-    lr_g: float = 5e-4
+    lr_g: float | None = None
     lr_d: float = 1e-6
     lr_dpm: float = 1e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str | None = None
     clip: float = 1.0
-    gan: bool = True
+    gan: bool | None = None
     adv_weight: float = 0.1
     msssim_weight: float = 5.0
     berhu_weight: float = 1.0
@@ -153,7 +185,7 @@ class TrainConfig:
     patience: int = 20
     dpm_target: str = "auto"
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | None = None
     threads: int | None = None
     workers: int = 1
     log_every: int = 1
@@ -165,6 +197,7 @@ class TrainConfig:
     overlap: int | None = None
     extra_card: dict = field(default_factory=dict)
     init_from: str | None = None
+    from_scratch: bool = False
 
     def validate(self) -> None:
         """Raise :class:`DatasetError`-style ValueErrors for impossible settings (one sentence)."""
@@ -176,7 +209,7 @@ class TrainConfig:
             raise ValueError(f"--patch must be a positive multiple of {TILE_MULTIPLE}.")
         if self.batch < 1 or self.g_steps < 1 or self.d_steps < 0:
             raise ValueError("--batch and --g-steps must be at least 1 and --d-steps at least 0.")
-        if self.lr_schedule not in ("constant", "cosine"):
+        if self.lr_schedule not in (None, "constant", "cosine"):
             raise ValueError("--lr-schedule must be constant or cosine.")
         if self.balance not in ("fixed", "auto"):
             raise ValueError("--balance must be fixed or auto.")
@@ -194,6 +227,8 @@ class TrainConfig:
             raise ValueError("--dpm-minutes must be positive.")
         for name in ("lr_g", "lr_d", "lr_dpm", "clip"):
             v = getattr(self, name)
+            if v is None and name == "lr_g":
+                continue
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number.")
         for name in ("adv_weight", "msssim_weight", "berhu_weight"):
@@ -202,10 +237,41 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be zero or a positive number.")
         if self.base < 1 or self.max_channels < self.base or self.d_base < 1:
             raise ValueError("--base and --d-base must be at least 1 and --max-channels at least --base.")
+        if self.from_scratch and self.init_from:
+            raise ValueError("--from-scratch and --init-from contradict each other; give one of them.")
 
 
 # Wall-clock seconds between checkpoints written besides those at each validation.
-CHECKPOINT_EVERY_S = float(os.environ.get("DEEPR_CHECKPOINT_EVERY_S", 300))
+CHECKPOINT_EVERY_S = float(os.environ.get("DEEPR_CHECKPOINT_EVERY_S", 120))
+DEFAULT_MINUTES = 10.0
+GAN_SHARE = 0.75
+"""Share of the training time (after setup and the end reserve) that goes to the generator."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 natively (else autocast emulates it, many times slower).
+
+    CPU: the ``avx512_bf16`` or ``amx_bf16`` flags of ``/proc/cpuinfo`` (Linux); elsewhere False.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class Stopped(Exception):
@@ -347,8 +413,11 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, emit: Callable[[dict], None], resume: bool = False,
-                 redo_dpm: bool = False) -> None:
+                 redo_dpm: bool = False, t0: float | None = None) -> None:
         self.emit_raw = emit
+        # Wall clock of this process's start: --minutes counts everything from there.
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.used_before = 0.0
         self.out = Path(config.out)
         if self.out.exists() and not self.out.is_dir():
             raise DatasetError(f"The model folder {self.out} is a file; choose a folder name.")
@@ -360,6 +429,8 @@ class Trainer:
         self.ckpt_path = self.out / CHECKPOINT
         self.saved: dict | None = None
         self.warnings: list[str] = []
+        self.notes: list[str] = []
+        self.already_finished = False
         if resume:
             if not self.ckpt_path.exists():
                 raise DatasetError(f"There is no checkpoint to resume in {self.out}.")
@@ -374,33 +445,66 @@ class Trainer:
             base["dataset"] = config.dataset
             base["out"] = config.out
             config = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
-        init_weights = None
-        if self.saved is None and config.init_from:
-            init_weights = load_init_weights(config.init_from)
-            base_w, cap = init_architecture(init_weights[0])
-            config = dataclasses.replace(config, base=base_w, max_channels=cap)
+            self.used_before = float(dict(self.saved.get("elapsed") or {}).get("total", 0.0))
         config.validate()
-        self.cfg = config
-        if config.threads:
-            torch.set_num_threads(int(config.threads))
-        self.device = _resolve_device(config.device)
+        self.status("opening the dataset")
         restart = int(self.saved["restarts"]) + 1 if self.saved else 0
         self.restarts = restart
         self.source: Source = open_source(config.dataset, config.patch, seed=config.seed, workers=config.workers,
                                           val_pairs=config.val_pairs, restart=restart)
+        try:
+            self._setup(config, redo_dpm)
+        except BaseException:
+            self.source.close()
+            raise
+
+    def _setup(self, config: TrainConfig, redo_dpm: bool) -> None:
         self.warnings += getattr(self.source, "warnings", [])
         self.patch = self.source.patch
         self.range_um = float(self.source.info["range_um"])
+        init_weights = None
+        self.parent: Parent | None = None
+        if self.saved is None:
+            if config.init_from:
+                self.status(f"loading {config.init_from}")
+                self.parent = resolve_parent(config.init_from)
+                refusals, warns = mismatches(self.parent.card, self.source.info, config.modality)
+                if refusals:
+                    raise DatasetError(refusals[0])
+                self.warnings += warns
+            elif not config.from_scratch:
+                self.parent, note = choose_parent(self.source.info, config.modality)
+                (self.notes if self.parent else self.warnings).append(note)
+            if self.parent is not None:
+                init_weights = load_init_weights(self.parent.weights)
+                base_w, cap = init_architecture(init_weights[0])
+                config = dataclasses.replace(config, base=base_w, max_channels=cap, init_from=str(self.parent.weights))
+            config = self._defaults(config)
+        else:
+            p = self.saved.get("parent")
+            if isinstance(p, dict) and p.get("weights"):
+                self.parent = Parent(Path(p["weights"]), p.get("name", ""), dict(p.get("card") or {}), bool(p.get("auto")))
+        config.validate()
+        self.cfg = config
+        self.threads = int(config.threads or available_cpus())
+        torch.set_num_threads(self.threads)
+        self.device = _resolve_device(config.device)
+        self.native_bf16 = native_bf16(self.device)
+        self.bf16 = self.native_bf16 if config.bf16 is None else bool(config.bf16)
+        if config.bf16 and not self.native_bf16:
+            self.warnings.append("This processor has no native bfloat16 (avx512_bf16/amx), so --bf16 is emulated and "
+                                 "much slower than float32; leave it off here.")
         torch.manual_seed(config.seed)
-        self.rng = np.random.default_rng([config.seed, restart])
+        self.rng = np.random.default_rng([config.seed, self.restarts])
         random.seed(config.seed)
         # channels_last pays off only with bf16 autocast: measured on a 2-core AVX-512 CPU (base 16,
         # 256 px, batch 5) one fp32 generator step takes 1.4 s NCHW but 6.9 s channels_last, while
         # bf16 takes 0.98 s NCHW and 0.74 s channels_last.
-        self.cl = torch.channels_last if config.bf16 else torch.contiguous_format
+        self.cl = torch.channels_last if self.bf16 else torch.contiguous_format
         # Image channels come from the data (1 gray, 3 for RGB brightfield); the card records them.
         self.channels = int(getattr(self.source, "channels", 1))
-        self.G = Generator(self.channels, config.base, config.max_channels).to(self.device, memory_format=self.cl)
+        self.G = Generator(self.channels, config.base, config.max_channels, init=init_weights is None and not self.saved).to(
+            self.device, memory_format=self.cl)
         self.D = Discriminator(self.channels, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
         self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=(0.9, 0.999))
@@ -410,17 +514,28 @@ class Trainer:
         self.iteration = 0
         self.dpm_iteration = 0
         self.phase = "gan"
-        self.elapsed = {"gan": 0.0, "dpm": 0.0}
+        self.elapsed = {"gan": 0.0, "dpm": 0.0, "setup": 0.0, "export": 0.0, "total": 0.0}
         self.best = {"berhu": math.inf, "iteration": 0, "state": None, "metrics": None}
         self.best_dpm = {"mae": math.inf, "iteration": 0, "state": None}
         self.since_best = 0
         self.history: list[dict] = []
         self._last_dpm_val = -1
         self.last_terms: dict = {}
+        self.parent_eval: dict | None = None
+        self.parent_has_dpm = False
+        self.cost = {"val": None, "val_dpm": None, "export_check": None, "checkpoint": None}
+        self.deadline: dict[str, float | None] = {}
+        self.phase_start: dict[str, float] = {}
+        self.step_s: dict[str, float] = {}
+        self.val_interval_s: float | None = None
+        self._resumed_finished = False
         if init_weights is not None:
-            self._init_weights(*init_weights, source=config.init_from)
+            self._init_weights(*init_weights, source=self.parent.name)
         if self.saved:
             self._restore(self.saved)
+            self.elapsed.setdefault("setup", 0.0)
+            self.elapsed.setdefault("export", 0.0)
+            self.elapsed["total"] = self.used_before
             if redo_dpm:
                 if self.phase == "gan":
                     raise DatasetError("The generator has not finished training, so there is no DPM phase to redo yet.")
@@ -434,17 +549,62 @@ class Trainer:
             else:
                 for group in self.opt_dec.param_groups:
                     group["lr"] = config.lr_dpm
+            if self.phase == "done":
+                self._reopen_finished()
+        self.status("preparing the validation set")
         val = self.source.validation()
         self.val = tuple(np.asarray(a) for a in val)
         z_step = self.source.info.get("z_step_um")
         self.bins = defocus_bins(self.range_um, z_step if isinstance(z_step, (int, float)) else None)
 
+    def _defaults(self, config: TrainConfig) -> TrainConfig:
+        """Fill the settings left open (None) with fine-tuning or from-scratch defaults."""
+        tune = self.parent is not None
+        changes: dict[str, Any] = {}
+        if config.lr_g is None:
+            changes["lr_g"] = 1e-4 if tune else 5e-4
+        if config.lr_schedule is None:
+            changes["lr_schedule"] = "cosine" if tune else "constant"
+        if config.gan is None:
+            changes["gan"] = not tune
+        if config.iterations is None and config.minutes is None:
+            changes["minutes"] = DEFAULT_MINUTES
+            self.notes.append(f"No budget was given, so the run takes {DEFAULT_MINUTES:g} minutes (--minutes).")
+        if config.dpm_target == "auto" and tune and self.parent.dpm_target:
+            # The child keeps what its parent's DPM means; switching silently flipped users' maps.
+            changes["dpm_target"] = self.parent.dpm_target
+        return dataclasses.replace(config, **changes)
+
+    def _reopen_finished(self) -> None:
+        """``--resume`` on a finished run: say so, or train on when the budget was raised."""
+        cfg = self.cfg
+        more_time = cfg.minutes is not None and 60.0 * cfg.minutes - self.used_before > 30.0
+        more_its = cfg.iterations is not None and cfg.iterations > self.iteration and cfg.minutes is None
+        done_txt = (f"{self.iteration} iterations, {self.used_before / 60:.1f} minutes"
+                    + (f" of {cfg.minutes:g}" if cfg.minutes else ""))
+        if more_time or more_its:
+            self.notes.append(f"This run had finished ({done_txt}); it trains on with the larger budget.")
+            self.phase = "gan"
+            self._resumed_finished = True
+        else:
+            self.already_finished = True
+            self.notes.append(f"This run already finished ({done_txt}); pass --resume with a larger --minutes "
+                              "or --iterations to train it further.")
+
     # ------------------------------------------------------------------ helpers
+    def status(self, message: str) -> None:
+        """A progress line during setup (the first one within a second of the start)."""
+        self.emit("status", phase="setup", message=message, elapsed_s=round(time.monotonic() - self.t0, 2))
+
+    def used(self) -> float:
+        """Seconds of this run so far, across resumes (the clock ``--minutes`` is measured on)."""
+        return self.used_before + time.monotonic() - self.t0
+
     def emit(self, event: str, **fields: Any) -> None:
         self.emit_raw(_clean({"event": event, **fields}))
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _to(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device).contiguous(memory_format=self.cl)
@@ -453,50 +613,111 @@ class Trainer:
         x, y, z = self.source.sample(self.rng, n or self.cfg.batch)
         return self._to(x), self._to(y), torch.from_numpy(z).to(self.device)
 
-    def _budget(self) -> tuple[int | None, float | None]:
-        it, mins = self.cfg.iterations, self.cfg.minutes
-        if it is None and mins is None:
-            it = 100_000
-        return it, mins
+    # ------------------------------------------------------------------ budget
+    def _gan_its(self) -> int | None:
+        return self.cfg.iterations
 
-    def _dpm_budget(self) -> tuple[int | None, float | None]:
-        it, mins = self.cfg.dpm_iterations, self.cfg.dpm_minutes
-        if it is None and mins is None:
-            g_it, g_min = self.cfg.iterations, self.cfg.minutes
-            if g_min is not None:
-                mins = g_min / 4.0
-            if g_it is not None:
-                it = max(20, g_it * self.cfg.g_steps // 4)
-            if g_it is None and g_min is None:
-                it = max(20, self._budget()[0] * self.cfg.g_steps // 4)
-        return it, mins
+    def _dpm_its(self) -> int | None:
+        it = self.cfg.dpm_iterations
+        if it is None and self.cfg.minutes is None and self.cfg.dpm_minutes is None:
+            it = max(20, (self.cfg.iterations or 0) * self.cfg.g_steps // 4)
+        return it
+
+    def _dpm_skipped(self) -> bool:
+        return self.cfg.dpm_iterations == 0
+
+    def end_reserve(self) -> float:
+        """Seconds set aside for the end: final validation, export fill-in and check, last checkpoint."""
+        val = self.cost["val_dpm"] or self.cost["val"] or 5.0
+        check = self.cost["export_check"] if self.cost["export_check"] is not None else 3.0
+        ckpt = self.cost["checkpoint"] or 0.5
+        # Both were measured on this machine during setup or the last validation (a dry export
+        # runs in setup), so small margins suffice.
+        return 1.1 * val + 1.1 * check + ckpt + 0.3 if self.cfg.export else 1.1 * val + ckpt + 0.3
+
+    def _plan(self, phase: str) -> None:
+        """Set the phase's deadline on the run clock (see the module docstring for the split)."""
+        cfg = self.cfg
+        now = self.used()
+        self.phase_start[phase] = now
+        deadline = None
+        if cfg.minutes is not None:
+            end = 60.0 * cfg.minutes - self.end_reserve()
+            if phase == "gan":
+                if self._dpm_skipped():
+                    deadline = end
+                elif cfg.dpm_minutes is not None:
+                    deadline = end - 60.0 * cfg.dpm_minutes
+                else:
+                    deadline = now + GAN_SHARE * max(0.0, end - now)
+            else:
+                deadline = end
+        elif phase == "dpm" and cfg.dpm_minutes is not None:
+            deadline = now + 60.0 * cfg.dpm_minutes
+        elif phase == "gan" and cfg.dpm_minutes is not None and cfg.iterations is None:
+            deadline = None
+        self.deadline[phase] = deadline
+        if phase == "gan" and deadline is not None and deadline - now < 10 * (self.step_s.get("gan") or 1.0):
+            self.emit("warning", message=f"Setup took {now:.0f} s of the {60 * cfg.minutes:.0f}-s budget, which leaves "
+                      "almost no time to train; give a larger --minutes.")
+        if phase == "gan" and cfg.minutes is not None:
+            # Validate at least every tenth of the budget (and no more often than 4x its cost).
+            self.val_interval_s = max(6.0 * cfg.minutes, 4.0 * (self.cost["val"] or 1.0))
+        self.emit("plan", phase=phase, deadline_s=deadline, budget_s=60.0 * cfg.minutes if cfg.minutes else None,
+                  used_s=round(now, 2), reserve_s=round(self.end_reserve(), 2),
+                  iterations=self._gan_its() if phase == "gan" else self._dpm_its())
 
     def _fraction(self, phase: str) -> float:
-        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        its = self._gan_its() if phase == "gan" else self._dpm_its()
         done = self.iteration if phase == "gan" else self.dpm_iteration
         f = 0.0
-        if it_b:
-            f = max(f, done / it_b)
-        if min_b:
-            f = max(f, self.elapsed[phase] / (60.0 * min_b))
+        if its:
+            f = max(f, done / its)
+        dl = self.deadline.get(phase)
+        if dl is not None:
+            start = self.phase_start.get(phase, 0.0)
+            f = max(f, (self.used() - start) / max(dl - start, 1e-6))
         return min(f, 1.0)
 
     def _finished(self, phase: str) -> bool:
-        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        its = self._gan_its() if phase == "gan" else self._dpm_its()
         done = self.iteration if phase == "gan" else self.dpm_iteration
-        if it_b is not None and done >= it_b:
+        if its is not None and done >= its:
             return True
-        return bool(min_b is not None and self.elapsed[phase] >= 60.0 * min_b)
+        dl = self.deadline.get(phase)
+        if dl is None:
+            return False
+        # Stop before an iteration that would not fit, keeping room for the phase's last validation.
+        final_val = (self.cost["val"] if phase == "gan" else self.cost["val_dpm"]) or 0.0
+        return self.used() + self.step_s.get(phase, 0.0) + final_val > dl
+
+    def _past_deadline(self, phase: str) -> bool:
+        dl = self.deadline.get(phase)
+        if dl is None:
+            return False
+        one = self.step_s.get(phase, 0.0) / max(1, self.cfg.g_steps + (self.cfg.d_steps if self.cfg.gan else 0))
+        return self.used() + one + (self.cost["val"] or 0.0) > dl
+
+    def _fits(self, phase: str, seconds: float | None) -> bool:
+        """Whether ``seconds`` more work still fits before the phase's deadline."""
+        dl = self.deadline.get(phase)
+        return dl is None or self.used() + (seconds or 0.0) + self.step_s.get(phase, 0.0) <= dl
 
     def _eta(self, phase: str, rate: float) -> float | None:
-        it_b, min_b = self._budget() if phase == "gan" else self._dpm_budget()
+        """Seconds until the whole run (both phases and the export) ends."""
+        if self.cfg.minutes is not None:
+            return max(0.0, 60.0 * self.cfg.minutes - self.used())
+        its = self._gan_its() if phase == "gan" else self._dpm_its()
         done = self.iteration if phase == "gan" else self.dpm_iteration
-        etas = []
-        if it_b is not None and rate > 0:
-            etas.append((it_b - done) / rate)
-        if min_b is not None:
-            etas.append(60.0 * min_b - self.elapsed[phase])
-        return max(0.0, min(etas)) if etas else None
+        if its is None or rate <= 0:
+            dl = self.deadline.get(phase)
+            return max(0.0, dl - self.used()) if dl is not None else None
+        eta = (its - done) / rate
+        if phase == "gan" and not self._dpm_skipped():
+            dpm_its = self._dpm_its()
+            if dpm_its:
+                eta += dpm_its * self.step_s.get("gan", 1.0 / rate) / (2 * max(self.cfg.g_steps, 1))
+        return eta + self.end_reserve()
 
     def _set_lr(self) -> None:
         if self.cfg.lr_schedule != "cosine":
@@ -508,14 +729,26 @@ class Trainer:
                 group["lr"] = lr * scale
 
     def _init_weights(self, gen: dict, dec: dict | None, source: str) -> None:
-        """Load generator (and matching DPM decoder) weights for fine-tuning; see ``init_from``."""
+        """Load the parent's generator and DPM decoder for fine-tuning; see ``init_from``.
+
+        The decoder is kept whenever it predicts what this run's decoder must (same DPM target),
+        also for another defocus range: its scale buffer (``range_um``) comes with it, so its output
+        stays in micrometres.
+        """
         self.G.load_state_dict(gen)
-        if dec is not None and abs(float(dec["range_um"]) - float(self.Dec.range_um)) < 1e-6:
+        parent_target = self.parent.dpm_target if self.parent is not None else None
+        want = "signed" if self.dpm_signed else "magnitude"
+        if dec is not None and (parent_target is None or parent_target == want):
             self.Dec.load_state_dict(dec)
+            self.parent_has_dpm = True
             dpm_note = "and DPM decoder"
         else:
-            dpm_note = "(DPM decoder fresh: none, or trained for another defocus range)"
-        self.emit("init", source=str(source), note=f"generator {dpm_note} start from {source}")
+            self.parent_has_dpm = False
+            dpm_note = ("(DPM decoder fresh: the parent has none)" if dec is None else
+                        f"(DPM decoder fresh: the parent's predicts {parent_target} defocus, this run {want})")
+        self.emit("init", source=str(source), path=str(self.parent.weights if self.parent else source),
+                  auto=bool(self.parent and self.parent.auto),
+                  note=f"generator {dpm_note} start from {source}")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -525,7 +758,7 @@ class Trainer:
             "phase": self.phase,
             "iteration": self.iteration,
             "dpm_iteration": self.dpm_iteration,
-            "elapsed": dict(self.elapsed),
+            "elapsed": dict(self.elapsed, total=self.used()),
             "generator": self.G.state_dict(),
             "discriminator": self.D.state_dict(),
             "dpm": self.Dec.state_dict(),
@@ -544,6 +777,12 @@ class Trainer:
             },
             "restarts": self.restarts,
             "source": {k: v for k, v in self.source.info.items() if k != "provenance"},
+            "parent": None if self.parent is None else {
+                "weights": str(self.parent.weights), "name": self.parent.name, "card": self.parent.card,
+                "auto": self.parent.auto},
+            "parent_eval": self.parent_eval,
+            "cost": dict(self.cost),
+            "parent_has_dpm": self.parent_has_dpm,
         }
 
     def _restore(self, s: dict) -> None:
@@ -563,13 +802,20 @@ class Trainer:
         self.best_dpm = s["best_dpm"]
         self.since_best = int(s["since_best"])
         self.history = list(s["history"])
+        self.parent_eval = s.get("parent_eval")
+        self.cost.update({k: v for k, v in dict(s.get("cost") or {}).items() if k in self.cost})
+        self.parent_has_dpm = bool(s.get("parent_has_dpm", False))
         torch.set_rng_state(s["rng"]["torch"])
         self.rng.bit_generator.state = s["rng"]["numpy"]
         random.setstate(s["rng"]["python"])
 
     def save_checkpoint(self, reason: str) -> Path:
         """Write the resumable ``checkpoint.pt`` atomically and announce it."""
+        t0 = time.monotonic()
         _atomic_save(self._state(), self.ckpt_path)
+        dt = time.monotonic() - t0
+        self.cost["checkpoint"] = max(dt, self.cost["checkpoint"] or 0.0)
+        self._last_save = time.monotonic()
         self.emit("checkpoint", path=str(self.ckpt_path), kind="resume", reason=reason, phase=self.phase,
                   iteration=self.iteration, dpm_iteration=self.dpm_iteration)
         return self.ckpt_path
@@ -602,7 +848,10 @@ class Trainer:
         for s in range(0, n, bs):
             x = self._to(x_all[s:s + bs])
             y = self._to(y_all[s:s + bs])
-            out, feats = self.G.forward_with_features(x)
+            # Same precision as training (bf16 where native): fp32 on channels-last weights is ~5x slower.
+            with self._autocast():
+                out, feats = self.G.forward_with_features(x)
+            out = out.float()
             outputs[s:s + bs] = out.float().cpu().numpy()
             sl = slice(s, s + len(x))
             rec["berhu_in"][sl] = L.berhu(x, y, self.cfg.berhu_frac, reduce=False).cpu().numpy()
@@ -612,7 +861,8 @@ class Trainer:
             rec["rmse_in"][sl] = ((x - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
             rec["rmse_out"][sl] = ((out - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
             if with_dpm:
-                dpm = self.Dec(*feats).float()
+                with self._autocast():
+                    dpm = self.Dec(*feats).float()
                 z = self._dpm_target(torch.as_tensor(z_all[sl], device=self.device))
                 # Scored where the in-focus target has structure (same rule as the training weight).
                 mask = (L.structure_weight(y, floor=0.0) > 0).float()
@@ -706,7 +956,9 @@ class Trainer:
                 if stop.requested():
                     raise Stopped
             self.D.requires_grad_(False)
-        for _ in range(cfg.g_steps):
+        for step in range(cfg.g_steps):
+            if step and self._past_deadline("gan"):
+                break  # a slow machine: end the iteration early rather than overrun the budget
             x, y, _ = self._batch()
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
@@ -729,8 +981,11 @@ class Trainer:
         return terms_sum
 
     def _validate_gan(self) -> None:
+        t0 = time.monotonic()
         m = self.evaluate()
         preview = self.write_preview(m.pop("_preview"), f"val_{self.iteration:07d}")
+        self.cost["val"] = time.monotonic() - t0
+        self._last_val = time.monotonic()
         improved = m["berhu"] < self.best["berhu"]
         if improved:
             self.best = {"berhu": m["berhu"], "iteration": self.iteration,
@@ -754,14 +1009,27 @@ class Trainer:
         if early:
             self.early_stopped = True
 
+    def _step_time(self, phase: str, dt: float) -> None:
+        # The larger of the last step and the running mean: a slow step (a validation's cache
+        # misses, a busy machine) makes the deadline check more careful at once.
+        ema = self.step_s.get(phase)
+        ema = dt if ema is None else 0.8 * ema + 0.2 * dt
+        self.step_s[phase] = max(ema, dt)
+
+    def _val_due(self, phase: str, count: int, every: int) -> bool:
+        if count % every == 0:
+            return True
+        return bool(self.val_interval_s and time.monotonic() - self._last_val > self.val_interval_s)
+
     def run_gan(self, stop: _StopWatch) -> None:
         cfg = self.cfg
         self.G.train()
         self.D.train()
         self.early_stopped = False
         self._last_save = time.monotonic()
+        self._last_val = time.monotonic()
         rate = 0.0
-        it_b, _ = self._budget()
+        it_b = self._gan_its()
         while not self._finished("gan") and not self.early_stopped:
             self._set_lr()
             t0 = time.perf_counter()
@@ -771,20 +1039,19 @@ class Trainer:
                 self.elapsed["gan"] += time.perf_counter() - t0
             self.iteration += 1
             dt = time.perf_counter() - t0
+            self._step_time("gan", dt)
             rate = 1.0 / dt if rate == 0 else 0.8 * rate + 0.2 / dt
             self.last_terms = terms
             if self.iteration % cfg.log_every == 0 or self.iteration == 1:
                 self.emit("progress", phase="gan", iteration=self.iteration, iterations=it_b,
                           losses=terms, it_s=rate, pairs_s=rate * cfg.batch * (cfg.g_steps + (cfg.d_steps if cfg.gan else 0)),
-                          eta_s=self._eta("gan", rate), elapsed_s=self.elapsed["gan"],
-                          lr_g=self.opt_g.param_groups[0]["lr"])
-            if self.iteration % cfg.val_every == 0:
+                          eta_s=self._eta("gan", rate), elapsed_s=self.elapsed["gan"], run_s=self.used(),
+                          fraction=self._fraction("gan"), lr_g=self.opt_g.param_groups[0]["lr"])
+            if self._val_due("gan", self.iteration, cfg.val_every) and self._fits("gan", 2 * (self.cost["val"] or 0)):
                 self._timed(self._validate_gan, "gan")
-                self._last_save = time.monotonic()
             elif time.monotonic() - self._last_save > CHECKPOINT_EVERY_S:
-                # A run killed (-9, power loss) before its first validation still resumes from here.
+                # A run killed (-9, power loss) between validations still resumes from here.
                 self.save_checkpoint("periodic")
-                self._last_save = time.monotonic()
             if stop.requested():
                 raise Stopped
         if not self.history or self.history[-1]["iteration"] != self.iteration:
@@ -800,7 +1067,11 @@ class Trainer:
 
     @property
     def dpm_signed(self) -> bool:
-        """Whether the DPM decoder learns signed defocus (else its magnitude)."""
+        """Whether the DPM decoder learns signed defocus (else its magnitude).
+
+        ``auto`` was resolved when the run started: a fine-tune keeps its parent's target; a run
+        from scratch learns the sign only when the data source says the optics make it visible.
+        """
         mode = self.cfg.dpm_target
         if mode == "auto":
             return bool(self.source.info.get("dpm_sign_meaningful", False))
@@ -823,12 +1094,16 @@ class Trainer:
         cfg = self.cfg
         self._load_best_generator()
         self.Dec.train()
-        it_b, _ = self._dpm_budget()
+        it_b = self._dpm_its()
         if it_b == 0:
             return
         rate = 0.0
         scale = max(self.range_um, 1e-3)
         val_every = max(1, cfg.val_every * cfg.g_steps // 2)
+        self._last_save = time.monotonic()
+        self._last_val = time.monotonic()
+        if self.cost["val_dpm"] is None and self.cost["val"] is not None:
+            self.cost["val_dpm"] = 1.3 * self.cost["val"]  # the DPM validation also runs the decoder
         while not self._finished("dpm"):
             t0 = time.perf_counter()
             x, y, z = self._batch()
@@ -845,24 +1120,31 @@ class Trainer:
             self.opt_dec.step()
             self.dpm_iteration += 1
             dt = time.perf_counter() - t0
+            self._step_time("dpm", dt)
             self.elapsed["dpm"] += dt
             rate = 1.0 / dt if rate == 0 else 0.8 * rate + 0.2 / dt
             if self.dpm_iteration % cfg.log_every == 0 or self.dpm_iteration == 1:
                 mae = float(L.weighted_mean((pred.detach().float() - target).abs(), weight))
                 self.emit("progress", phase="dpm", iteration=self.dpm_iteration, iterations=it_b,
                           losses={"l2": float(loss.detach()), "mae_um": mae}, it_s=rate,
-                          eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"])
-            if self.dpm_iteration % val_every == 0:
+                          eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"], run_s=self.used(),
+                          fraction=self._fraction("dpm"))
+            if self._val_due("dpm", self.dpm_iteration, val_every) and self._fits("dpm", 2 * (self.cost["val_dpm"] or 0)):
                 self._timed(self._validate_dpm, "dpm")
+            elif time.monotonic() - self._last_save > CHECKPOINT_EVERY_S:
+                self.save_checkpoint("periodic")
             if stop.requested():
                 raise Stopped
         if self._last_dpm_val != self.dpm_iteration:
             self._timed(self._validate_dpm, "dpm")
 
     def _validate_dpm(self) -> None:
+        t0 = time.monotonic()
         self._last_dpm_val = self.dpm_iteration
         m = self.evaluate(with_dpm=True)
         m.pop("_preview")
+        self.cost["val_dpm"] = time.monotonic() - t0
+        self._last_val = time.monotonic()
         improved = m["dpm_mae_um"] < self.best_dpm["mae"]
         if improved:
             self.best_dpm = {"mae": m["dpm_mae_um"], "iteration": self.dpm_iteration,
@@ -872,6 +1154,7 @@ class Trainer:
                            "per_z": [{"z_um": r["z_um"], "n": r["n"], "dpm_mae_um": r["dpm_mae_um"]}
                                      for r in m["per_z"]]},
                   best=improved, best_iteration=self.best_dpm["iteration"])
+        self.save_checkpoint("validation")
 
     def card(self, quality: dict, export_dpm: bool) -> dict:
         """The ``model.json`` content for this run."""
@@ -930,7 +1213,14 @@ class Trainer:
                 "gan_iterations": self.iteration,
                 "best_iteration": self.best["iteration"],
                 "dpm_iterations": self.dpm_iteration,
-                "wall_s": {k: round(v, 1) for k, v in self.elapsed.items()},
+                "wall_s": {k: round(v, 1) for k, v in dict(self.elapsed, total=self.used()).items()},
+                "parent": None if self.parent is None else {
+                    "name": self.parent.name, "version": self.parent.card.get("version"),
+                    "path": str(self.parent.weights), "chosen": "automatically (matching card)" if self.parent.auto
+                    else "--init-from"},
+                "budget": {"minutes": self.cfg.minutes, "split": f"setup, then {int(GAN_SHARE * 100)} % generator / "
+                           f"{100 - int(GAN_SHARE * 100)} % DPM decoder of the rest after a reserve for the export"},
+                "precision": "bf16 autocast" if self.bf16 else "float32",
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -949,8 +1239,32 @@ class Trainer:
         card.update(self.cfg.extra_card or {})
         return card
 
+    def _compare(self, m: dict, with_dpm: bool) -> dict | None:
+        """The fine-tune against its parent on the same validation pairs (None without a parent)."""
+        pe = self.parent_eval
+        if not pe:
+            return None
+        pm = pe["metrics"]
+        better = m["ssim_output"] > pm["ssim_output"] and m["berhu"] <= pm["berhu"]
+        words = (f"on the same {m['n']} validation pairs the fine-tuned model is "
+                 f"{'better than' if better else 'NOT better than'} its parent {pe['name']}: SSIM "
+                 f"{m['ssim_output']:.3f} vs {pm['ssim_output']:.3f} (input {m['ssim_input']:.3f}), BerHu "
+                 f"{m['berhu']:.4f} vs {pm['berhu']:.4f}")
+        out = {"parent": pe["name"], "better": bool(better), "ssim_output": m["ssim_output"],
+               "parent_ssim_output": pm["ssim_output"], "berhu": m["berhu"], "parent_berhu": pm["berhu"],
+               "ssim_input": m["ssim_input"], "n": m["n"],
+               "per_z": [{"z_um": r["z_um"], "n": r["n"], "ssim_input": r["ssim_input"], "ssim_output": r["ssim_output"],
+                          "parent_ssim_output": q["ssim_output"]}
+                         for r, q in zip(m["per_z"], pe["per_z"]) if abs(r["z_um"] - q["z_um"]) < 1e-6]}
+        if with_dpm and "dpm_mae_um" in m and pm.get("dpm_mae_um") is not None:
+            out["dpm_mae_um"] = m["dpm_mae_um"]
+            out["parent_dpm_mae_um"] = pm["dpm_mae_um"]
+            words += f", DPM error {m['dpm_mae_um']:.2f} vs {pm['dpm_mae_um']:.2f} µm"
+        out["verdict"] = words[0].upper() + words[1:] + ("." if better else "; keep using the parent for such images.")
+        return out
+
     def run_export(self) -> dict:
-        from .export import export_model
+        from .export import GRAPHS, export_model
 
         self._load_best_generator()
         export_dpm = self.dpm_iteration > 0
@@ -958,21 +1272,117 @@ class Trainer:
             self.Dec.load_state_dict(self.best_dpm["state"])
         m = self.evaluate(with_dpm=export_dpm)
         m.pop("_preview")
+        validation = dict(self.source.info.get("validation") or {})
         quality = {
-            "dataset": "validation split (held-out fields)" if self.source.info["kind"] == "pairs"
-            else "simulated validation pairs (fixed seed)",
+            "dataset": validation.get("description", "validation pairs"),
+            "validation": validation,
             "metric_notes": "SSIM: Gaussian 11-px window, data range of the z-scored target; RMSE and BerHu "
                             "on z-scored images; DPM MAE in µm against the pair's uniform defocus.",
             "mean": {k: v for k, v in m.items() if k != "per_z"},
             "per_z": m["per_z"],
         }
+        comparison = self._compare(m, export_dpm)
+        if comparison is not None:
+            quality["parent_comparison"] = comparison
         card = self.card(quality, export_dpm)
         with _stdout_to_stderr():
-            res = export_model(self.G, self.Dec if export_dpm else None, self.out, card)
-        return res | {"quality": quality}
+            res = export_model(self.G, self.Dec if export_dpm else None, self.out, card, graphs=self._graphs_dir())
+        return res | {"quality": quality, "comparison": comparison}
+
+    def _graphs_dir(self) -> Path | None:
+        """A folder whose ``generator.onnx`` (and ``dpm.onnx``) are traced graphs of this architecture.
+
+        The parent's own ONNX files are such graphs (the exporter names initializers after the state
+        dict), and so is the bundled model for a from-scratch run of its architecture; only other
+        architectures are traced (into ``MODEL_DIR/.graphs``).
+        """
+        from ..engine.model import bundled_models_dir
+        from .export import GRAPHS
+
+        need_dpm = not self._dpm_skipped()
+        cands = [self.out / GRAPHS]
+        if self.parent is not None:
+            w = Path(self.parent.weights)
+            cands.append(w if w.is_dir() else w.parent)
+        b = bundled_models_dir()
+        if b is not None:
+            for sub in sorted(b.iterdir()) if b.is_dir() else []:
+                arch = {}
+                try:
+                    arch = json.loads((sub / "model.json").read_text()).get("architecture") or {}
+                except (OSError, ValueError):
+                    pass
+                if arch.get("base") == self.cfg.base and arch.get("max_channels") == self.cfg.max_channels:
+                    cands.append(sub)
+        for c in cands:
+            if (c / "generator.onnx").is_file() and (not need_dpm or (c / "dpm.onnx").is_file()):
+                return c
+        return None
+
+    def _prepare(self) -> None:
+        """Setup that needs the networks: score the parent, trace the ONNX graphs, measure costs."""
+        from .export import GRAPHS, trace_graphs, verify_export
+
+        if self.saved is None:
+            t0 = time.monotonic()
+            if self.parent is not None:
+                self.status(f"scoring the parent {self.parent.name} on the {len(self.val[2])} validation pairs")
+                m = self.evaluate(with_dpm=self.parent_has_dpm)
+                m.pop("_preview")
+                self.parent_eval = {"name": self.parent.name, "metrics": {k: v for k, v in m.items() if k != "per_z"},
+                                    "per_z": m["per_z"]}
+                self.emit("validation", phase="parent", iteration=0, metrics=m, parent=self.parent.name)
+            else:
+                self.status(f"scoring the untrained network on the {len(self.val[2])} validation pairs")
+                m = self.evaluate()
+                m.pop("_preview")
+            dt = time.monotonic() - t0
+            self.cost["val"] = dt / (1.3 if self.parent_has_dpm else 1.0)
+        graphs = self._graphs_dir()
+        if self.cfg.export and graphs is None:
+            self.status("tracing the ONNX graphs (done now so that the export at the end is quick)")
+            with _stdout_to_stderr():
+                trace_graphs(self.G, None if self._dpm_skipped() else self.Dec, self.out)
+            graphs = self.out / GRAPHS
+        if self.cfg.export and self.cost["export_check"] is None and graphs is not None:
+            # A dry run of the end: fill the graphs with the current weights, write, check in
+            # onnxruntime -- so the reserve for the real one is measured, not guessed.
+            import shutil
+            import tempfile
+
+            from .export import export_model
+
+            self.status("measuring the export")
+            t0 = time.monotonic()
+            tmp = Path(tempfile.mkdtemp(prefix=".dry-export-", dir=self.out))
+            try:
+                with _stdout_to_stderr():
+                    export_model(self.G, None if self._dpm_skipped() else self.Dec, tmp, {"name": "dry-run"},
+                                 graphs=graphs)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.cost["export_check"] = time.monotonic() - t0
+        if "gan" not in self.step_s and self.phase == "gan":
+            # One generator step without an update: compiles the kernels (the first step is several
+            # times slower) and measures a step, so the first deadline check is already informed.
+            self.status("warming up")
+            t0 = time.monotonic()
+            x, y, _ = self._batch()
+            with self._autocast():
+                fake = self.G(x)
+            loss, _ = L.generator_loss(fake, y, self.weights, None, self.cfg.berhu_frac)
+            loss.backward()
+            self.G.zero_grad(set_to_none=True)
+            per = time.monotonic() - t0
+            self.step_s["gan"] = per * (self.cfg.g_steps + (self.cfg.d_steps if self.cfg.gan else 0))
 
     def run(self, stop: _StopWatch) -> dict:
         cfg = self.cfg
+        if self.already_finished:
+            self.emit("done", model_dir=str(self.out), iterations=self.iteration, dpm_iterations=self.dpm_iteration,
+                      already_finished=True, message=self.notes[-1], run_s=self.used_before,
+                      budget_s=60.0 * cfg.minutes if cfg.minutes else None)
+            return {}
         self.emit(
             "start", model_dir=str(self.out), dataset=str(cfg.dataset), source=self.source.info.get("kind"),
             device=str(self.device), threads=torch.get_num_threads(), patch=self.patch,
@@ -981,30 +1391,51 @@ class Trainer:
             iteration=self.iteration, dpm_iteration=self.dpm_iteration,
             parameters={"generator": count_parameters(self.G), "discriminator": count_parameters(self.D),
                         "dpm": count_parameters(self.Dec)},
-            validation_pairs=len(self.val[2]), config=dataclasses.asdict(cfg), warnings=self.warnings,
+            validation_pairs=len(self.val[2]), validation=self.source.info.get("validation"),
+            config=dataclasses.asdict(cfg), warnings=self.warnings, notes=self.notes,
+            parent=None if self.parent is None else {"name": self.parent.name, "path": str(self.parent.weights),
+                                                     "auto": self.parent.auto},
+            precision="bf16 autocast" if self.bf16 else "float32", native_bf16=self.native_bf16,
+            budget_s=60.0 * cfg.minutes if cfg.minutes else None,
         )
+        self._prepare()
+        # Everything this process did until now is setup (reading data, loading, tracing, scoring).
+        self.elapsed["setup"] = self.elapsed.get("setup", 0.0) + (self.used() - self.used_before)
         t_start = time.perf_counter()
         if self.phase == "gan":
+            self._plan("gan")
             self.run_gan(stop)
             self.phase = "dpm"
             self.save_checkpoint("phase")
         if self.phase == "dpm":
+            self._plan("dpm")
             self.run_dpm(stop)
             self.phase = "export"
             self.save_checkpoint("phase")
         result: dict = {}
+        comparison = None
         if self.phase == "export" and cfg.export:
             t0 = time.perf_counter()
+            self.status("final validation and export")
             res = self.run_export()
             q = res.pop("quality")
-            self.emit("export", path=str(self.out), wall_s=round(time.perf_counter() - t0, 2), **res, quality=q)
+            comparison = res.pop("comparison")
+            self.elapsed["export"] = time.perf_counter() - t0
+            self.emit("export", path=str(self.out), wall_s=round(time.perf_counter() - t0, 2), **res, quality=q,
+                      comparison=comparison)
             result = res
         self.phase = "done"
         self.save_checkpoint("done")
+        run_s = self.used()
+        self.elapsed["total"] = run_s
+        budget_s = 60.0 * cfg.minutes if cfg.minutes else None
         self.emit("done", model_dir=str(self.out), iterations=self.iteration, dpm_iterations=self.dpm_iteration,
                   best_iteration=self.best["iteration"], best_val_berhu=self.best["berhu"],
                   best_metrics={k: v for k, v in (self.best.get("metrics") or {}).items() if k != "per_z"},
-                  wall_s=round(time.perf_counter() - t_start, 1), elapsed_s=self.elapsed)
+                  wall_s=round(time.perf_counter() - t_start, 1), elapsed_s=self.elapsed,
+                  run_s=round(run_s, 2), budget_s=budget_s,
+                  budget_ratio=round(run_s / budget_s, 4) if budget_s else None,
+                  verdict=comparison["verdict"] if comparison else None)
         return result
 
 
@@ -1019,7 +1450,8 @@ class _stdout_to_stderr:
         sys.stdout = self._old
 
 
-def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = False, redo_dpm: bool = False) -> str:
+def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = False, redo_dpm: bool = False,
+          t0: float | None = None) -> str:
     """Run (or resume) a training run to the end or until stopped.
 
     Parameters
@@ -1032,6 +1464,8 @@ def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = Fals
         Continue from ``MODEL_DIR/checkpoint.pt``.
     redo_dpm : bool
         With ``resume``: train a fresh DPM decoder on the finished generator and export again.
+    t0 : float, optional
+        ``time.monotonic()`` at the process start, from which ``minutes`` is counted (default now).
 
     Returns
     -------
@@ -1047,7 +1481,7 @@ def train(config: TrainConfig, emit: Callable[[dict], None], resume: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     with _StopWatch(out) as stop:
         stop.clear()
-        trainer = Trainer(config, emit, resume=resume or redo_dpm, redo_dpm=redo_dpm)
+        trainer = Trainer(config, emit, resume=resume or redo_dpm, redo_dpm=redo_dpm, t0=t0)
         try:
             trainer.run(stop)
         except Stopped:

@@ -201,9 +201,11 @@ class Generator(nn.Module):
         Width at full resolution (16 is the CPU default, 32 the paper-sized network).
     max_channels : int
         Width cap at the deep levels.
+    init : bool
+        Glorot-initialize the weights (False when they are loaded next).
     """
 
-    def __init__(self, in_channels: int = 1, base: int = 16, max_channels: int = 512) -> None:
+    def __init__(self, in_channels: int = 1, base: int = 16, max_channels: int = 512, init: bool = True) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.base = base
@@ -211,7 +213,8 @@ class Generator(nn.Module):
         self.chans = widths(base, max_channels)
         self.encoder = Encoder(in_channels, self.chans)
         self.decoder = UpPath(self.chans, in_channels)
-        glorot_init(self)
+        if init:  # False when weights are loaded right after (fine-tuning): saves seconds on a busy CPU
+            glorot_init(self)
         # Start as the identity map: the global residual carries the input, the decoder adds zero.
         nn.init.zeros_(self.decoder.out.weight)
         nn.init.zeros_(self.decoder.out.bias)
