@@ -888,7 +888,8 @@ def test_sigterm_to_deepr_train_leaves_a_checkpoint(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "napari_deepr.cli", "train", str(tmp_path / "pairs"), "-o", str(tmp_path / "model"),
          "--iterations", "100000", "--val-every", "100000", "--val-pairs", "2", "--base", "4", "--d-base", "4",
-         "--batch", "1", "--g-steps", "1", "--d-steps", "1", "--threads", "1", "--no-export"],
+         "--batch", "1", "--g-steps", "1", "--d-steps", "1", "--threads", "1", "--no-export", "--from-scratch",
+         "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     events = []
