@@ -728,6 +728,8 @@ TRAIN_ARGS = {
     "val_every_zero": ["--val-every", "0"],
     "threads_negative": ["--threads", "-2"],
     "base_zero": ["--base", "0"],
+    "base_zero_json": ["--json", "--base", "0"],
+    "minutes_zero_json": ["--json", "--minutes", "0"],
     "resume_without_checkpoint": ["--resume"],
     "init_from_missing": ["--init-from", "{d}/none.pt"],
     "unknown_option": ["--frobnicate"],
@@ -750,8 +752,12 @@ def test_bad_train_arguments(case, tmp_path, capfd):
     out, err = capfd.readouterr()
     assert rc == 2
     assert "Traceback" not in err
-    errors = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert errors and errors[-1]["event"] == "error" and "\n" not in errors[-1]["message"]
+    # One sentence: a JSON error line with --json (the widget's protocol), else one "error:" line on stderr.
+    errors = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"error"' in line]
+    if errors:
+        assert errors[-1]["event"] == "error" and "\n" not in errors[-1]["message"]
+    else:
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
     after = _snapshot(tmp_path)
     assert all(before[k] == after.get(k) for k in before)
     assert not any("checkpoint" in k for k in after)
