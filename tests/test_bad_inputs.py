@@ -915,3 +915,17 @@ def test_sigterm_to_deepr_train_leaves_a_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     ck = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)
     assert ck["iteration"] >= 1
+
+
+def test_channel_last_tiff_without_axes_is_explained_and_runs_with_its_axes(tmp_path, capsys):
+    """A Y×X×2 array saved without axes reads as 256 planes of 256×2 pixels: the refusal names the
+    likely reading, and with --axes YXC the two channels are refocused and written as CYX."""
+    p = tmp_path / "yx2.tif"
+    tifffile.imwrite(p, (_img((96, 96, 2), dtype=np.float64) * 1000).astype(np.uint16))
+    err = _cli_refused(["refocus", p, "-o", tmp_path / "out.tif"], tmp_path, capsys, sentence="--axes")
+    assert "96×2 pixels" in err and "2 channels of a 96×96 image" in err
+    assert main(["refocus", str(p), "-o", str(tmp_path / "out.tif"), "--axes", "YXC", "--quiet"]) == 0
+    from napari_deepr.io import read_image
+
+    out = read_image(tmp_path / "out.tif")
+    assert out.axes == "CYX" and out.data.shape == (2, 96, 96)

@@ -719,6 +719,13 @@ def _json_safe(meta: dict) -> dict:
 def _write_tiff(tmp: Path, data, axes, px, dz, meta) -> None:
     import tifffile
 
+    # OME-TIFF stores planes of Y×X (×S samples): other axes go in front, in their own order
+    # (a channel-last YXC array would otherwise be stored as Y planes of X×C).
+    order = [i for i, a in enumerate(axes) if a not in "YXS"] + [axes.index("Y"), axes.index("X")] + (
+        [axes.index("S")] if "S" in axes else [])
+    if order != list(range(len(axes))):
+        data = data.transpose(order)
+        axes = "".join(axes[i] for i in order)
     ome_meta: dict[str, Any] = {"axes": axes}
     if px:
         ome_meta.update(PhysicalSizeX=px, PhysicalSizeY=px, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")

@@ -266,8 +266,13 @@ class RefocusJob:
             )
         self.work_hw = (h, w)
         if min(h, w) < card.min_size:
+            hint = ""
+            if w <= 4 < h and len(axes) >= 3 and axes[-1] == "X":
+                # A channel-last image saved without axes reads as planes of Y × (a few) pixels.
+                hint = (f"; if its last axis holds {w} channels of a {data.shape[-3]}×{h} image, "
+                        f"give the axes ({axes[:-3]}YXC: axes= or --axes)")
             raise InputError(
-                f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}."
+                f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}{hint}."
             )
         if precision not in PRECISIONS:
             raise InputError(f"Unknown precision '{precision}'; use fp32, fp16, bf16 or int8.")
