@@ -18,15 +18,11 @@ from napari_deepr.optics.simulate import defocus
 from napari_deepr.optics.specimens import make_specimen
 from napari_deepr.optics.psf import OPTICS_20X_075
 from napari_deepr.science.metrics import ssim
-from napari_deepr.io import read_image
 size = int(sys.argv[1]); models = sys.argv[2:]
 opt = OPTICS_20X_075
-fields = held_out_fields(size, opt.pixel_size_um, Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-hd = Path.home()/".cache/napari-deepr/heldout"
-for f in sorted(hd.glob("*.tif")):
-    a = np.asarray(read_image(f).data, dtype=np.float64); a = np.clip(a - np.percentile(a, 1), 0, None)
-    a = np.pad(a, ((0, max(0, size - a.shape[0])), (0, max(0, size - a.shape[1]))), mode="reflect")[:size, :size]
-    fields.append((f.stem, a / a.max()))
+hd = Path.home() / ".cache" / "napari-deepr" / "heldout"
+fields = held_out_fields(size, opt.pixel_size_um, Path(__file__).resolve().parents[2] / "shared" / "data" / "real",
+                         heldout_dir=hd if hd.is_dir() else None)
 fields += [(f"mito#{i}", make_specimen("mitochondria", (size, size), opt.pixel_size_um, np.random.default_rng(7100 + i))) for i in range(2)]
 zs = [-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5]
 res = {}

@@ -352,21 +352,9 @@ def procedural_he(shape: tuple[int, int] | int, pixel_size_um: float, rng: np.ra
 
 def _crop_channels(img: np.ndarray, side: int, rng: np.random.Generator, scale: float) -> np.ndarray:
     """Random ``side``² crop of a ``(C, H, W)`` image magnified by ``scale`` (anti-aliased), random D4."""
-    src = max(8, int(round(side / scale)))
-    if img.shape[1] < src or img.shape[2] < src:
-        py, px = max(0, src - img.shape[1]), max(0, src - img.shape[2])
-        img = np.pad(img, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)), mode="reflect")
-    y0 = int(rng.integers(0, img.shape[1] - src + 1))
-    x0 = int(rng.integers(0, img.shape[2] - src + 1))
-    crop = img[:, y0 : y0 + src, x0 : x0 + src]
-    if src != side:
-        if scale < 1:  # anti-aliasing before shrinking (scikit-image's rule for resize)
-            crop = ndimage.gaussian_filter(crop, (0, (1 / scale - 1) / 2, (1 / scale - 1) / 2), mode="reflect")
-        crop = np.stack([ndimage.zoom(c, side / src, order=1, mode="reflect", grid_mode=True) for c in crop])
-        crop = crop[:, :side, :side]
-        if crop.shape[1:] != (side, side):
-            crop = np.pad(crop, ((0, 0), (0, side - crop.shape[1]), (0, side - crop.shape[2])), mode="reflect")
-    crop = np.rot90(crop, int(rng.integers(4)), axes=(1, 2))
+    from .simulate import _magnified_window
+
+    crop = np.rot90(_magnified_window(img, side, rng, scale), int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:
         crop = crop[:, :, ::-1]
     return np.ascontiguousarray(crop)

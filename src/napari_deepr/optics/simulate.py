@@ -670,31 +670,44 @@ def _thick_offset(z: float, lo: float, hi: float, offset_range, quantum: float, 
 
 
 def _random_window(img: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``side`` × ``side`` window of ``img`` (reflect-padded first when it is smaller)."""
-    if img.shape[0] < side or img.shape[1] < side:
-        py, px_ = max(0, side - img.shape[0]), max(0, side - img.shape[1])
-        img = np.pad(img, ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)), mode="reflect")
-    y0 = rng.integers(0, img.shape[0] - side + 1)
-    x0 = rng.integers(0, img.shape[1] - side + 1)
-    return img[y0 : y0 + side, x0 : x0 + side]
+    """A random ``side`` × ``side`` window over the last two axes of ``img`` (reflect-padded first when smaller)."""
+    h, w = img.shape[-2:]
+    if h < side or w < side:
+        py, px_ = max(0, side - h), max(0, side - w)
+        img = np.pad(img, ((0, 0),) * (img.ndim - 2) + ((py // 2, py - py // 2), (px_ // 2, px_ - px_ // 2)),
+                     mode="reflect")
+    y0 = int(rng.integers(0, img.shape[-2] - side + 1))
+    x0 = int(rng.integers(0, img.shape[-1] - side + 1))
+    return img[..., y0 : y0 + side, x0 : x0 + side]
+
+
+def _magnified_window(img: np.ndarray, side: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """A random ``side`` × ``side`` window (last two axes) of ``img`` magnified by ``scale``.
+
+    Crops what becomes ``side`` pixels after the zoom, then zooms linearly; when shrinking, a
+    Gaussian prefilter of σ = (1/scale − 1)/2 anti-aliases (scikit-image's rule for resize). scipy
+    only, so lent training machines without scikit-image can simulate too. Real images of unknown
+    pixel size are used at several scales this way (fluorescence and brightfield pairs alike).
+    """
+    src = max(8, int(round(side / scale)))
+    win = _random_window(img, src, rng)
+    if src == side:
+        return win
+    lead = win.ndim - 2
+    if scale < 1:
+        win = ndimage.gaussian_filter(win, (0,) * lead + ((1 / scale - 1) / 2,) * 2, mode="reflect")
+    flat = win.reshape((-1, src, src))
+    out = np.stack([ndimage.zoom(c, side / src, order=1, mode="reflect", grid_mode=True)[:side, :side] for c in flat])
+    if out.shape[1:] != (side, side):
+        out = np.pad(out, ((0, 0), (0, side - out.shape[1]), (0, side - out.shape[2])), mode="reflect")
+    return out.reshape(win.shape[:-2] + (side, side))
 
 
 def _real_crop(img: np.ndarray, side: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     img = np.asarray(img, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError("real_images must be 2-D arrays.")
-    if abs(scale - 1.0) > 1e-3:
-        # Crop what becomes `side` pixels after the zoom, then zoom; when shrinking, a Gaussian
-        # prefilter of sigma (1/scale - 1)/2 anti-aliases (scikit-image's rule for resize), in
-        # scipy so lent training machines without scikit-image can simulate too.
-        src = max(8, int(round(side / scale)))
-        img = _random_window(img, src, rng)
-        if scale < 1:
-            img = ndimage.gaussian_filter(img, (1 / scale - 1) / 2, mode="reflect")
-        img = ndimage.zoom(img, side / src, order=1, mode="reflect", grid_mode=True)[:side, :side]
-        if img.shape != (side, side):
-            img = np.pad(img, ((0, side - img.shape[0]), (0, side - img.shape[1])), mode="reflect")
-    crop = np.rot90(_random_window(img, side, rng), rng.integers(4))
+    crop = np.rot90(_magnified_window(img, side, rng, scale), rng.integers(4))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     lo, hi = np.percentile(crop, [1, 99.9])
