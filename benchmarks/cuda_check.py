@@ -68,9 +68,8 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import napari_deepr.bench as nb
-    from napari_deepr.bench import _timeit, format_table, run_bench
+    from napari_deepr.bench import format_table, run_bench
     from napari_deepr.engine.model import load_model
-    from napari_deepr.engine.refocus import RefocusJob
 
     report: dict = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
     out = open(args.out, "w")

@@ -187,9 +187,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("QT_API", "pyqt6")
-    from qtpy.QtWidgets import QApplication
-
     from napari.qt import get_qapp
+    from qtpy.QtWidgets import QApplication
 
     app = get_qapp()
     assert isinstance(app, QApplication)

@@ -8,16 +8,21 @@ Per held-out field: the worst output − input SSIM over |z| <= 1 µm, the DPM m
 mean input/output SSIM over 2 <= |z| <= 5 µm (600 photons, no deconvolution baselines: a quick
 version of scripts/evaluate_model.py). Writes /tmp/near_focus_variants_SIZE.json.
 """
-import sys, json, numpy as np
+import json
+import sys
 from pathlib import Path
-from napari_deepr.evaluate import held_out_fields
+
+import numpy as np
+
+from napari_deepr.engine.dpm import structure_mask
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.refocus import refocus
-from napari_deepr.engine.dpm import structure_mask
+from napari_deepr.evaluate import held_out_fields
+from napari_deepr.optics.psf import OPTICS_20X_075
 from napari_deepr.optics.simulate import defocus
 from napari_deepr.optics.specimens import make_specimen
-from napari_deepr.optics.psf import OPTICS_20X_075
 from napari_deepr.science.metrics import ssim
+
 size = int(sys.argv[1]); models = sys.argv[2:]
 opt = OPTICS_20X_075
 hd = Path.home() / ".cache" / "napari-deepr" / "heldout"

@@ -5,11 +5,13 @@ real confocal stack): the look at real data behind the model card's v1/v2 sectio
     python scripts/fetch_heldout.py
     python scripts/real_images_figure.py v1=/path/to/v1 v2=models/deepr-fluo-20x   # -> docs/real_images_v1_v2.png
 """
-import numpy as np, tifffile, matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt, warnings
+import numpy as np; import tifffile; import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt; import warnings
 warnings.simplefilter("ignore")
+from pathlib import Path
+
 import napari_deepr
 from napari_deepr.science.metrics import ssim
-from pathlib import Path
+
 H = Path.home()/".cache/napari-deepr/heldout"; R = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 stack = tifffile.imread(R/"cells3d_nuclei_confocal_zstack.tif").astype(np.float32)
 rows = [("DSB 2018 nuclei (held out), as recorded", tifffile.imread(H/"dsb2018_nuclei_2d.tif"), None),
@@ -18,6 +20,7 @@ rows = [("DSB 2018 nuclei (held out), as recorded", tifffile.imread(H/"dsb2018_n
         ("cells3d confocal, plane 29+10 (2.9 µm)", stack[39], stack[29]),
         ("cells3d confocal, plane 29-10 (-2.9 µm)", stack[19], stack[29])]
 import sys
+
 models = [tuple(a.split("=", 1)) for a in sys.argv[1:]] or [("v2", "deepr-fluo-20x")]
 ncol = len(models) + 2
 fig, ax = plt.subplots(len(rows), ncol, figsize=(16, 4 * len(rows)))

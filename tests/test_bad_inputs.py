@@ -23,11 +23,11 @@ import onnx
 import pytest
 import tifffile
 from onnx import TensorProto, helper, numpy_helper
-from onnx_builders import make_dpm, make_generator, make_model_folder
 
 from napari_deepr import io
 from napari_deepr.cli import main
 from napari_deepr.errors import DeepRError
+from onnx_builders import make_model_folder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -264,7 +264,7 @@ def test_bad_option_or_output(case, tiny_model, tmp_path, capsys):
         argv = ["refocus", src, "-o", tmp_path / out, "--model", tiny_model, "-q",
                 *[a.format(d=tmp_path) for a in extra]]
         if "--model" in extra:
-            argv = [a for i, a in enumerate(argv) if not (i in (4, 5))]  # the case's own --model wins
+            argv = [a for i, a in enumerate(argv) if i not in (4, 5)]  # the case's own --model wins
     _cli_refused(argv, tmp_path, capsys, words)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from onnx_builders import make_model_folder
 
 from napari_deepr import io
 from napari_deepr.cli import main
 from napari_deepr.engine.domain import model_for_image
 from napari_deepr.engine.model import load_model
+from onnx_builders import make_model_folder
 
 
 @pytest.fixture

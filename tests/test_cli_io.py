@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from onnx_builders import reference_output
 
 from napari_deepr import io
 from napari_deepr.cli import main
+from onnx_builders import reference_output
 
 
 def _img(shape, seed=0):

@@ -63,7 +63,7 @@ def test_should_stream_follows_free_memory_and_file_size():
     assert should_stream(slide, 1, input_bytes=128 * 2**20, free=2 * gib)  # DPM and the input count too
     assert should_stream(slide, from_file=True, free=64 * gib)  # a whole slide from a file: disk
     small = (2048, 2048)
-    assert 4 * 2048 * 2048 < STREAM_FILE_BYTES and not should_stream(small, from_file=True, free=64 * gib)
+    assert STREAM_FILE_BYTES > 4 * 2048 * 2048 and not should_stream(small, from_file=True, free=64 * gib)
 
 
 def test_cli_streams_a_large_file_by_itself_and_in_memory_forces_memory(tiny_model, tmp_path, monkeypatch, capsys):

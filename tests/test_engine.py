@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-from onnx_builders import BLUR, DPM_BIAS, DPM_GAIN, make_dpm, make_generator, make_model_folder, reference_output
 
 import napari_deepr
 from napari_deepr.engine.dpm import fit_plane, out_of_range_mask, row_profile, structure_mask
@@ -16,6 +15,15 @@ from napari_deepr.engine.model import ModelCard, load_model
 from napari_deepr.engine.refocus import RefocusJob
 from napari_deepr.engine.tiling import axis_weights, plan_axis
 from napari_deepr.errors import Cancelled, InputError, ModelError
+from onnx_builders import (
+    BLUR,
+    DPM_BIAS,
+    DPM_GAIN,
+    make_dpm,
+    make_generator,
+    make_model_folder,
+    reference_output,
+)
 
 
 def textured(shape, seed=0):

@@ -22,7 +22,6 @@ from napari_deepr.engine import refocus as refocus_mod
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.providers import clear_sessions, get_session
 from napari_deepr.engine.refocus import RefocusJob, gpu_tile
-
 from onnx_builders import make_dpm, make_generator
 
 CPU = "CPUExecutionProvider"

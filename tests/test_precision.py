@@ -12,7 +12,12 @@ import pytest
 
 import napari_deepr
 from napari_deepr.engine.providers import cpu_has_bf16
-from napari_deepr.engine.quantize import calibration_tiles, precision_choices, quality_delta, quantize_generator
+from napari_deepr.engine.quantize import (
+    calibration_tiles,
+    precision_choices,
+    quality_delta,
+    quantize_generator,
+)
 from napari_deepr.errors import InputError
 from napari_deepr.optics.simulate import random_training_pair
 from napari_deepr.science.metrics import ssim

@@ -25,7 +25,7 @@ def test_tilt_and_stack_metadata():
     layers = {a["name"]: (d, a) for d, a, _ in sample_tilted()}
     dpm, attrs = layers["true defocus map (µm)"]
     assert float(dpm.max() - dpm.min()) == pytest.approx(4.35, abs=0.02)  # 1.5 deg over 512 px
-    assert 0.0 < float(dpm.min()) and float(dpm.max()) < 5.0 and float(dpm.mean()) == pytest.approx(2.5, abs=0.01)
+    assert float(dpm.min()) > 0.0 and float(dpm.max()) < 5.0 and float(dpm.mean()) == pytest.approx(2.5, abs=0.01)
     assert attrs["contrast_limits"][0] == -attrs["contrast_limits"][1]
     stack, attrs = next((d, a) for d, a, _ in sample_zstack() if d.ndim == 3)
     assert stack.shape[0] == 25 and attrs["scale"] == (0.5, PX, PX)

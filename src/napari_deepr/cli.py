@@ -254,7 +254,6 @@ def cmd_models(args) -> int:
 def cmd_simulate(args) -> int:
     from .optics.psf import Optics
     from .optics.simulate import write_sample_set
-
     from .optics.specimens import SPECIMEN_KINDS
 
     _check_folder_target(args.output)

@@ -21,10 +21,10 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
-    QDoubleSpinBox,
     QAbstractSpinBox,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -38,11 +38,11 @@ from qtpy.QtWidgets import (
 
 from ..engine.domain import model_for_image, preflight
 from ..engine.dpm import dpm_geometry, out_of_range_mask
-from ..engine.trust import trusted_fraction
 from ..engine.model import DEFAULT_MODEL, list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
 from ..engine.refocus import RefocusJob, available_memory, result_shapes
+from ..engine.trust import trusted_fraction
 from ..errors import Cancelled, DeepRError
 from ._common import (
     CancelableProgress,

@@ -18,9 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from magicgui import magicgui
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from magicgui import magicgui
 from qtpy.QtCore import QProcess, QProcessEnvironment, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -333,7 +333,7 @@ class TrainingWidget(QWidget):
         for name, auto in OPTION_AUTO.items():
             native = getattr(self.options, name).native
             native.setSpecialValueText("auto") if hasattr(native, "setSpecialValueText") else None
-        getattr(self.options, "dpm_iterations").native.setToolTip(
+        self.options.dpm_iterations.native.setToolTip(
             "Updates of the DPM (defocus map) decoder: auto lets the trainer decide, 0 trains none.")
         tip = self.options.init_from.tooltip or "Fine-tune from this exported model folder."
         for child in self.options.init_from.native.findChildren((QLineEdit, QPushButton)):

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from ..errors import InputError
 from .refocus import STREAM_TILE_BUDGET, Progress, RefocusJob, plane_stats
 
 

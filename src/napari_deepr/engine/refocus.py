@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import Cancelled, InputError, ModelError
-from .fp16 import FP16_PROVIDERS, fp16_variant
 from . import trust as _trust
 from .domain import Sampling, check_modality, resample_plane, resampled_size, resolve_sampling
+from .fp16 import FP16_PROVIDERS, fp16_variant
 from .model import DeepRModel, load_model
 from .providers import (
     PROVIDERS,

@@ -113,7 +113,7 @@ def read_region(plane, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     Only the rows and columns that are needed are read, so lazy (dask, zarr) planes stay lazy.
     """
     h, w = plane.shape[-2], plane.shape[-1]
-    if 0 <= y0 and y1 <= h and 0 <= x0 and x1 <= w:
+    if y0 >= 0 and y1 <= h and x0 >= 0 and x1 <= w:
         return np.asarray(plane[..., y0:y1, x0:x1])
     ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
     pads = ((ya - y0, y1 - yb), (xa - x0, x1 - xb))

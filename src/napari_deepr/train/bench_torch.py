@@ -149,7 +149,7 @@ def bench_train(patch: int = 256, batch: int = 5, seconds: float = 20.0, threads
     from pathlib import Path
 
     from ..stacks.pairs import build_pairs
-    from .loop import Stopped, Trainer, TrainConfig, _StopWatch  # noqa: F401
+    from .loop import Stopped, TrainConfig, Trainer, _StopWatch  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="deepr-bench-train-"))
     rng = np.random.default_rng(0)

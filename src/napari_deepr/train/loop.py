@@ -1264,7 +1264,7 @@ class Trainer:
         return out
 
     def run_export(self) -> dict:
-        from .export import GRAPHS, export_model
+        from .export import export_model
 
         self._load_best_generator()
         export_dpm = self.dpm_iteration > 0
@@ -1321,7 +1321,7 @@ class Trainer:
 
     def _prepare(self) -> None:
         """Setup that needs the networks: score the parent, trace the ONNX graphs, measure costs."""
-        from .export import GRAPHS, trace_graphs, verify_export
+        from .export import GRAPHS, trace_graphs
 
         if self.saved is None:
             t0 = time.monotonic()
