@@ -19,11 +19,12 @@ into one.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError
 
 #: The axis letters napari-deepr understands.
 AXIS_LETTERS = "TZCYXS"
@@ -244,6 +245,58 @@ def result_shapes(shape, axes: str, channels: int) -> tuple[tuple[int, ...], tup
     return lay.shape, lay.map_shape
 
 
+def image_array(image, axes: str | None = None):
+    """``(array, pixel size, axes)`` of an input (an array or an ``io.ImageData``, whose axes and pixel size
+    it carries), refused in one sentence when it is not a real-valued image with at least Y and X.
+
+    zarr arrays come back as dask arrays; numpy, dask and array-likes with ``shape``, ``dtype`` and
+    item access as they are.
+    """
+    data, file_px = image, None
+    if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
+        axes = axes or image.axes
+        data = image.data
+        file_px = getattr(image, "pixel_size_um", None)
+    if data is None or isinstance(data, (str, bytes, dict, set, os.PathLike)):
+        raise ArgumentTypeError(
+            f"The image must be an array (numpy, dask, zarr) or io.ImageData, not {type(data).__name__}; "
+            "read files with napari_deepr.io.read_image first."
+        )
+    try:
+        data = _as_array(data)
+    except (ValueError, TypeError) as exc:  # ragged lists, objects numpy cannot convert
+        raise InputError(f"The image cannot be turned into an array ({_one_line(exc)}).") from exc
+    if data.ndim < 2 or 0 in data.shape:
+        raise InputError(
+            f"The image has shape {tuple(data.shape)}; refocus needs a non-empty array with at least Y and X."
+        )
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
+        raise InputError(f"Pixels of type {data.dtype} cannot be refocused; a real-valued numeric image is needed.")
+    return data, file_px, axes
+
+
+def _as_array(data):
+    if is_dask(data) or isinstance(data, np.ndarray):
+        return data
+    mod = type(data).__module__
+    if mod.startswith("zarr"):
+        import dask.array as da
+
+        return da.from_zarr(data)
+    if hasattr(data, "__array__") and not hasattr(data, "shape"):
+        return np.asarray(data)
+    if isinstance(data, (list, tuple)):
+        return np.asarray(data)
+    if hasattr(data, "shape") and hasattr(data, "dtype") and hasattr(data, "__getitem__"):
+        return data
+    return np.asarray(data)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")[:200]
+
+
 def is_dask(a) -> bool:
     """Whether ``a`` is a dask array (without importing dask)."""
     return hasattr(a, "dask") and hasattr(a, "compute")
@@ -259,5 +312,5 @@ def _moveaxes(view, perm):
 
 __all__ = [
     "AXIS_LABELS", "AXIS_LETTERS", "CHUNK_SIDE", "Layout", "axes_from_labels", "check_axes", "guess_axes",
-    "image_layout", "is_dask", "is_rgb", "megapixels", "result_shapes", "store_chunks",
+    "image_array", "image_layout", "is_dask", "is_rgb", "megapixels", "result_shapes", "store_chunks",
 ]

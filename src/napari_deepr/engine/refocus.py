@@ -16,7 +16,6 @@ resampled and trust-map runs go through :mod:`napari_deepr.engine.passes`.
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArgumentTypeError, Cancelled, InputError, ModelError
-from ..layout import guess_axes, image_layout, is_dask, megapixels, result_shapes
+from ..layout import guess_axes, image_array, image_layout, megapixels, result_shapes
 from .domain import Sampling, check_modality, resampled_size, resolve_sampling
 from .model import DeepRModel, load_model
 from .providers import default_threads
 from .results import result_array
-from .runner import Runner, one_line
+from .runner import Runner, cancel_check, one_line
 from .settings import (
     BYTES_PER_TILE_PIXEL,
     GPU_MAX_TILE,
@@ -115,7 +114,7 @@ class RefocusJob:
         self.settings = settings
         self.model: DeepRModel = load_model(model)
         card = self.model.card
-        data, file_px, axes = _image_array(image, axes)
+        data, file_px, axes = image_array(image, axes)
         axes = (axes or guess_axes(tuple(data.shape), card.channels, data.dtype)).upper()
         self.layout = image_layout(data.shape, axes, card.channels)
         self.data = data
@@ -282,7 +281,7 @@ class RefocusJob:
         Cancelled
             When ``cancel`` is set; rows finished so far are already written to the outputs.
         """
-        is_cancelled = _cancel_fn(cancel)
+        is_cancelled = cancel_check(cancel)
         if self.planewise:
             from .passes import planewise_steps
 
@@ -452,37 +451,11 @@ def refocus(image, model="default", settings: RefocusSettings | None = None, *,
     out, dpm_out : array-like, optional
         Preallocated outputs (numpy, zarr, memmap) written band by band, for out-of-core work.
     **options
-        Fields of :class:`~napari_deepr.engine.settings.RefocusSettings`:
-
-        ``dpm`` (bool)
-            Also return the defocus map in µm (same layout without the joint channel axis).
-        ``tile``, ``overlap``, ``batch`` (int)
-            Tiling; defaults from the model card. ``tile`` must be a multiple of the model's multiple (32).
-        ``providers`` (str or list of str)
-            ``cpu``, ``cuda``, ``tensorrt``, ``directml``, ``coreml``, ``openvino``, ``rocm``; CPU is the fallback.
-        ``threads`` (int)
-            onnxruntime intra-op threads (default: the usable cores).
-        ``precision`` ({"fp32", "fp16", "bf16", "int8"})
-            ``bf16`` runs the float32 graphs in bfloat16 on CPUs with AVX512-BF16/AMX through onnxruntime's
-            OpenVINO provider (``onnxruntime-openvino``); ``int8`` runs the model's static-QDQ variant
-            (``generator.int8.onnx``, see :mod:`napari_deepr.engine.quantize`); ``fp16`` runs
-            half-precision copies of the graphs on GPU providers (:mod:`napari_deepr.engine.fp16`). Their
-            quality cost is measured (``deepr quantize``), not assumed.
-        ``pixel_size_um`` (float)
-            The image's pixel size in µm (overrides an ``io.ImageData``'s calibration). Plain arrays and
-            uncalibrated files have none: the model's sampling is assumed and a warning says so once.
-        ``resample`` (bool)
-            When the pixel size differs from the card's by more than 5 %, resample to the model's
-            sampling, refocus, and resample the results back (default). False runs at the input's
-            sampling and warns before the run.
-        ``force_modality`` (bool)
-            Refocus even when the image's modality is not the model's; otherwise refused.
-        ``trust`` (bool or int)
-            Also return a per-pixel trust map in [0, 1] (1 = trust; ≥ 0.5 counts as trustworthy) from
-            this many D4 test-time passes (``True``: 8); see :mod:`napari_deepr.engine.trust`.
-        ``stream`` (bool)
-            Keep the results on disk (``numpy.memmap``) with the tile and memory bounded; default: when
-            they would take more than a quarter of free memory (``should_stream``). False forces memory.
+        Fields of :class:`~napari_deepr.engine.settings.RefocusSettings` (which says what each does):
+        ``dpm``, ``trust``, ``tile``, ``overlap``, ``batch``, ``halo``, ``providers``, ``precision``
+        (``fp32``, ``fp16`` on GPUs, ``bf16`` through OpenVINO, ``int8``), ``threads``,
+        ``pixel_size_um``, ``resample``, ``force_modality``, ``stream``, ``memory_arena``,
+        ``memory_budget``, ``io_binding``, ``pipeline``.
 
     Returns
     -------
@@ -529,58 +502,6 @@ def plane_stats(view, block_rows: int = 512, pool=None) -> tuple[np.ndarray, np.
         m2 = m2 + m2b + delta**2 * n * nb / tot
         n = tot
     return mean, np.sqrt(m2 / n)
-
-
-def _image_array(image, axes):
-    """``(array, file pixel size, axes)`` of an input, refused in one sentence when it is not an image."""
-    data, file_px = image, None
-    if hasattr(image, "axes") and hasattr(image, "data"):  # io.ImageData
-        axes = axes or image.axes
-        data = image.data
-        file_px = getattr(image, "pixel_size_um", None)
-    if data is None or isinstance(data, (str, bytes, dict, set, os.PathLike)):
-        raise ArgumentTypeError(
-            f"The image must be an array (numpy, dask, zarr) or io.ImageData, not {type(data).__name__}; "
-            "read files with napari_deepr.io.read_image first."
-        )
-    try:
-        data = _as_array(data)
-    except (ValueError, TypeError) as exc:  # ragged lists, objects numpy cannot convert
-        raise InputError(f"The image cannot be turned into an array ({one_line(exc)}).") from exc
-    if data.ndim < 2 or 0 in data.shape:
-        raise InputError(
-            f"The image has shape {tuple(data.shape)}; refocus needs a non-empty array with at least Y and X."
-        )
-    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
-        raise InputError(f"Pixels of type {data.dtype} cannot be refocused; a real-valued numeric image is needed.")
-    return data, file_px, axes
-
-
-def _as_array(data):
-    if is_dask(data) or isinstance(data, np.ndarray):
-        return data
-    mod = type(data).__module__
-    if mod.startswith("zarr"):
-        import dask.array as da
-
-        return da.from_zarr(data)
-    if hasattr(data, "__array__") and not hasattr(data, "shape"):
-        return np.asarray(data)
-    if isinstance(data, (list, tuple)):
-        return np.asarray(data)
-    if hasattr(data, "shape") and hasattr(data, "dtype") and hasattr(data, "__getitem__"):
-        return data
-    return np.asarray(data)
-
-
-def _cancel_fn(cancel) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise InputError("cancel must be a threading.Event or a callable returning True to stop.")
 
 
 # Names importable from here since before the engine was split (settings, layout, runner).

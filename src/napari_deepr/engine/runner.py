@@ -11,6 +11,7 @@ What a provider can do (float16, bfloat16, IO binding, host or device) is its ro
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -284,6 +285,17 @@ class Runner:
             yield i, result
 
 
+def cancel_check(cancel) -> Callable[[], bool]:
+    """A function saying whether to stop, from a ``threading.Event``, a callable or None (never)."""
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise InputError("cancel must be a threading.Event or a callable returning True to stop.")
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type when empty), without a final full stop."""
     text = str(exc).strip().splitlines()
@@ -310,4 +322,4 @@ def _quietly_wait(future) -> None:
         future.result()
 
 
-__all__ = ["INT8_GENERATOR", "Runner", "one_line"]
+__all__ = ["INT8_GENERATOR", "Runner", "cancel_check", "one_line"]

@@ -32,30 +32,47 @@ class RefocusSettings:
     Attributes
     ----------
     dpm : bool
-        Also compute the defocus map (µm) with the model's DPM decoder.
+        Also compute the defocus map in µm with the model's DPM decoder (same layout as the input
+        less the joint channel or RGB colour axis): signed defocus or |defocus|, as the card says.
     trust : bool or int
-        Also compute a per-pixel trust map from that many D4 test-time passes (``True``: 8).
+        Also compute a per-pixel trust map in [0, 1] (1 = trust; ≥ 0.5 counts as trustworthy) from
+        this many D4 test-time passes (``True``: 8) and a forward-model range test; see
+        :mod:`napari_deepr.engine.trust`. Costs one network run per pass.
     tile, overlap, batch, halo : int, optional
-        Tile side (a multiple of the model's ``tile_multiple``), overlap between tiles, tiles per
-        network call, reflected border halo. Defaults from the card and the device's memory.
+        Tile side (a multiple of the model's ``tile_multiple``, 32), overlap between tiles, tiles
+        per network call, reflected border halo. Defaults from the card and the device's memory.
     providers : str or tuple of str, optional
-        Short or onnxruntime provider names in order of preference; CPU is always the fallback.
+        ``cpu``, ``cuda``, ``tensorrt``, ``directml``, ``coreml``, ``openvino``, ``rocm`` (or
+        onnxruntime names) in order of preference; CPU is always the fallback and the job's
+        ``provider`` says what ran.
     precision : {"fp32", "fp16", "bf16", "int8"}
-        See :func:`napari_deepr.refocus`.
+        ``fp32``: the files as exported. ``bf16``: the float32 graphs in bfloat16 on CPUs with
+        AVX512-BF16/AMX through onnxruntime's OpenVINO provider (``onnxruntime-openvino``).
+        ``int8``: the model's static-QDQ variant (``generator.int8.onnx``, from ``deepr quantize``).
+        ``fp16``: half-precision copies of the graphs on GPU providers
+        (:mod:`napari_deepr.engine.fp16`). A reduced precision that fails falls back to float32,
+        and a provider that fails to the next one, with one warning. Their quality cost is
+        measured (``deepr quantize``), not assumed.
     threads : int, optional
         onnxruntime intra-op threads (default: the usable cores).
     pixel_size_um : float, optional
-        The image's pixel size (overrides the file's calibration).
+        The image's pixel size in µm (overrides an ``io.ImageData``'s calibration). Without either
+        the pixel size is unknown and the model's is assumed (a note says so).
     resample : bool
-        Resample to the card's pixel size and back when they differ by more than 5 %.
+        When the pixel size differs from the card's by more than 5 %, resample to the model's
+        sampling (anti-aliased), refocus, and resample the results back (default); False runs at
+        the input's sampling and warns before the run.
     force_modality : bool
-        Run even when the image's modality is not the model's.
+        Run even when the image's modality (RGB or gray) is not the model's.
     stream : bool, optional
-        Keep results on disk with memory bounded by tiles; default when they would not fit.
+        Keep the results a run allocates on disk (``numpy.memmap`` of an anonymous temporary file),
+        with the arena off and the tile within :data:`STREAM_TILE_BUDGET`. Default: when they would
+        take more than a quarter of free memory (:func:`should_stream`); False forces memory.
     memory_arena : bool, optional
-        Keep onnxruntime's CPU memory arena (default on, off when streaming).
+        Keep onnxruntime's CPU memory arena (default on, faster; off when streaming, so resident
+        memory stays bounded by the tile in flight).
     memory_budget : int, optional
-        Bytes the activations of one host tile may take (streaming: :data:`STREAM_TILE_BUDGET`).
+        Bytes the activations of one host tile may take; the default tile shrinks to fit.
     io_binding, pipeline : bool, optional
         Keep the DPM decoder's inputs on the device; run the network in a worker thread while the
         host prepares the next batch. Default: on where the provider's activations are not the host's.
