@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -129,8 +130,6 @@ def clean_stale_partials(path: str | os.PathLike) -> list[Path]:
     list of Path
         What was removed.
     """
-    import time
-
     path = Path(path)
     folder = path.parent
     pattern = re.compile(_PARTIAL_RE.format(name=re.escape(path.name)))
@@ -208,9 +207,16 @@ def _finish(tmp: Path, path: Path, overwrite: bool = False) -> None:
     """
     if path.is_dir() and not tmp.is_dir():
         raise OutputError(f"{path} is a folder; choose a file name for the output.")
+    doubted = False
     for _attempt in range(5):
         if (path.exists() or path.is_symlink()) and not overwrite and not is_tool_output(path):
-            raise _refuse_replace(path)
+            # Another writer swapping its output in (renamed aside, not yet replaced) reads as "not
+            # ours" for an instant: only what is still not ours a moment later is the user's.
+            if doubted:
+                raise _refuse_replace(path)
+            doubted = True
+            time.sleep(0.1)
+            continue
         if not tmp.is_dir() or not (path.exists() or path.is_symlink()):
             try:
                 os.replace(tmp, path)
