@@ -81,7 +81,7 @@ def _cli_refused(argv, root, capsys, sentence=None):
 # ---------------------------------------------------------------------- bad input files (refocus)
 def _tif(d, shape=(64, 64), dtype=np.uint16, name="in.tif", **kw):
     p = d / name
-    tifffile.imwrite(p, _img(shape, dtype=np.float64).astype(dtype) if dtype != bool else np.ones(shape, bool), **kw)
+    tifffile.imwrite(p, _img(shape, dtype=np.float64).astype(dtype) if dtype is not bool else np.ones(shape, bool), **kw)
     return p
 
 
@@ -826,13 +826,13 @@ def test_sigterm_during_write_removes_the_temporary(tiny_model, tmp_path):
 
 _SLOW_COMPUTE = """
 import sys, time
-from napari_deepr.engine import refocus as r
-real = r.RefocusJob._run_network
+from napari_deepr.engine import runner as r
+real = r.Runner.run
 def slow(self, x):
     print("COMPUTING", flush=True)
     time.sleep(60)
     return real(self, x)
-r.RefocusJob._run_network = slow
+r.Runner.run = slow
 from napari_deepr.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -54,7 +54,7 @@ def test_local_cluster_is_bit_identical(tiny_model, tmp_path):
 
 # -- streaming chosen by default for large inputs ---------------------------------------------------
 def test_should_stream_follows_free_memory_and_file_size():
-    from napari_deepr.engine.refocus import STREAM_FILE_BYTES, should_stream
+    from napari_deepr.engine.settings import STREAM_FILE_BYTES, should_stream
 
     gib = 2**30
     slide = (8192, 8192)  # 256 MiB of float32 results
@@ -69,7 +69,7 @@ def test_should_stream_follows_free_memory_and_file_size():
 def test_cli_streams_a_large_file_by_itself_and_in_memory_forces_memory(tiny_model, tmp_path, monkeypatch, capsys):
     import json
 
-    from napari_deepr.engine import refocus as engine
+    from napari_deepr.engine import settings as engine
 
     a = _img((300, 260), seed=2)
     src = io.write_image(tmp_path / "in.tif", a, axes="YX", pixel_size_um=0.325)
@@ -88,12 +88,13 @@ def test_cli_streams_a_large_file_by_itself_and_in_memory_forces_memory(tiny_mod
 
 
 def test_api_keeps_results_too_large_for_memory_on_disk(tiny_model, monkeypatch):
-    from napari_deepr.engine import refocus as engine
+    from napari_deepr.engine import settings
+    from napari_deepr.engine.refocus import RefocusJob
 
     a = _img((300, 260), seed=3)
     ref = napari_deepr.refocus(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325)
-    monkeypatch.setattr(engine, "available_memory", lambda: 4 * a.size)  # the results would take it all
-    job = engine.RefocusJob(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325)
+    monkeypatch.setattr(settings, "available_memory", lambda: 4 * a.size)  # the results would take it all
+    job = RefocusJob(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325)
     assert job.streaming and isinstance(job.output, np.memmap) and job.arena is False
     assert np.array_equal(job.run(), ref)
     out = napari_deepr.refocus(a, tiny_model, tile=64, overlap=32, pixel_size_um=0.325, stream=False)
@@ -104,7 +105,7 @@ def test_the_streaming_tile_fits_its_memory_budget():
     from pathlib import Path
 
     from napari_deepr.engine.model import load_model
-    from napari_deepr.engine.refocus import BYTES_PER_TILE_PIXEL, STREAM_TILE_BUDGET, auto_tile
+    from napari_deepr.engine.settings import BYTES_PER_TILE_PIXEL, STREAM_TILE_BUDGET, auto_tile
 
     card = load_model(Path(__file__).resolve().parents[1] / "models" / "deepr-fluo-20x").card
     tile = auto_tile(card, memory=64 * 2**30, budget_bytes=STREAM_TILE_BUDGET)

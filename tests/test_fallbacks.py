@@ -18,10 +18,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from napari_deepr.engine import fp16 as fp16_mod
-from napari_deepr.engine import refocus as refocus_mod
+from napari_deepr.engine import providers as providers_mod
+from napari_deepr.engine import runner as runner_mod
+from napari_deepr.engine import settings as settings_mod
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.providers import clear_sessions, get_session
-from napari_deepr.engine.refocus import RefocusJob, gpu_tile
+from napari_deepr.engine.refocus import RefocusJob
+from napari_deepr.engine.settings import gpu_tile
 from onnx_builders import make_dpm, make_generator
 
 CPU = "CPUExecutionProvider"
@@ -51,7 +54,10 @@ def _job(image, model, **kw):
 @pytest.fixture
 def cpu_counts_as_fp16(monkeypatch):
     """Let onnxruntime's CPU provider (its float16 kernels) run fp16 graphs, as a GPU provider would."""
-    monkeypatch.setattr(refocus_mod, "FP16_PROVIDERS", (*fp16_mod.FP16_PROVIDERS, CPU))
+    from dataclasses import replace
+
+    row = providers_mod.TRAITS_BY_ORT[CPU]
+    monkeypatch.setitem(providers_mod.TRAITS_BY_ORT, CPU, replace(row, fp16=True))
     clear_sessions()
     yield
     clear_sessions()
@@ -219,7 +225,7 @@ def _fake_gpu(monkeypatch, fail: str):
         sess, _ = get_session(path, [CPU], threads, arena)
         return Failing(sess), "cuda"
 
-    monkeypatch.setattr(refocus_mod, "get_session", fake_get_session)
+    monkeypatch.setattr(runner_mod, "get_session", fake_get_session)
     clear_sessions()
 
 
@@ -255,7 +261,7 @@ def test_fp16_asked_of_an_absent_gpu_runs_fp32_on_the_cpu_with_one_warning(tiny_
 def test_gpu_tile_follows_free_memory_and_image_size():
     card = _card()  # 2048-px tiles, 16-px halo
     big = 139 * 2**30  # an H200
-    assert gpu_tile(card, (8192, 8192), big) == refocus_mod.GPU_MAX_TILE  # capped where CUDA still works
+    assert gpu_tile(card, (8192, 8192), big) == settings_mod.GPU_MAX_TILE  # capped where CUDA still works
     assert gpu_tile(card, (8192, 8192), 16 * 2**30) == 2656  # a 16 GB card: a quarter of it
     assert gpu_tile(card, (8192, 8192), 16 * 2**30, batch=4) < gpu_tile(card, (8192, 8192), 16 * 2**30)
     assert gpu_tile(card, (1000, 700), big) == 1056  # one tile of the image's own (padded) size
@@ -279,7 +285,7 @@ def test_the_engine_takes_the_gpu_tile_only_on_a_gpu(tiny_model, monkeypatch):
     cpu_job = RefocusJob(image, tiny_model, pixel_size_um=0.325, providers="cpu")
     assert cpu_job.tile == card.tile  # CPU behaviour unchanged: the card's tile
     _fake_gpu(monkeypatch, "run")
-    monkeypatch.setattr(refocus_mod, "gpu_free_memory", lambda device=0: 80 * 2**30)
+    monkeypatch.setattr(providers, "gpu_free_memory", lambda device=0: 80 * 2**30)
     monkeypatch.setattr(providers, "_read_gpu_free_memory", lambda device: pytest.fail("the mock is bypassed"))
     gpu_job = RefocusJob(image, tiny_model, pixel_size_um=0.325, providers="cuda")
     assert gpu_job.provider == "cuda"

@@ -127,7 +127,7 @@ def test_pipelined_run_cancels_cleanly(tiny_model):
 
 def test_tile_and_batch_follow_the_memory_of_the_device(monkeypatch):
     from napari_deepr.engine import providers
-    from napari_deepr.engine.refocus import BYTES_PER_TILE_PIXEL, auto_batch, auto_tile
+    from napari_deepr.engine.settings import BYTES_PER_TILE_PIXEL, auto_batch, auto_tile
 
     card = load_model(BUNDLED).card  # 2048-px tiles
     tile_bytes = 2048 * 2048 * BYTES_PER_TILE_PIXEL  # ~2.3 GiB of activations per 2048² tile

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from . import io
 from .errors import DeepRError
-
-_LABELS = {"T": "t", "Z": "z", "C": "c", "Y": "y", "X": "x"}
+from .layout import AXIS_LABELS, is_rgb
 
 
 def _can_read(path: Path) -> bool:
@@ -55,7 +54,7 @@ def image_to_layer_data(img: io.ImageData) -> tuple:
                     pixel_size_um=img.pixel_size_um, z_step_um=img.z_step_um,
                     pixel_size_known=img.pixel_size_um is not None)}
     keep = list(range(len(axes)))
-    rgb = axes.endswith("S") and data.shape[-1] in (3, 4)
+    rgb = is_rgb(data.shape, axes)
     if rgb:
         kwargs["rgb"] = True
         keep = keep[:-1]
@@ -67,7 +66,7 @@ def image_to_layer_data(img: io.ImageData) -> tuple:
         kwargs["channel_axis"] = c
         keep.remove(c)
     kwargs["scale"] = [scale[i] for i in keep]
-    kwargs["axis_labels"] = [_LABELS.get(axes[i], axes[i].lower()) for i in keep]
+    kwargs["axis_labels"] = [AXIS_LABELS.get(axes[i], axes[i].lower()) for i in keep]
 
     def unit(letter: str) -> str:
         calibrated = (letter in "YX" and img.pixel_size_um) or (letter == "Z" and img.z_step_um)

@@ -9,24 +9,21 @@ import numpy as np
 
 from . import io
 from .errors import InputError
+from .layout import axes_from_labels, guess_axes
 
 _MICRON = {"µm", "um", "micrometer", "micrometre", "micron", "μm"}
 
 
-def _axes_for(ndim: int, rgb: bool, labels) -> str:
+def _axes_for(shape, rgb: bool, labels) -> str:
     """Axis letters from napari axis labels when they name axes (t, z, c, y, x), else by position."""
-    spatial = 2
-    lead = ndim - spatial
-    letters = None
-    if labels is not None and len(labels) == ndim:
-        cand = "".join(str(lab).strip().upper()[:1] for lab in labels)
-        if cand.endswith("YX") and len(set(cand)) == len(cand) and set(cand) <= set("TZCYX"):
-            letters = cand
-    if letters is None:
-        letters = ("", "Z", "TZ", "TZC")[lead] + "YX" if lead <= 3 else None
-    if letters is None:
-        raise InputError(f"A {ndim}-D layer needs axis labels (t, z, c, y, x) to be saved as TIFF.")
-    return letters + ("S" if rgb else "")
+    ndim = len(shape) - (1 if rgb else 0)
+    letters = axes_from_labels(labels, ndim)
+    if letters is not None:
+        return letters + ("S" if rgb else "")
+    try:
+        return guess_axes(shape, rgb=rgb)
+    except InputError:  # the layer's own words: napari users set labels, not axes=
+        raise InputError(f"A {ndim}-D layer needs axis labels (t, z, c, y, x) to be saved as TIFF.") from None
 
 
 def write_image(path: str | os.PathLike, data, meta: dict) -> list[str]:
@@ -51,7 +48,7 @@ def write_image(path: str | os.PathLike, data, meta: dict) -> list[str]:
         data = data[0]
     rgb = bool(meta.get("rgb", False))
     ndim = np.ndim(data) - (1 if rgb else 0)
-    axes = _axes_for(ndim, rgb, meta.get("axis_labels"))
+    axes = _axes_for(np.shape(data), rgb, meta.get("axis_labels"))
     scale = list(meta.get("scale") or [1.0] * ndim)
     units = [str(u) for u in (meta.get("units") or ["pixel"] * ndim)]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import time
 
@@ -20,11 +19,13 @@ import numpy as np
 from .engine.model import load_model
 from .engine.providers import (
     default_threads,
+    device_free_memory,
     get_session,
     require_bf16,
     resolve_providers,
 )
-from .engine.refocus import BYTES_PER_TILE_PIXEL, RefocusJob, available_memory
+from .engine.refocus import RefocusJob
+from .engine.settings import BYTES_PER_TILE_PIXEL, RefocusSettings, available_memory, peak_rss_mb
 from .engine.tiling import round_up
 from .errors import InputError
 
@@ -97,16 +98,11 @@ def onnx_flops_per_pixel(model_path, size: int = 256) -> float:
     return flops / (size * size)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if platform.system() != "Darwin" else r / 2**20
-
-
 # Network-only measurements (one untiled call of the network, nothing else), fastest first in spirit.
 NETWORK_ONLY = ("raw_untiled", "raw_untiled_fp16", "torch_eager", "torch_eager_bf16")
 
-# Extra engine runs ``--variants`` can add: keyword arguments of RefocusJob, and where each can run.
+# Extra engine runs ``--variants`` can add: the settings they change (RefocusSettings fields, checked
+# when this module loads), and where each can run.
 VARIANTS = {
     "bf16": ({"precision": "bf16"}, "cpu"),
     "int8": ({"precision": "int8"}, "cpu"),
@@ -119,6 +115,8 @@ VARIANTS = {
     "trust": ({"trust": 8}, "any"),
     "trust4": ({"trust": 4}, "any"),
 }
+for _name, (_changes, _where) in VARIANTS.items():
+    RefocusSettings().replace(**_changes)  # a variant names only real settings
 
 
 def _variant_unavailable(name: str, m, on_gpu: bool) -> str | None:
@@ -218,8 +216,9 @@ def run_bench(
             from .train.bench_torch import TorchRunner
 
             torch_runner = TorchRunner(m, threads=threads, device="cuda" if on_gpu else "cpu")
-        except Exception as exc:  # torch is an optional extra
+        except Exception as exc:  # noqa: BLE001 - torch is an optional extra
             result["torch_eager_unavailable"] = f"{type(exc).__name__}: {exc}"
+    base = RefocusSettings(tile=tile, overlap=overlap, providers=provider, threads=threads)
     for size in sizes:
         img = bench_image(size, px)
         mp = size * size / 1e6
@@ -227,8 +226,8 @@ def run_bench(
         # Large images: one timed repeat fewer (each pass takes seconds; the median barely moves).
         big_repeats = max(1, repeats - 1) if size > 2048 else repeats
 
-        def job(**kw):
-            return RefocusJob(img, m, tile=tile, overlap=overlap, providers=provider, threads=threads, **kw)
+        def job(settings=base, img=img):
+            return RefocusJob(img, m, settings)
 
         plan = job()
         row["tiles"] = plan.plan_y.n * plan.plan_x.n
@@ -239,22 +238,23 @@ def run_bench(
         row["engine_s"] = t_engine
         for name in list(variants):
             kw = VARIANTS[name][0]
-            probe = job(**kw)
-            expected = "openvino" if kw.get("precision") == "bf16" else used  # bf16 runs through OpenVINO
-            if probe.provider != expected or probe.precision != kw.get("precision", "fp32"):
+            settings = base.replace(**kw)
+            probe = job(settings)
+            expected = "openvino" if settings.precision == "bf16" else used  # bf16 runs through OpenVINO
+            if probe.provider != expected or probe.precision != settings.precision:
                 # e.g. a GPU provider that cannot load the fp16 graph: the engine fell back, so this is not the variant
                 why = "; ".join(probe.warnings) or f"fell back to {probe.provider}"
                 result.setdefault("variants_unavailable", {})[name] = why
                 variants.remove(name)
                 continue
-            row[f"engine_{name}_s"] = _timeit(lambda kw=kw: job(**kw).run(), repeats)
+            row[f"engine_{name}_s"] = _timeit(lambda settings=settings: job(settings).run(), repeats)
         x = img.astype(np.float32)
         x = (x - x.mean()) / x.std()
         pad = round_up(size, m.card.tile_multiple) - size
         x = np.pad(x, ((0, pad), (0, pad)), mode="reflect")[None, None]
         # An untiled call holds every activation at once (4096²: ~10 GiB; the process peaked at 21.5 GB
         # here): skip it, saying why, where it would not fit, rather than let the benchmark be OOM-killed.
-        need, free = x.size * BYTES_PER_TILE_PIXEL, (_gpu_free_memory() if on_gpu else available_memory())
+        need, free = x.size * BYTES_PER_TILE_PIXEL, (_device_memory(used) if on_gpu else available_memory())
         t_raw = None
         if need > RAW_MEMORY_FRACTION * free:
             row["raw_untiled_skipped"] = (
@@ -262,9 +262,9 @@ def run_bench(
             )
         else:
             try:
-                t_raw = _timeit(lambda: sess.run([m.output_name], {m.input_name: x}), big_repeats)
+                t_raw = _timeit(lambda x=x: sess.run([m.output_name], {m.input_name: x}), big_repeats)
                 row["raw_untiled_s"] = t_raw
-            except Exception as exc:  # measured: CUDA's Resize refuses 8192² (int32 indexing)
+            except Exception as exc:  # noqa: BLE001 - measured: CUDA's Resize refuses 8192² (int32 indexing)
                 row["raw_untiled_skipped"] = f"the untiled {size}² call failed: {str(exc).splitlines()[0][-160:]}"
         if on_gpu and t_raw is not None:
             # The same call in half precision: the fastest onnxruntime backend a GPU offers here.
@@ -274,14 +274,15 @@ def run_bench(
                 s16, used16 = get_session(fp16_variant(m.generator_path), providers, threads, fallback=False)
                 if used16 != used:
                     raise InputError(f"the fp16 graph ran on {used16}")
-                row["raw_untiled_fp16_s"] = _timeit(lambda: s16.run([m.output_name], {m.input_name: x}), big_repeats)
+                row["raw_untiled_fp16_s"] = _timeit(lambda s16=s16, x=x: s16.run([m.output_name], {m.input_name: x}),
+                                                    big_repeats)
             except Exception as exc:  # noqa: BLE001 - a backend that cannot run is reported, not fatal
                 row["raw_untiled_fp16_skipped"] = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         if torch_runner is not None and (on_gpu or size <= TORCH_MAX_SIZE):
-            row["torch_eager_s"] = _timeit(lambda: torch_runner(x), big_repeats)
+            row["torch_eager_s"] = _timeit(lambda x=x: torch_runner(x), big_repeats)
             if {"bf16", "fp16", "dpm_fp16"} & set(variants):
                 fast = type(torch_runner)(m, threads=threads, channels_last=True, bf16=True, device=torch_runner.device)
-                row["torch_eager_bf16_s"] = _timeit(lambda: fast(x), big_repeats)
+                row["torch_eager_bf16_s"] = _timeit(lambda fast=fast, x=x: fast(x), big_repeats)
         for name, t in list(row.items()):
             if name.endswith("_s"):
                 key = name[:-2]
@@ -311,14 +312,9 @@ def run_bench(
     return result
 
 
-def _gpu_free_memory() -> int:
-    """Free memory of GPU 0 in bytes (through PyTorch); 16 GiB when it cannot be read."""
-    try:
-        import torch
-
-        return int(torch.cuda.mem_get_info()[0])
-    except Exception:
-        return 16 * 2**30
+def _device_memory(provider: str) -> int:
+    """Free memory of the device ``provider`` runs on, in bytes (its trait row's query); 16 GiB when unknown."""
+    return device_free_memory(provider) or 16 * 2**30
 
 
 def _baselines(img: np.ndarray, px: float) -> dict:
@@ -342,7 +338,7 @@ def _baselines(img: np.ndarray, px: float) -> dict:
         z_best, n = brent_focus_search(lambda z: defocus(obj, z, optics, rng=rng).astype(np.float64), (-2.0, 8.0), vollath5)
         out["brent_evaluations"] = int(n)
         out["brent_error_um"] = float(abs(z_best))
-    except Exception as exc:  # baselines are extras of the benchmark, never its reason to fail
+    except Exception as exc:  # noqa: BLE001 - baselines are extras of the benchmark, never its reason to fail
         out["baselines_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
@@ -350,10 +346,10 @@ def _baselines(img: np.ndarray, px: float) -> dict:
 def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run_bench` result."""
     lines = [
-        f"model {result['model']['name']} on {result['model']['provider']}"
-        f"{' (' + result['machine']['gpu'] + ')' if result['machine'].get('gpu') else ''}, {result['machine']['cores_used']} threads; "
-        f"floor {result['floor']['floor_mp_s']:.2f} MP/s ({result['floor']['gflop_per_mp']:.1f} GFLOP/MP at "
-        f"{result['floor']['matmul_gflops']:.0f} GFLOP/s matmul)",
+        (f"model {result['model']['name']} on {result['model']['provider']}"
+         f"{' (' + result['machine']['gpu'] + ')' if result['machine'].get('gpu') else ''}, {result['machine']['cores_used']} threads; "
+         f"floor {result['floor']['floor_mp_s']:.2f} MP/s ({result['floor']['gflop_per_mp']:.1f} GFLOP/MP at "
+         f"{result['floor']['matmul_gflops']:.0f} GFLOP/s matmul)"),
         f"{'size':>6} {'what':<22} {'MP/s':>7} {'s/mm²':>7}",
     ]
     for size, row in result["sizes"].items():

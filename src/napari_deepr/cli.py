@@ -9,38 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import traceback
 import warnings
 from pathlib import Path
 
+from .cli_refocus import add_refocus_parser, cmd_refocus
 from .errors import Cancelled, DeepRError, OutputError, SettingsError
-
-
-class ProgressBar:
-    """A dependency-free progress bar on stderr (silent when stderr is not a terminal and quiet)."""
-
-    def __init__(self, label: str, enabled: bool = True):
-        self.label, self.enabled = label, enabled
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, ev) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if ev.done < ev.total and now - self._last < (0.1 if self.tty else 5.0):
-            return
-        self._last = now
-        frac = ev.fraction
-        el = now - self.t0
-        eta = el / frac - el if frac > 0 else 0.0
-        bar = "#" * int(30 * frac)
-        line = f"{self.label} [{bar:<30}] {ev.done}/{ev.total} tiles  {el:5.1f}s  eta {eta:5.1f}s  ({ev.provider})"
-        end = "\r" if self.tty and ev.done < ev.total else "\n"
-        sys.stderr.write(line + end)
-        sys.stderr.flush()
 
 
 def _cancel_on_sigint() -> threading.Event:
@@ -83,152 +57,6 @@ def _check_folder_target(path: str, what: str = "output folder") -> Path:
     if not os.access(anc, os.W_OK | os.X_OK):
         raise OutputError(f"The {what} {p} cannot be written ({anc} is not writable).")
     return p
-
-
-# -- refocus ----------------------------------------------------------------------------------------
-def _trust_arg(args):
-    """``trust=`` for the engine: False without ``--trust``, else the number of passes."""
-    return int(args.trust_passes) if args.trust else False
-
-
-def cmd_refocus(args) -> int:
-    import numpy as np
-
-    from . import io
-    from .engine.domain import check_pixel_size, preflight, to_input_range
-    from .engine.dpm import dpm_geometry
-    from .engine.model import load_model
-    from .engine.refocus import RefocusJob
-    from .engine.trust import passes_from, trusted_fraction
-
-    # Everything a user can get wrong is checked before anything is read in full or written.
-    pixel_size = check_pixel_size(args.pixel_size, "--pixel-size")
-    passes_from(_trust_arg(args))
-    out_path = io.check_output_path(args.output, args.input, overwrite=args.overwrite)
-    taken = [out_path]
-    for flag, path in (("--dpm", args.dpm), ("--trust", args.trust)):
-        if path:
-            p = io.check_output_path(path, args.input, overwrite=args.overwrite)
-            if p in taken:
-                raise SettingsError(f"{flag} names the same file as another output; choose different outputs.")
-            taken.append(p)
-    load_model(args.model)  # a wrong model is refused before a large image is read
-    _report_stale(out_path)
-    img = io.read_image(args.input)
-    card = load_model(args.model).card
-    sampling, modality = preflight(card, tuple(img.data.shape), (args.axes or img.axes).upper(), image_um=img.pixel_size_um,
-                                   pixel_size_um=pixel_size, resample=not args.no_resample,
-                                   force_modality=args.force_modality)
-    for v in (sampling, modality):  # said once, before the run
-        if v.message and v.level != "ok":
-            print(f"deepr: {'warning' if v.level == 'warning' else 'note'}: {v.message}", file=sys.stderr)
-    domain = dict(pixel_size_um=pixel_size, resample=not args.no_resample, force_modality=args.force_modality,
-                  trust=_trust_arg(args))
-    if args.in_memory and (args.scheduler or args.out_of_core):
-        raise SettingsError("--in-memory cannot be combined with --out-of-core or --scheduler; choose one.")
-    streamed = bool(args.scheduler or args.out_of_core)
-    if not streamed and not args.in_memory:
-        streamed = _stream_by_default(img, card, args)
-    if streamed:
-        from .engine.distributed import refocus_file
-
-        info = refocus_file(
-            img, out_path, model=args.model, dpm_path=args.dpm, tile=args.tile, overlap=args.overlap,
-            batch=args.batch, providers=args.provider, scheduler=args.scheduler, threads=args.threads,
-            precision=args.precision, progress=None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"),
-            overwrite=args.overwrite, trust_path=args.trust, **domain,
-        )
-        info["output"] = str(out_path)
-        info["streamed"] = "asked" if (args.scheduler or args.out_of_core) else "chosen (large input; --in-memory forces memory)"
-        print(json.dumps(info))
-        return 0
-    job = RefocusJob(
-        img, args.model, dpm=bool(args.dpm), tile=args.tile, overlap=args.overlap, batch=args.batch,
-        providers=args.provider, axes=args.axes, threads=args.threads, precision=args.precision,
-        stream=False if args.in_memory else None, **domain,
-    )
-    stop = _cancel_on_sigint()
-    job.run(None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}"), stop)
-    card = job.model.card
-    px = job.sampling.image_um  # known (file or --pixel-size) or None: an unknown size is never written as one
-    meta = {
-        "source": str(Path(args.input).resolve()),
-        "model": card.name,
-        "model_version": card.version,
-        "provider": job.provider,
-        "tile": job.tile,
-        "overlap": job.overlap,
-        "intensity": "z-scored network output mapped back with each plane's mean and std",
-        "pixel_size_source": job.sampling.source,
-        "resampled_to_um": card.pixel_size_um if job.sampling.resample else None,
-        "modality_forced": job.modality.forced,
-    }
-    axes = (args.axes or img.axes).upper()
-    output = job.output
-    if job.layout.rgb_axis is not None or job.modality.image == "rgb":  # RGB: input's dtype and range (clipped)
-        output = to_input_range(output, img.data.dtype)
-        meta["intensity"] += f"; RGB clipped to the {np.dtype(img.data.dtype).name} range"
-    io.write_image(out_path, output, axes=axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=meta,
-                   overwrite=args.overwrite)
-    summary = {"output": str(out_path), "provider": job.provider, "model": card.name,
-               "pixel_size_um": px, "pixel_size_source": job.sampling.source, "resampled": job.sampling.resample}
-    map_axes = "".join(a for i, a in enumerate(axes) if i not in (job.layout.channel_axis, job.layout.rgb_axis))
-    for w in dict.fromkeys(job.warnings):
-        if w not in job.announced:  # the fallback warnings were already shown when they happened
-            print(f"deepr: warning: {w}", file=sys.stderr)
-    if args.dpm:
-        dpm_axes = map_axes
-        dmeta = dict(meta, units="µm", defocus_range_um=list(card.defocus_range_um), sign=card.dpm_sign)
-        if job.dpm.ndim == 2 and job.sampling.effective_um:
-            geometry = dpm_geometry(job.dpm, job.sampling.effective_um,
-                                    defocus_range_um=card.defocus_range_um,
-                                    image=job.output if job.output.ndim == 2 else None, magnitude=card.dpm_magnitude)
-            fit = geometry.plane
-            dmeta["plane_fit"] = summary["dpm_fit"] = fit.to_dict()
-            dmeta["dpm_reading"] = summary["dpm_reading"] = geometry.reading
-            if geometry.surface is not None:
-                dmeta["surface_fit"] = summary["dpm_surface"] = geometry.surface.to_dict()
-            if geometry.focus_line_px is not None:  # [[row, col], [row, col]] where the fitted plane is in focus
-                dmeta["focus_line_px"] = summary["focus_line_px"] = geometry.focus_line_px.tolist()
-            mean = f"mean |defocus| {fit.mean_um:.2f}" if card.dpm_magnitude else f"mean defocus {fit.mean_um:+.2f}"
-            print(f"DPM: {mean} µm · {geometry.describe()}"
-                  + (f", {100 * fit.out_of_range_fraction:.0f}% outside the trained range" if fit.out_of_range_fraction else ""),
-                  file=sys.stderr)
-        io.write_image(args.dpm, job.dpm, axes=dpm_axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=dmeta,
-                       overwrite=args.overwrite)
-        summary["dpm"] = str(Path(args.dpm).resolve())
-    if args.trust:
-        share = trusted_fraction(job.trust_map)
-        tmeta = dict(meta, units="trust, 0-1 (1 = trust; >= 0.5 trustworthy)", passes=job.passes, trusted_fraction=share)
-        io.write_image(args.trust, job.trust_map, axes=map_axes, pixel_size_um=px, z_step_um=img.z_step_um, metadata=tmeta,
-                       overwrite=args.overwrite)
-        summary["trust"] = str(Path(args.trust).resolve())
-        summary["trusted_fraction"] = share
-        print(f"Trust: {100 * share:.0f}% of the field is trustworthy ({job.passes} passes).", file=sys.stderr)
-    print(json.dumps(summary))
-    return 0
-
-
-def _stream_by_default(img, card, args) -> bool:
-    """Whether ``deepr refocus`` streams disk to disk without being asked (see ``engine.refocus.should_stream``).
-
-    RGB images stay in memory: their output is converted back to the input's type, which the
-    streaming writer does not do yet.
-    """
-    from .engine.refocus import _layout, should_stream
-
-    shape = tuple(img.data.shape)
-    try:
-        lay = _layout(shape, (args.axes or img.axes).upper(), card.channels)
-    except Exception:  # noqa: BLE001 - the engine reports a bad layout in its own words
-        return False
-    if lay.rgb_axis is not None:
-        return False
-    import numpy as np
-
-    eager = int(np.prod(shape)) * np.dtype(img.data.dtype).itemsize if isinstance(img.data, np.ndarray) else 0
-    n_maps = int(bool(args.dpm)) + int(bool(args.trust))
-    return should_stream(shape, n_maps, input_bytes=eager, from_file=True)
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -445,37 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the Python traceback of a failure (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("refocus", help="refocus a defocused image (TIFF/OME-TIFF/zarr in and out)")
-    r.add_argument("input")
-    r.add_argument("-o", "--output", required=True)
-    r.add_argument("--model", default="default", help="model name, folder or .onnx (default: bundled)")
-    r.add_argument("--dpm", metavar="DPM_OUT", help="also write the defocus map (µm) here")
-    r.add_argument("--tile", type=_positive_int, help="tile side in px, a multiple of the model's tile multiple (default: by memory)")
-    r.add_argument("--overlap", type=_nonneg_int)
-    r.add_argument("--batch", type=_positive_int)
-    r.add_argument("--provider", action="append", help="cpu, cuda, tensorrt, directml, coreml, openvino (repeatable)")
-    r.add_argument("--axes", help="axis letters of the input, e.g. ZYX, YXS, TCYX (default: from the file)")
-    r.add_argument("--threads", type=_positive_int)
-    r.add_argument(
-        "--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-        help="fp16: half precision on GPU providers; bf16: bfloat16 on AVX512-BF16/AMX CPUs via onnxruntime-openvino; int8: the model's quantized variant",
-    )
-    r.add_argument("--pixel-size", type=float, metavar="UM",
-                   help="the image's pixel size in µm (overrides the file; uncalibrated files otherwise use the model's)")
-    r.add_argument("--no-resample", action="store_true",
-                   help="do not resample to the model's pixel size (a mismatch then only warns, before the run)")
-    r.add_argument("--force-modality", action="store_true",
-                   help="refocus even an image of another modality than the model's (e.g. RGB through a fluorescence model)")
-    r.add_argument("--trust", metavar="TRUST_OUT", help="also write a per-pixel trust map (0-1, 1 = trust) here")
-    r.add_argument("--trust-passes", type=int, default=8, metavar="N",
-                   help="test-time passes (flips and turns) for the trust map, 1-8 (default 8)")
-    r.add_argument("--scheduler", help="dask.distributed scheduler address (out-of-core, chunk by chunk)")
-    r.add_argument("--out-of-core", action="store_true",
-                   help="stream disk to disk even for a small image (chosen by itself for large ones)")
-    r.add_argument("--in-memory", action="store_true",
-                   help="keep the whole result in memory even for a large image (faster tiles, more memory)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output that napari-deepr did not write")
-    r.add_argument("-q", "--quiet", action="store_true")
+    add_refocus_parser(sub)
 
     m = sub.add_parser("models", help="list bundled and user models with their optics and range")
     m.add_argument("--json", action="store_true")

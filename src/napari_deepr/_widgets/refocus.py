@@ -41,9 +41,12 @@ from ..engine.dpm import dpm_geometry, out_of_range_mask
 from ..engine.model import DEFAULT_MODEL, list_models, load_model
 from ..engine.providers import available_providers
 from ..engine.quantize import precision_choices
-from ..engine.refocus import RefocusJob, available_memory, result_shapes
+from ..engine.refocus import RefocusJob
+from ..engine.results import LAYER_FIELDS, run_metadata, zarr_result
+from ..engine.settings import RefocusSettings, available_memory
 from ..engine.trust import trusted_fraction
 from ..errors import Cancelled, DeepRError
+from ..layout import guess_axes, image_layout
 from ._common import (
     CancelableProgress,
     MessageLabel,
@@ -75,13 +78,7 @@ ROLE_KEY = "napari_deepr_role"
 
 def layer_axes(layer, data) -> str:
     """Axis letters for the engine: leading axes are planes, then ``YX`` (``YXS`` for RGB layers)."""
-    spatial = "YXS" if getattr(layer, "rgb", False) else "YX"
-    lead = data.ndim - len(spatial)
-    if lead < 0:
-        raise DeepRError(f"The layer has {data.ndim} dimension(s); refocus needs at least Y and X.")
-    # Any letter other than C, S, Y, X is a plane axis for the engine; Z reads naturally for stacks.
-    names = {0: "", 1: "Z", 2: "TZ"}[lead] if lead <= 2 else "PQRTUVW"[: lead - 1] + "Z"
-    return names + spatial
+    return guess_axes(data.shape, rgb=bool(getattr(layer, "rgb", False)))
 
 
 def layer_data(layer):
@@ -94,28 +91,14 @@ def layer_data(layer):
 DISK_RESULT_FRACTION = 0.25
 
 
-def _disk_results(out_shape, dpm_shape, want_dpm: bool, axes: str):
-    """Zarr arrays (in a new temporary folder) for a result too large for memory, else ``None``."""
-    need = 4 * (int(np.prod(out_shape)) + (int(np.prod(dpm_shape)) if want_dpm else 0))
+def _disk_results(lay, want_dpm: bool):
+    """Zarr arrays (in a new temporary folder) for a result of layout ``lay`` too large for memory, else ``None``."""
+    need = 4 * (int(np.prod(lay.shape)) + (int(np.prod(lay.map_shape)) if want_dpm else 0))
     if need <= DISK_RESULT_FRACTION * available_memory():
         return None
-    import zarr  # only now: importing zarr costs the main thread ~0.4 s the first time
     folder = Path(tempfile.mkdtemp(prefix="napari-deepr-"))
-
-    def chunks(shape, letters):
-        # One plane, a band of rows and the full width: the engine writes whole tile rows.
-        return tuple(1 if a not in "YXS" else (min(n, 512) if a == "Y" else n) for a, n in zip(letters, shape, strict=True))
-
-    dpm_axes = axes
-    if len(dpm_shape) != len(out_shape):  # the joint channel axis (S or C) has no DPM of its own
-        i = next(i for i, a in enumerate(axes) if a in "SC" and out_shape[:i] + out_shape[i + 1:] == tuple(dpm_shape))
-        dpm_axes = axes[:i] + axes[i + 1:]
-    out = zarr.open_array(str(folder / "refocused.zarr"), mode="w", shape=out_shape, chunks=chunks(out_shape, axes),
-                          dtype="float32", fill_value=0.0)
-    dpm = None
-    if want_dpm:
-        dpm = zarr.open_array(str(folder / "dpm_um.zarr"), mode="w", shape=dpm_shape,
-                              chunks=chunks(dpm_shape, dpm_axes), dtype="float32", fill_value=0.0)
+    out = zarr_result(folder / "refocused.zarr", lay.shape, lay.axes)
+    dpm = zarr_result(folder / "dpm_um.zarr", lay.map_shape, lay.map_axes) if want_dpm else None
     return folder, out, dpm
 
 
@@ -145,7 +128,8 @@ class _Run:
 LAYERS_READY_TIMEOUT_S = 30.0
 
 
-def _refocus_steps(data, model, axes, settings: dict, cancel: threading.Event, ready: threading.Event | None = None):
+def _refocus_steps(data, model, axes, settings: RefocusSettings, cancel: threading.Event,
+                   ready: threading.Event | None = None, outputs: dict | None = None):
     """Worker body: build the job, then yield it and every :class:`Progress`; returns ``(status, message, job)``.
 
     After yielding the job it waits for ``ready``: the main thread adds the result layers while the
@@ -155,7 +139,7 @@ def _refocus_steps(data, model, axes, settings: dict, cancel: threading.Event, r
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            job = RefocusJob(data, model, axes=axes, **settings)
+            job = RefocusJob(data, model, settings, axes=axes, **(outputs or {}))
         job.warnings.extend(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
     except DeepRError as exc:
         return ("error", one_sentence(exc), None)
@@ -656,26 +640,22 @@ class RefocusWidget(QWidget):
         suffix = f" [plane {','.join(map(str, plane))}]" if plane is not None else ""
         self._run = _Run(layer, lead, plane, want_dpm, f"{name} refocused{suffix}",
                          f"{name} DPM (µm){suffix}", f"{name} DPM out of range{suffix}")
-        settings = {
-            "dpm": want_dpm,
-            "tile": self.tile_spin.value(),
-            "overlap": self.overlap_spin.value(),
-            "batch": self.batch_spin.value() or None,
-            "providers": self.provider_combo.currentData(),
-            "precision": self.precision_combo.currentData() or "fp32",
-            "trust": self.passes_spin.value() if self.trust_check.isChecked() else False,
-            **self._domain_settings(layer),
-        }
-        disk_note = ""
-        if plane is None:
-            try:
-                disk = _disk_results(*result_shapes(data.shape, axes, model.card.channels), want_dpm, axes)
-            except DeepRError as exc:
-                self.status_label.show_message(one_sentence(exc), "error")
-                return
-            if disk is not None:
-                folder, settings["out"], settings["dpm_out"] = disk
-                disk_note = f" (result larger than a quarter of free memory: written to {folder})"
+        disk_note, outputs = "", {}
+        try:
+            settings = RefocusSettings(
+                dpm=want_dpm, tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
+                batch=self.batch_spin.value() or None, providers=self.provider_combo.currentData(),
+                precision=self.precision_combo.currentData() or "fp32",
+                trust=self.passes_spin.value() if self.trust_check.isChecked() else False,
+                **self._domain_settings(layer),
+            )
+            disk = _disk_results(image_layout(data.shape, axes, model.card.channels), want_dpm) if plane is None else None
+        except DeepRError as exc:
+            self.status_label.show_message(one_sentence(exc), "error")
+            return
+        if disk is not None:
+            folder, outputs["out"], outputs["dpm_out"] = disk
+            disk_note = f" (result larger than a quarter of free memory: written to {folder})"
         self._cancel = threading.Event()
         self.job = None
         self._dpm_display = None
@@ -692,7 +672,7 @@ class RefocusWidget(QWidget):
         self._out_layer = self._dpm_layer = None
         self._ready = threading.Event()
         self.worker = create_worker(_refocus_steps, data, model, axes, settings, self._cancel, self._ready,
-                                    _start_thread=False)
+                                    outputs=outputs, _start_thread=False)
         self.worker.yielded.connect(self._on_yielded)
         self.worker.returned.connect(self._on_returned)
         self.worker.errored.connect(self._on_errored)
@@ -760,16 +740,10 @@ class RefocusWidget(QWidget):
 
     def _meta(self) -> dict:
         job, run = self.job, self._run
-        card = job.model.card
         return {
             ROLE_KEY: "refocused",
             "source_layer": run.layer.name,
-            "model": card.name,
-            "model_version": card.version,
-            "model_path": str(job.model.root),
-            "provider": job.provider,
-            "tile": job.tile,
-            "overlap": job.overlap,
+            **run_metadata(job, LAYER_FIELDS),
             "plane": list(run.plane) if run.plane is not None else None,
             "complete": False,
         }

@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from .refocus import STREAM_TILE_BUDGET, Progress, RefocusJob, plane_stats
+from ..errors import InputError
+from ..layout import image_layout, result_shapes
+from .model import load_model
+from .refocus import RefocusJob
+from .results import STREAM_FIELDS, run_metadata, zarr_result
+from .settings import STREAM_TILE_BUDGET, RefocusSettings, peak_rss_mb
 
 
 class _StripSink:
@@ -46,84 +51,78 @@ def _open_source(source):
     return source
 
 
-def refocus_strip(source, model_path, axes, plane, tile_rows, norm, dpm, tile, overlap, batch, providers, threads,
-                  precision="fp32"):
-    """One cluster task: refocus tile rows ``tile_rows`` of ``plane`` and return the written rows."""
-    data = _open_source(source)
-    out = _StripSink(data.shape)
-    job = RefocusJob(
-        data, model_path, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, threads=threads, planes=[plane], tile_rows=tile_rows, norm={plane: norm}, memory_arena=False,
-        precision=precision,
+def strip_settings(job) -> RefocusSettings:
+    """The settings every strip task of ``job`` runs with: its resolved tiling, the provider and precision
+    that started, the arena off; sampling and modality were checked once, by ``job``."""
+    r = job.resolved
+    return r.settings.replace(
+        tile=r.tile, overlap=r.overlap, batch=r.batch, halo=r.halo, providers=(job.provider,),
+        precision=job.precision, memory_arena=False, trust=False, pixel_size_um=None, force_modality=True,
+        stream=False,
     )
-    if dpm:
-        job.dpm = _StripSink(job.dpm_shape)
+
+
+def refocus_strip(source, model_path, axes: str, plane: tuple[int, ...], tile_rows: tuple[int, int], norm,
+                  settings: RefocusSettings):
+    """One cluster task: refocus tile rows ``tile_rows`` of ``plane`` and return the written rows.
+
+    Returns
+    -------
+    tuple
+        ``(output writes, DPM writes, provider, tiles)``: ``(index, block)`` pairs for
+        :meth:`~napari_deepr.engine.refocus.RefocusJob.apply_writes`, what ran and how many tiles.
+    """
+    data = _open_source(source)
+    model = load_model(model_path)
+    shape, map_shape = result_shapes(data.shape, axes, model.card.channels)
+    out = _StripSink(shape)
+    dpm = _StripSink(map_shape) if settings.dpm else None
+    job = RefocusJob(data, model, settings, axes=axes, out=out, dpm_out=dpm, planes=[plane], tile_rows=tile_rows,
+                     norm={plane: norm})
     job.run()
-    return out.writes, (job.dpm.writes if dpm else []), job.provider, job.tiles_per_plane
+    return out.writes, (dpm.writes if dpm is not None else []), job.provider, job.tiles_per_plane
 
 
-def refocus_lazy(
-    image,
-    model="default",
-    *,
-    axes: str | None = None,
-    dpm: bool = False,
-    tile: int | None = None,
-    overlap: int | None = None,
-    batch: int | None = None,
-    providers=None,
-    threads: int | None = None,
-    scheduler=None,
-    out=None,
-    dpm_out=None,
-    rows_per_strip: int = 4,
-    progress=None,
-    source=None,
-    precision: str = "fp32",
-    trust_out=None,
-    **domain,
-):
+def refocus_lazy(image, model="default", settings: RefocusSettings | None = None, *, axes: str | None = None,
+                 scheduler=None, out=None, dpm_out=None, trust_out=None, rows_per_strip: int = 4, progress=None,
+                 source=None, **options):
     """Refocus into (disk-backed) outputs, locally or on a dask.distributed cluster.
 
     Parameters
     ----------
     image : array-like
         numpy, dask or zarr array (or ``io.ImageData``).
+    settings : RefocusSettings, optional
+        As in :func:`napari_deepr.refocus`; keyword ``options`` change it. The arena is off and one
+        host tile's activations stay within :data:`~napari_deepr.engine.settings.STREAM_TILE_BUDGET`
+        unless the settings say otherwise; every worker runs the same tiling and precision.
+        Resampling and the trust map run locally (plane by plane); a scheduler refuses them.
     scheduler : str or distributed.Client, optional
         Scheduler address (``tcp://…``) or a client; ``None`` runs locally, streaming.
-    out, dpm_out : array-like, optional
-        Outputs with ``__setitem__`` (zarr arrays for out-of-core work); numpy arrays if omitted.
+    out, dpm_out, trust_out : array-like, optional
+        Outputs with ``__setitem__`` (zarr arrays for out-of-core work); numpy arrays if omitted
+        (``trust_out``: local runs only).
     rows_per_strip : int
         Tile rows per cluster task.
     source : tuple (path, series), optional
         Where workers can reopen the input; without it numpy inputs are scattered to the workers.
-    precision : {"fp32", "bf16", "int8"}
-        As in :func:`napari_deepr.refocus`; every worker runs the same precision.
-    trust_out : array-like, optional
-        Output for the trust map (with ``trust=``); local runs only.
-    **domain
-        ``pixel_size_um``, ``resample``, ``force_modality``, ``trust`` as in :func:`napari_deepr.refocus`.
-        Resampling and the trust map run locally (plane by plane); a scheduler refuses them.
 
     Returns
     -------
     job : RefocusJob
         The planning job (``job.output``, ``job.dpm``, ``job.provider``).
     """
-    given = image  # an io.ImageData keeps its pixel size for the job's sampling verdict
-    if hasattr(image, "axes") and hasattr(image, "data"):
-        axes = axes or image.axes
-        if source is None and image.metadata.get("source"):
-            source = (image.metadata["source"], int(image.metadata.get("series", 0)))
-        image = image.data
-    job = RefocusJob(
-        given, model, dpm=dpm, tile=tile, overlap=overlap, batch=batch, providers=providers, axes=axes,
-        out=out, dpm_out=dpm_out, threads=threads, memory_arena=False,  # resident memory bounded by one tile
-        precision=precision, trust_out=trust_out, memory_budget=STREAM_TILE_BUDGET, **domain,
+    settings = RefocusSettings.of(settings, **options)
+    # Resident memory bounded by one tile, whatever the image's size.
+    settings = settings.replace(
+        memory_arena=False if settings.memory_arena is None else settings.memory_arena,
+        memory_budget=STREAM_TILE_BUDGET if settings.memory_budget is None else settings.memory_budget,
     )
+    if hasattr(image, "axes") and hasattr(image, "data") and source is None and image.metadata.get("source"):
+        source = (image.metadata["source"], int(image.metadata.get("series", 0)))
+    # An io.ImageData keeps its pixel size for the job's sampling verdict.
+    job = RefocusJob(image, model, settings, axes=axes, out=out, dpm_out=dpm_out, trust_out=trust_out)
     if scheduler is not None and job.planewise:
-        from ..errors import InputError
-
         raise InputError(
             "A dask scheduler cannot resample or compute a trust map yet; drop --scheduler (out of core still works "
             "locally), pass --no-resample, or resample the image to the model's pixel size first."
@@ -148,108 +147,63 @@ def refocus_lazy(
             src = client.scatter(np.asarray(data), broadcast=True)
         else:
             src = source
+        strips = job.use_strips(strip_ranges(job.plan_y.n, rows_per_strip))
+        task = strip_settings(job)
         futures = []
-        strips = strip_ranges(job.plan_y.n, rows_per_strip)
         for p in job.planes:
-            norm = plane_stats(job._plane_view(p))
-            job._check_stats(p, *norm)
-            for rows in strips:
-                futures.append(
-                    client.submit(
-                        refocus_strip, src, str(job.model.location),
-                        job.layout.axes, p, rows, norm, dpm, job.tile, job.overlap, job.batch,
-                        [job.provider], threads, precision, pure=False,
-                    )
-                )
-        job.done = 0
-        job.total = len(job.planes) * sum(
-            (kb - max(ka - 1, 0)) * job.plan_x.n for ka, kb in strips
-        )
+            norm = job.plane_statistics(p)  # once per plane, so every strip z-scores alike
+            futures += [client.submit(refocus_strip, src, str(job.model.location), job.layout.axes, p, rows, norm,
+                                      task, pure=False) for rows in strips]
         for fut in as_completed(futures):
             writes, dwrites, provider, ntiles = fut.result()
-            for idx, value in writes:
-                job.output[idx] = value
-            for idx, value in dwrites:
-                job.dpm[idx] = value
-            job.done += ntiles
+            ev = job.apply_writes(writes, dwrites, ntiles, provider)
             if progress is not None:
-                progress(Progress(job.done, job.total, (), provider))
+                progress(ev)
     finally:
         if not isinstance(scheduler, Client):
             client.close()
     return job
 
 
-def refocus_file(
-    img: io.ImageData,
-    out_path,
-    *,
-    model="default",
-    dpm_path=None,
-    tile=None,
-    overlap=None,
-    batch=None,
-    providers=None,
-    scheduler=None,
-    threads=None,
-    progress=None,
-    rows_per_strip: int = 4,
-    precision: str = "fp32",
-    overwrite: bool = False,
-    trust_path=None,
-    **domain,
-) -> dict:
+def refocus_file(img: io.ImageData, out_path, *, model="default", settings: RefocusSettings | None = None,
+                 dpm_path=None, trust_path=None, scheduler=None, progress=None, rows_per_strip: int = 4,
+                 overwrite: bool = False, **options) -> dict:
     """Refocus a file disk to disk with bounded memory; TIFF or zarr out, calibration kept.
 
-    An existing output is replaced only when it is a previous output of napari-deepr, or with
-    ``overwrite``.
+    ``settings`` (and keyword ``options``) as in :func:`refocus_lazy`; ``dpm`` and ``trust`` follow
+    from ``dpm_path`` and ``trust_path``. An existing output is replaced only when it is a previous
+    output of napari-deepr, or with ``overwrite``.
 
     The result is streamed into a zarr store under a temporary name (the final store, or a scratch
     store that is then streamed tile by tile into a BigTIFF) and renamed when complete.
     """
-    import zarr
-
-    from .model import load_model
-    from .refocus import _layout
-
     t0 = time.perf_counter()
+    settings = RefocusSettings.of(settings, **options)
+    settings = settings.replace(dpm=bool(dpm_path), trust=(settings.trust or True) if trust_path else False)
     out_path = Path(out_path)
-    shape = tuple(img.data.shape)
     m = load_model(model)
-    lay = _layout(shape, img.axes, m.card.channels)
-    dpm_axes = "".join(a for i, a in enumerate(img.axes) if i not in (lay.channel_axis, lay.rgb_axis))
+    lay = image_layout(img.data.shape, img.axes, m.card.channels)
     scratch: list[Path] = []
 
-    def scratch_store(path: Path, shp, axes):
+    def scratch_store(path: Path, shape, axes):
         # A group with array "0" (OME-Zarr layout) under a temporary name beside the target.
         io.clean_stale_partials(path)
         tmp = io._temp_sibling(path)
         scratch.append(tmp)
-        chunks = tuple(min(s, 1024) if a in "YX" else 1 for s, a in zip(shp, axes, strict=True))
-        arr = zarr.open_array(str(tmp / "0"), mode="w", shape=shp, chunks=chunks, dtype="float32", fill_value=0.0)
-        return tmp, arr
+        return tmp, zarr_result(tmp / "0", shape, axes)
 
     try:
-        out_tmp, out_arr = scratch_store(out_path, shape, img.axes)
-        dpm_tmp = dpm_arr = trust_tmp = trust_arr = None
-        dpm_shape = tuple(s for i, s in enumerate(shape) if i not in (lay.channel_axis, lay.rgb_axis))
-        if dpm_path:
-            dpm_tmp, dpm_arr = scratch_store(Path(dpm_path), dpm_shape, dpm_axes)
-        if trust_path:
-            trust_tmp, trust_arr = scratch_store(Path(trust_path), dpm_shape, dpm_axes)
-        job = refocus_lazy(
-            img, m, dpm=bool(dpm_path), tile=tile, overlap=overlap, batch=batch, providers=providers,
-            threads=threads, scheduler=scheduler, out=out_arr, dpm_out=dpm_arr, rows_per_strip=rows_per_strip,
-            progress=progress, precision=precision, trust_out=trust_arr, **domain,
-        )
+        stores = [(out_path, img.axes, *scratch_store(out_path, lay.shape, img.axes))]
+        for path in (dpm_path, trust_path):
+            stores.append((path, lay.map_axes, *scratch_store(Path(path), lay.map_shape, lay.map_axes)) if path else None)
+        arrays = [s[3] if s else None for s in stores]
+        job = refocus_lazy(img, m, settings, scheduler=scheduler, out=arrays[0], dpm_out=arrays[1], trust_out=arrays[2],
+                           rows_per_strip=rows_per_strip, progress=progress)
         px = job.sampling.image_um  # an unknown pixel size is never written as one
-        meta = {"model": job.model.card.name, "provider": job.provider, "tile": job.tile, "overlap": job.overlap,
-                "source": img.metadata.get("source"), "scheduler": str(scheduler) if scheduler else None}
+        meta = run_metadata(job, STREAM_FIELDS, source=img.metadata.get("source"),
+                            scheduler=str(scheduler) if scheduler else None)
         results = {}
-        for tmp, arr, final, axes in ((out_tmp, out_arr, out_path, img.axes), (dpm_tmp, dpm_arr, dpm_path, dpm_axes),
-                                      (trust_tmp, trust_arr, trust_path, dpm_axes)):
-            if arr is None:
-                continue
+        for final, axes, tmp, arr in filter(None, stores):
             final = Path(final)
             if io.is_zarr_path(final):
                 io.write_zarr_attrs(tmp, axes, px, img.z_step_um, meta)
@@ -265,7 +219,5 @@ def refocus_file(
     finally:
         for tmp in scratch:
             io._remove(tmp)
-    from ..bench import peak_rss_mb
-
     return {"outputs": results, "provider": job.provider, "seconds": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb(), "scheduler": str(scheduler) if scheduler else "local"}

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from .providers import fp16_providers
 
-# Providers with half-precision kernels worth using.
-FP16_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+# Providers with half-precision kernels worth using (the fp16 column of providers.TRAITS).
+FP16_PROVIDERS = fp16_providers()
 
 #: The float16 copy may differ from float32 by this share of the output's spread on the random check
 #: tile (measured on the bundled generator: 1.3 % at the worst pixel, onnxruntime 1.18-1.32); a

@@ -1,4 +1,11 @@
-"""onnxruntime execution providers by short name, cached sessions and honest CPU fallback."""
+"""onnxruntime execution providers: one table of their traits, cached sessions and honest CPU fallback.
+
+Everything the engine needs to know about a provider is one row of :data:`TRAITS`: where its
+activations live (the host's memory or a device's), whether it runs float16 or bfloat16 graphs
+natively, the device its outputs can stay on between the generator and the DPM decoder (IO binding),
+whether ``providers="auto"`` picks it, and how its free memory is asked. Adding a provider is one
+row (and its tests); the engine, the precision menu and the messages read the table.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +14,84 @@ import json
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, ModelError
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-}
+
+@dataclass(frozen=True)
+class ProviderTraits:
+    """What the engine needs to know about one execution provider.
+
+    Attributes
+    ----------
+    short : str
+        The name users type (``cuda``).
+    ort : str
+        onnxruntime's name (``CUDAExecutionProvider``).
+    host : bool
+        The activations live in the host's memory (tile from ``MemAvailable``, batch 1, no pipeline).
+    fp16 : bool
+        Runs float16 graphs natively (``precision="fp16"``).
+    bf16 : bool
+        Runs float32 graphs in bfloat16 when asked (``precision="bf16"``).
+    binding : str or None
+        onnxruntime device name the generator's features stay on for the DPM decoder (IO binding);
+        None where they cannot.
+    auto : bool
+        Chosen by ``providers=None`` / ``"auto"`` when this onnxruntime offers it.
+    memory : str or None
+        How the device's free memory is asked (``"nvidia"``: NVML or nvidia-smi, ``"rocm"``:
+        rocm-smi); None: unknown, the host's memory stands in.
+    """
+
+    short: str
+    ort: str
+    host: bool = False
+    fp16: bool = False
+    bf16: bool = False
+    binding: str | None = None
+    auto: bool = False
+    memory: str | None = None
+
+
+#: One row per provider, in the order names are listed to users.
+TRAITS: tuple[ProviderTraits, ...] = (
+    ProviderTraits("cpu", "CPUExecutionProvider", host=True),
+    ProviderTraits("cuda", "CUDAExecutionProvider", fp16=True, binding="cuda", auto=True, memory="nvidia"),
+    ProviderTraits("tensorrt", "TensorrtExecutionProvider", fp16=True, binding="cuda", memory="nvidia"),
+    # DirectML runs on any Windows GPU; when it is an NVIDIA one, nvidia-smi answers for its memory.
+    ProviderTraits("directml", "DmlExecutionProvider", fp16=True, binding="dml", auto=True, memory="nvidia"),
+    ProviderTraits("coreml", "CoreMLExecutionProvider", auto=True),
+    ProviderTraits("openvino", "OpenVINOExecutionProvider", host=True, bf16=True),
+    # HIP memory is a "cuda" OrtDevice in onnxruntime's ROCm build (its allocator registers as GPU).
+    ProviderTraits("rocm", "ROCMExecutionProvider", fp16=True, binding="cuda", auto=True, memory="rocm"),
+    ProviderTraits("migraphx", "MIGraphXExecutionProvider", memory="rocm"),
+)
+
+#: Traits by onnxruntime name (the engine looks rows up here, so tests can swap a row).
+TRAITS_BY_ORT: dict[str, ProviderTraits] = {t.ort: t for t in TRAITS}
+PROVIDERS = {t.short: t.ort for t in TRAITS}
 SHORT_NAMES = {v: k for k, v in PROVIDERS.items()}
+
+
+def provider_traits(name: str) -> ProviderTraits:
+    """The traits of a provider by short or onnxruntime name (an unknown one: a device without extras)."""
+    full = PROVIDERS.get(name.lower(), name)
+    row = TRAITS_BY_ORT.get(full)
+    return row if row is not None else ProviderTraits(SHORT_NAMES.get(full, full), full)
+
+
+def fp16_providers() -> tuple[str, ...]:
+    """onnxruntime names of the providers that run float16 graphs."""
+    return tuple(t.ort for t in TRAITS_BY_ORT.values() if t.fp16)
+
+
+def names_with(trait: str) -> str:
+    """Short names of the providers with a trait, for sentences (``"cuda, tensorrt, directml, rocm"``)."""
+    return ", ".join(t.short for t in TRAITS_BY_ORT.values() if getattr(t, trait))
+
 
 _sessions: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -65,7 +135,7 @@ def resolve_providers(providers: str | list[str] | tuple[str, ...] | None, missi
     import onnxruntime as ort
 
     if providers is None or providers == "auto":
-        wanted = [p for p in ort.get_available_providers() if p in ("CUDAExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider")]
+        wanted = [p for p in ort.get_available_providers() if provider_traits(p).auto]
     else:
         if isinstance(providers, str):
             providers = [providers]
@@ -260,6 +330,60 @@ def _read_gpu_free_memory(device: int) -> int | None:
         return int(float(out.split()[0]) * 2**20)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+
+
+def rocm_free_memory(device: int = 0) -> int | None:
+    """Free memory of AMD GPU ``device`` in bytes (``rocm-smi``), or None if unknown; cached like
+    :func:`gpu_free_memory`."""
+    import time
+
+    now = time.monotonic()
+    hit = _rocm_memory_cache.get(device)
+    if hit is not None and now - hit[0] < GPU_MEMORY_TTL_S:
+        return hit[1]
+    value = _read_rocm_free_memory(device)
+    _rocm_memory_cache[device] = (now, value)
+    return value
+
+
+_rocm_memory_cache: dict[int, tuple[float, int | None]] = {}
+
+
+def _read_rocm_free_memory(device: int) -> int | None:
+    import shutil
+    import subprocess
+
+    smi = shutil.which("rocm-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--showmeminfo", "vram", "--json", "-d", str(device)],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return parse_rocm_smi(out, device)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def parse_rocm_smi(text: str, device: int = 0) -> int | None:
+    """Free bytes from ``rocm-smi --showmeminfo vram --json`` (total less used), or None when it does not say."""
+    try:
+        cards = json.loads(text)
+        card = cards.get(f"card{device}") or next(iter(cards.values()))
+        total = next(int(v) for k, v in card.items() if "Total Memory" in k)
+        used = next(int(v) for k, v in card.items() if "Total Used Memory" in k)
+    except (ValueError, TypeError, AttributeError, StopIteration):
+        return None
+    return max(total - used, 0)
+
+
+def device_free_memory(provider: str, device: int = 0) -> int | None:
+    """Free memory of the device a provider runs on, in bytes, as its trait row says to ask; None if unknown."""
+    kind = provider_traits(provider).memory
+    if kind == "nvidia":
+        return gpu_free_memory(device)
+    if kind == "rocm":
+        return rocm_free_memory(device)
+    return None
 
 
 def clear_sessions() -> None:

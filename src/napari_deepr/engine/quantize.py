@@ -207,9 +207,9 @@ def precision_choices(model) -> list[tuple[str, str, bool, str]]:
     has_int8 = (m.root / INT8_NAME).is_file()
     why = "int8: the model's quantized variant." if has_int8 else f"int8: no {INT8_NAME} (create it with 'deepr quantize')."
     out.append(("int8", f"int8 (quantized{cost('int8')})", has_int8, why))
-    from .fp16 import FP16_PROVIDERS
+    from .providers import provider_traits
 
-    gpus = [p for p in ort.get_available_providers() if p in FP16_PROVIDERS]
+    gpus = [p for p in ort.get_available_providers() if provider_traits(p).fp16]
     why = ("fp16: half precision on the GPU provider (converted once, cached)." if gpus
            else "fp16: needs a GPU provider (e.g. onnxruntime-gpu for CUDA).")
     out.append(("fp16", f"fp16 (GPU{cost('fp16')})", bool(gpus), why))
