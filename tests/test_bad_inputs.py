@@ -334,6 +334,9 @@ BAD_CARDS = {
     "tile_multiple_zero": {"tile_multiple": 0},
     "overlap_negative": {"overlap": -5},
     "halo_text": {"halo": "x"},
+    "halo_huge": {"halo": 100000},  # once reported as "not enough memory" after minutes of reflected tiles
+    "halo_over_half_the_tile": {"halo": 65},  # the tiny card's tile is 128
+    "halo_over_the_cap": {"halo": 1500, "tile": 4096},
     "min_size_zero": {"min_size": 0},
     "name_number": {"name": 5},
     "name_empty": {"name": ""},
@@ -359,6 +362,58 @@ def test_bad_model_card(case, tmp_path, capsys):
     src = io.write_image(tmp_path / "in.tif", _img(), axes="YX")
     err = _cli_refused(["refocus", src, "-o", tmp_path / "out.tif", "--model", folder], tmp_path, capsys)
     assert "model.json" in err or "card" in err
+
+
+@pytest.mark.parametrize("halo, tile, allowed", [(100000, 128, 64), (65, 128, 64), (1500, 4096, 1024)])
+def test_huge_halo_is_refused_when_the_card_is_read(halo, tile, allowed, tmp_path):
+    """The card field is named with its range, by load_model, before any image is read."""
+    import napari_deepr as nd
+    from napari_deepr.errors import ModelError
+
+    folder = make_model_folder(tmp_path, name="halo", halo=halo, tile=tile)
+    with pytest.raises(ModelError) as info:
+        nd.load_model(folder)
+    text = str(info.value)
+    assert "'halo'" in text and f"from 0 to {allowed}" in text and str(halo) in text and "\n" not in text
+    # the largest allowed halo loads
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(dict(card, halo=allowed)))
+    assert nd.load_model(folder).card.halo == allowed
+
+
+def _big_halo_model(root: Path) -> Path:
+    # Valid (1024 px = the cap, half the 2048-px tile), but a 64² image then runs as one 2112² tile.
+    return make_model_folder(root / "models", name="bighalo", tile=2048, overlap=32, halo=1024)
+
+
+def test_large_valid_halo_past_free_memory_names_the_halo(tmp_path, capsys, monkeypatch):
+    from napari_deepr.engine import refocus as r
+
+    folder = _big_halo_model(tmp_path)
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    monkeypatch.setattr(r, "available_memory", lambda: 1 << 30)  # 2112² × 600 B ≈ 2.7 GB does not fit in 1 GiB
+    err = _cli_refused(["refocus", src, "-o", tmp_path / "out.tif", "--model", folder, "-q"], tmp_path, capsys,
+                       sentence="halo of 1024 px")
+    assert "2112×2112" in err and "model.json" in err and "not enough memory" not in err
+    import napari_deepr as nd
+    from napari_deepr.errors import ModelError
+
+    with pytest.raises(ModelError, match="halo of 1024 px"):
+        nd.refocus(_img().astype(np.float32), folder)
+    # With the memory it needs, the same model runs: the refusal is about memory, not the card.
+    monkeypatch.setattr(r, "available_memory", lambda: 64 << 30)
+    assert nd.refocus(_img().astype(np.float32), folder).shape == (64, 64)
+
+
+def test_a_tile_too_large_even_without_its_halo_is_not_blamed_on_the_halo(tmp_path, monkeypatch):
+    """The halo grows a 64² image's tile to 96², but the 64² tile alone would not fit either: the halo
+    is not the cause, so the halo check stays silent (and this tiny network runs anyway)."""
+    import napari_deepr as nd
+    from napari_deepr.engine import refocus as r
+
+    folder = make_model_folder(tmp_path / "models", name="h", tile=128, overlap=32, halo=16)
+    monkeypatch.setattr(r, "available_memory", lambda: 1 << 20)  # below 64² × 600 B
+    assert nd.refocus(_img().astype(np.float32), folder).shape == (64, 64)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "{broken", '"a string"', ""])
@@ -503,6 +558,149 @@ def test_pairs_replaces_its_own_dataset(tmp_path, capsys):
     args = ["pairs", str(st), "-o", str(tmp_path / "ds"), "--range", "1", "--patch", "32", "--focus-method", "nvar", "-q"]
     assert main(args) == 0 and main(args) == 0
     assert (tmp_path / "ds" / "index.json").is_file() and st.is_file()
+
+
+# ---------------------------------------------------------------------- a disk without room for the outputs
+def _disk_with(monkeypatch, free: int) -> list:
+    """Every filesystem reports ``free`` bytes free (no real full disk needed); returns the folders asked about."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    asked = []
+
+    def fake(path):
+        asked.append(Path(path))
+        return usage(1 << 40, (1 << 40) - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+    return asked
+
+
+def _never_compute(monkeypatch):
+    """Refusals come before any computing: the network and the pairs' registration must not run."""
+    from napari_deepr.engine.refocus import RefocusJob
+    from napari_deepr.stacks import register
+
+    def boom(*a, **k):
+        raise AssertionError("computing started before the free-space check")
+
+    monkeypatch.setattr(RefocusJob, "_run_network", boom)
+    monkeypatch.setattr(register, "register_stack", boom)
+
+
+NO_SPACE = {
+    # name: (argv, words the sentence must hold)
+    "refocus_tiff": (["refocus", "{src}", "-o", "{d}/out.tif"], "out.tif"),
+    "refocus_zarr": (["refocus", "{src}", "-o", "{d}/out.zarr"], "out.zarr"),
+    "refocus_out_of_core": (["refocus", "{src}", "-o", "{d}/out.tif", "--out-of-core"], "out.tif"),
+    "refocus_dpm_and_trust": (["refocus", "{src}", "-o", "{d}/out.tif", "--dpm", "{d}/dpm.tif", "--trust", "{d}/trust.zarr"],
+                              "out.tif, dpm.tif and trust.zarr"),
+    "refocus_replacing_own_output": (["refocus", "{src}", "-o", "{d}/old.tif"], "old.tif"),
+    "pairs": (["pairs", "{stack}", "-o", "{d}/ds", "--range", "1", "--patch", "32"], "ds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SPACE))
+def test_no_room_for_the_outputs_is_refused_before_computing(case, tiny_model, tmp_path, capsys, monkeypatch):
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    io.write_image(tmp_path / "old.tif", _img(), axes="YX")  # a previous output: its space is not counted as free
+    stack = _stack(tmp_path, planes=5)
+    argv, words = NO_SPACE[case]
+    argv = [a.format(d=tmp_path, src=src, stack=stack) for a in argv]
+    if argv[0] == "refocus":
+        argv += ["--model", str(tiny_model), "-q"]
+    _disk_with(monkeypatch, 100_000)
+    _never_compute(monkeypatch)
+    err = _cli_refused(argv, tmp_path, capsys, sentence=words)
+    assert "needs about" in err and "only 100.0 kB is free on the disk holding " + str(tmp_path) in err
+
+
+def test_outputs_on_one_disk_are_added_up(tiny_model, tmp_path, capsys, monkeypatch):
+    from napari_deepr import _safety
+
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    needs = [n for _, n in _safety.refocus_needs(tmp_path / "out.tif", (64, 64), "YX", 1, np.uint16, dpm=tmp_path / "dpm.tif")]
+    argv = ["refocus", src, "-o", tmp_path / "out.tif", "--dpm", tmp_path / "dpm.tif", "--model", tiny_model, "-q"]
+    _disk_with(monkeypatch, sum(needs) - 1)  # either output alone fits, both together do not
+    _cli_refused(argv, tmp_path, capsys, sentence="out.tif and dpm.tif")
+    asked = _disk_with(monkeypatch, sum(needs))  # just enough: the run goes ahead
+    assert main([str(a) for a in argv]) == 0
+    assert (tmp_path / "out.tif").is_file() and (tmp_path / "dpm.tif").is_file()
+    assert asked and all(p == tmp_path for p in asked)  # the output's own filesystem was asked
+
+
+def test_an_unknown_free_space_refuses_nothing(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    def unknown(path):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    assert main(["refocus", str(src), "-o", str(tmp_path / "out.tif"), "--model", str(tiny_model), "-q"]) == 0
+
+
+def _allocated(path: Path) -> int:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(max(f.stat().st_size, f.stat().st_blocks * 512) for f in files)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_space_estimate_bounds_what_is_written(suffix, streamed, tiny_model, tmp_path):
+    from napari_deepr import _safety
+
+    shape = (2, 300, 260)
+    src = io.write_image(tmp_path / "in.tif", _img(shape), axes="ZYX", pixel_size_um=0.325)
+    outs = {k: tmp_path / f"{k}{suffix}" for k in ("out", "dpm", "trust")}
+    argv = ["refocus", str(src), "-o", str(outs["out"]), "--dpm", str(outs["dpm"]), "--trust", str(outs["trust"]),
+            "--model", str(tiny_model), "-q", "--trust-passes", "1"]
+    assert main(argv + (["--out-of-core"] if streamed else ["--in-memory"])) == 0
+    needs = dict(_safety.refocus_needs(outs["out"], shape, "ZYX", 1, np.uint16, dpm=outs["dpm"], trust=outs["trust"]))
+    for key, path in outs.items():
+        actual = _allocated(path)
+        # an upper bound (uncompressed zarr, whole TIFF tiles), never wildly above: 1 MiB of headroom per output
+        # plus the rounding of 300×260 to whole 256-px TIFF tiles
+        assert actual <= needs[path] <= 2 * 512 * 512 * 4 + actual + (2 << 20), (key, actual, needs[path])
+
+
+def test_the_pairs_estimate_bounds_the_dataset(tmp_path):
+    from napari_deepr import _safety
+    from napari_deepr.stacks.pairs import _load_fields, build_pairs
+
+    stacks = [_stack(tmp_path, name=f"z{i}.tif", planes=9, size=96) for i in range(2)]
+    build_pairs(stacks, tmp_path / "ds", range_um=1.5, patch=32, focus_method="nvar", register=False)
+    bound = _safety.pairs_bytes(_load_fields(stacks, None), 32, 1.5)
+    actual = _allocated(tmp_path / "ds")
+    assert actual <= bound <= 2 * actual + (1 << 20), (actual, bound)
+
+
+NO_SPACE_API = {
+    "write_image_tiff": lambda d, m: io.write_image(d / "o.tif", _img().astype(np.float32)),
+    "write_image_zarr": lambda d, m: io.write_image(d / "o.zarr", _img().astype(np.float32)),
+    "refocus_file": lambda d, m: __import__("napari_deepr.engine.distributed", fromlist=["x"]).refocus_file(
+        io.read_image(d / "in.tif"), d / "o.tif", model=m, dpm_path=d / "dpm.zarr"),
+    "build_pairs": lambda d, m: __import__("napari_deepr.stacks.pairs", fromlist=["x"]).build_pairs(
+        [d / "z.tif"], d / "ds", range_um=1, patch=32, focus_method="nvar"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SPACE_API))
+def test_api_refuses_outputs_without_room(case, tiny_model, tmp_path, monkeypatch):
+    from napari_deepr.errors import NoSpaceError, OutputError
+
+    io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    _stack(tmp_path, planes=5)
+    before = _snapshot(tmp_path)
+    _disk_with(monkeypatch, 50_000)
+    _never_compute(monkeypatch)
+    with pytest.raises(NoSpaceError) as info:
+        NO_SPACE_API[case](tmp_path, str(tiny_model))
+    assert isinstance(info.value, (OutputError, OSError, DeepRError))
+    text = str(info.value)
+    assert "needs about" in text and "50.0 kB is free" in text and "\n" not in text and text.endswith(".")
+    assert _snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------- simulate, bench, demo, quantize, models

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
+from .. import _safety, io
 from .refocus import STREAM_TILE_BUDGET, Progress, RefocusJob, plane_stats
 
 
@@ -218,6 +218,8 @@ def refocus_file(
     m = load_model(model)
     lay = _layout(shape, img.axes, m.card.channels)
     dpm_axes = "".join(a for i, a in enumerate(img.axes) if i not in (lay.channel_axis, lay.rgb_axis))
+    _safety.check_free_space(_safety.refocus_needs(out_path, shape, img.axes, m.card.channels, img.data.dtype,
+                                                   dpm=dpm_path, trust=trust_path, streamed=True))
     scratch: list[Path] = []
 
     def scratch_store(path: Path, shp, axes):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _safety
 from ..errors import Cancelled, InputError, ModelError
 from . import trust as _trust
 from .domain import Sampling, check_modality, resample_plane, resampled_size, resolve_sampling
@@ -345,6 +346,7 @@ class RefocusJob:
         halo = card.halo if halo is None else int(halo)
         self.plan_y = plan_axis(h, tile, overlap, mult, halo)
         self.plan_x = plan_axis(w, tile, overlap, mult, halo)
+        _safety.check_halo_memory(self, halo)  # a card's halo that grows tiles past free memory is named
         # Decided by the provider that actually started (a GPU that fell back to the CPU gets neither).
         on_gpu = self.provider not in ("cpu", "openvino")
         # On a GPU, features for the DPM decoder stay in device memory between the two graphs (IO
