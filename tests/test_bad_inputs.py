@@ -81,7 +81,7 @@ def _cli_refused(argv, root, capsys, sentence=None):
 # ---------------------------------------------------------------------- bad input files (refocus)
 def _tif(d, shape=(64, 64), dtype=np.uint16, name="in.tif", **kw):
     p = d / name
-    tifffile.imwrite(p, _img(shape, dtype=np.float64).astype(dtype) if dtype != bool else np.ones(shape, bool), **kw)
+    tifffile.imwrite(p, _img(shape, dtype=np.float64).astype(dtype) if dtype is not bool else np.ones(shape, bool), **kw)
     return p
 
 
@@ -1075,6 +1075,134 @@ def test_stale_partial_of_a_dead_process_is_removed(tmp_path):
     live.mkdir()
     io.write_image(tmp_path / "out.zarr", np.ones((32, 32), np.float32), axes="YX")
     assert not stale.exists() and live.exists()
+
+
+# Calibration of `deepr quantize` stops here (inside onnxruntime's quantize_static, whose own temporary
+# folder then exists) until the test kills the process.
+_SLOW_QUANTIZE = """
+import sys, time
+from napari_deepr.engine import quantize as q
+real = q.calibration_tiles
+def tiles(n, **kw):
+    first = real(1, size=64)[0]
+    yield first
+    print("CALIBRATING", file=sys.__stdout__, flush=True)  # quantize sends stdout to stderr
+    time.sleep(60)
+q.calibration_tiles = tiles
+from napari_deepr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _quantize_env(tmp_path):
+    systmp = tmp_path / "systmp"  # the process's TMPDIR: nothing may be left there either
+    systmp.mkdir()
+    return dict(os.environ, PYTHONPATH=SRC, PYTHONUNBUFFERED="1", TMPDIR=str(systmp)), systmp
+
+
+def _temp_leftovers(folder: Path) -> list[str]:
+    # onnxruntime writes a fixed-name ".ses" file into TMPDIR when imported (not a per-run temporary).
+    return sorted(p.name for p in folder.iterdir() if p.name != ".ses")
+
+
+def test_kill_9_during_quantize_then_rerun_cleans_up(tmp_path):
+    model = make_model_folder(tmp_path / "models", name="q")
+    env, systmp = _quantize_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_QUANTIZE, "quantize", str(model)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "CALIBRATING")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = [p for p in model.iterdir() if p.name.startswith(".generator.int8.onnx.")]
+    # kill -9 cannot be caught: one pid-named folder is left beside the output, holding every temporary,
+    # onnxruntime's own included; nothing went to the system's temporary folder.
+    assert len(left) == 1 and left[0].name.startswith(f".generator.int8.onnx.{proc.pid}-") and left[0].is_dir()
+    assert any(p.name.startswith("ort.quant.") for p in left[0].iterdir())
+    assert _temp_leftovers(systmp) == [] and not (model / "generator.int8.onnx").exists()
+    rerun = subprocess.run([sys.executable, "-m", "napari_deepr.cli", "quantize", str(model), "--calibration-tiles", "2"],
+                           env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in model.iterdir()) == ["dpm.onnx", "generator.int8.onnx", "generator.onnx", "model.json"]
+    assert _temp_leftovers(systmp) == []
+    assert json.loads(rerun.stdout)["path"] == str(model / "generator.int8.onnx")
+
+
+def test_sigterm_during_quantize_leaves_nothing(tmp_path):
+    model = make_model_folder(tmp_path / "models", name="q")
+    env, systmp = _quantize_env(tmp_path)
+    before = _snapshot(model)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_QUANTIZE, "quantize", str(model)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "CALIBRATING")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err and "cancelled" in err, err
+    assert _snapshot(model) == before
+    assert _temp_leftovers(systmp) == []
+
+
+_SLOW_CHECKPOINT = """
+import sys, time, torch
+from pathlib import Path
+from napari_deepr.train import loop
+def slow_save(obj, f, *a, **k):
+    Path(f).write_bytes(b"half a checkpoint")
+    print("SAVING", flush=True)
+    time.sleep(60)
+loop.torch.save = slow_save
+loop._atomic_save({"iteration": 1}, Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_during_a_checkpoint_then_the_next_save_cleans_up(tmp_path):
+    torch = pytest.importorskip("torch")
+    from napari_deepr.train.loop import _atomic_save, load_checkpoint
+
+    ck = tmp_path / "model" / "checkpoint.pt"
+    ck.parent.mkdir()
+    proc = _py(_SLOW_CHECKPOINT, ck)
+    _wait_for(proc, "SAVING")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = [p.name for p in ck.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".checkpoint.pt.{proc.pid}-") and left[0].endswith(".partial")
+    _atomic_save({"iteration": 2, "w": torch.ones(2)}, ck)  # the trainer's next checkpoint
+    assert [p.name for p in ck.parent.iterdir()] == ["checkpoint.pt"]
+    assert load_checkpoint(ck)["iteration"] == 2
+
+
+def _dead_pid() -> int:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(dead.stdout)
+
+
+def test_stale_fp16_temporary_is_removed_by_the_next_conversion(tmp_path):
+    from napari_deepr.engine import fp16
+
+    model = make_model_folder(tmp_path, name="f")
+    stale = model / f".generator.fp16.onnx.{_dead_pid()}-deadbeef.partial"
+    stale.write_bytes(b"half a graph")
+    out = fp16.fp16_variant(model / "generator.onnx")
+    assert out == model / "generator.fp16.onnx" and onnx.load(str(out)).graph.node
+    assert sorted(p.name for p in model.iterdir()) == ["dpm.onnx", "generator.fp16.onnx", "generator.onnx", "model.json"]
+
+
+def test_stale_export_temporaries_are_removed_by_the_next_export(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from napari_deepr.train.export import export_model
+    from napari_deepr.train.nets import Generator
+
+    out = tmp_path / "model"
+    out.mkdir()
+    pid = _dead_pid()
+    stale = [out / f".{n}.{pid}-0badf00d.partial" for n in ("generator.onnx", "model.json")]
+    for p in stale:
+        p.write_bytes(b"left by a killed export")
+    torch.manual_seed(0)
+    export_model(Generator(base=2, max_channels=4), None, out, {"name": "t"}, check_shapes=((1, 64, 64),))
+    assert sorted(p.name for p in out.iterdir()) == ["generator.onnx", "model.json"]
 
 
 def test_sigterm_to_deepr_train_leaves_a_checkpoint(tmp_path):

@@ -368,6 +368,7 @@ def cmd_quantize(args) -> int:
     load_model(args.model)
     if args.json:
         io.check_output_path(args.json, kind="file", overwrite=True)
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
 
     if args.precision == "int8":
         path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
