@@ -743,6 +743,45 @@ def test_bad_other_commands(case, tiny_model, tmp_path, capsys):
     _cli_refused([a.format(d=tmp_path, m=tiny_model) for a in argv], tmp_path, capsys, words)
 
 
+@pytest.mark.parametrize("name", ["tilted_comparison.png", "tilted_input.tif", "brightfield/he_comparison.png"])
+def test_demo_keeps_a_users_files_in_its_folder(name, tiny_model, tmp_path, capsys, monkeypatch):
+    """The demo's figures were written over any file of the same name; now refused before any computing."""
+    from napari_deepr import demo
+    from napari_deepr.engine.refocus import RefocusJob
+
+    monkeypatch.setattr(RefocusJob, "_run_network", lambda *a: (_ for _ in ()).throw(AssertionError("computed")))
+    (tmp_path / "q" / name).parent.mkdir(parents=True)
+    (tmp_path / "q" / name).write_bytes(b"\x89PNG my own figure")
+    if name.startswith("brightfield/"):  # the brightfield case (run with an RGB model) checks its own folder
+        monkeypatch.setattr(demo, "brightfield_sample", lambda **k: (_ for _ in ()).throw(AssertionError("computed")))
+        before = _snapshot(tmp_path)
+        with pytest.raises(DeepRError, match="did not write"):
+            demo.run_brightfield_demo(tmp_path / "q" / "brightfield", tiny_model)
+        assert _snapshot(tmp_path) == before
+        return
+    _cli_refused(["demo", "-o", tmp_path / "q", "--model", tiny_model], tmp_path, capsys, sentence="did not write")
+
+
+def test_figures_napari_deepr_wrote_are_its_own(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_deepr import _safety
+
+    fig = plt.figure()
+    _safety.save_figure(fig, tmp_path / "tilted_comparison.png")
+    plt.close(fig)
+    _safety.check_own_outputs(tmp_path, ["tilted_comparison.png"])  # ours: may be replaced
+    fig = plt.figure()
+    fig.savefig(tmp_path / "mine.png")  # a matplotlib PNG of the user's
+    plt.close(fig)
+    with pytest.raises(DeepRError, match="did not write"):
+        _safety.check_own_outputs(tmp_path, ["mine.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "tilted_comparison.png"]
+
+
 @pytest.mark.parametrize("kind", ["file", "list", "missing"])
 def test_models_path_entries_that_are_not_folders(kind, tmp_path, capsys, monkeypatch):
     entry = tmp_path / "entry"

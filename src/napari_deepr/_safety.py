@@ -223,6 +223,48 @@ def check_halo_memory(job, halo: int) -> None:
         )
 
 
+# -- figures ---------------------------------------------------------------------------------------
+#: The PNG ``Software`` text chunk of figures napari-deepr writes (how a later run knows one is its own).
+FIGURE_SOFTWARE = "napari-deepr"
+
+
+def _our_figure(path: Path) -> bool:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.info.get("Software") == FIGURE_SOFTWARE
+    except Exception:  # noqa: BLE001 - not a PNG we can read, so certainly not one we wrote
+        return False
+
+
+def check_own_outputs(folder: str | os.PathLike, names: Iterable[str], what: str = "the demo") -> None:
+    """Refuse, before any computing, to put outputs over files in ``folder`` that napari-deepr did not write.
+
+    TIFFs and folders are recognised as in :func:`napari_deepr.io.is_tool_output`, PNG figures by
+    their ``Software`` chunk (:func:`save_figure`).
+    """
+    from . import io
+    from .errors import OutputError
+
+    for name in names:
+        p = Path(folder) / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        ours = _our_figure(p) if p.suffix.lower() == ".png" and p.is_file() and not p.is_symlink() else io.is_tool_output(p)
+        if not ours:
+            raise OutputError(f"{p} is an existing file that napari-deepr did not write, and {what} does not replace it; "
+                              "choose another output folder with -o.")
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """Save a matplotlib figure as PNG, tagged as ours, under a temporary name renamed when complete."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": FIGURE_SOFTWARE}, **kwargs)
+    return path
+
+
 # -- temporaries -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def temporary_beside(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
