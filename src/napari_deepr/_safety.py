@@ -134,6 +134,22 @@ def check_free_space(needs: Iterable[tuple[str | os.PathLike, int]]) -> None:
             )
 
 
+def write_failed(path: str | os.PathLike, exc: OSError):
+    """The one-sentence :class:`~napari_deepr.errors.OutputError` for a write that failed midway (disk full, ...)."""
+    import errno
+
+    from .errors import OutputError
+
+    if isinstance(exc, OutputError):
+        return exc
+    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only", errno.EACCES: "permission denied",
+              errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno)
+    if reason is None:
+        text = (str(exc.strerror or exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = text.rstrip(".")[:200]
+    return OutputError(f"{Path(path).name} could not be written ({reason}); nothing was replaced.")
+
+
 def refocus_needs(output, shape, axes: str, channels: int, dtype, *, dpm=None, trust=None, rgb: bool = False,
                   streamed: bool = False) -> list[tuple[Path, int]]:
     """What ``deepr refocus`` (or :func:`~napari_deepr.engine.distributed.refocus_file`) will write.

@@ -262,6 +262,7 @@ def cmd_simulate(args) -> int:
     from .optics.specimens import SPECIMEN_KINDS
 
     _check_folder_target(args.output)
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
     if args.specimen not in SPECIMEN_KINDS:
         raise SettingsError(f"Unknown specimen {args.specimen!r}; choose one of {', '.join(SPECIMEN_KINDS)}.")
     if args.size < 32:
@@ -389,6 +390,7 @@ def cmd_demo(args) -> int:
 
     _check_folder_target(args.output)
     chosen = load_model(args.model)  # refused before the output folder is created
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
 
     if model_modality(chosen.card) != ("brightfield", "rgb"):  # an RGB model gets only the RGB case
         out = run_demo(args.output, model=args.model, provider=args.provider)

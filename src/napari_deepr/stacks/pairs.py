@@ -333,7 +333,7 @@ def build_pairs(
                       "description": f"held-out fields of view: {n_val} of {len(fields)}" if n_val
                       else "no held-out data (split 1.0)"}
 
-    from .._safety import check_free_space, pairs_bytes
+    from .._safety import check_free_space, pairs_bytes, write_failed
 
     check_free_space([(out, pairs_bytes(fields, patch, range_um))])  # before registering and cropping
     io.clean_stale_partials(out)
@@ -422,6 +422,8 @@ def build_pairs(
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder the user made for the dataset
         io._finish(tmp, out, overwrite)
+    except OSError as exc:  # a disk that filled up meanwhile: one sentence, the old dataset kept
+        raise write_failed(out, exc) from exc
     finally:
         io._remove(tmp)
     if progress:
