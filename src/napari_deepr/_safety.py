@@ -50,8 +50,8 @@ def image_bytes(path, shape, dtype, axes: str | None = None) -> int:
 
     TIFF: the pixels, with Y and X rounded up to whole 256-px tiles (edge tiles are stored full), plus
     headers. Zarr: the pixels uncompressed, with Y and X rounded up to whole chunks, plus a filesystem
-    block per chunk file -- the stores are compressed (zstd/blosc), which only shrinks them (an
-    incompressible chunk is stored raw with a header of a few bytes), so this bounds them from above.
+    block per chunk file -- the stores are compressed, which shrinks them (incompressible chunks grow
+    by a frame header of a few bytes, covered by that block), so this bounds them from above.
     """
     from . import io
 
@@ -232,10 +232,12 @@ def check_halo_memory(job, halo: int) -> None:
         free = r.gpu_free_memory()
     free = free or r.available_memory()
     if need > free >= bare[0] * bare[1] * per_tile:
+        from_card = halo == job.model.card.halo  # else the caller's own halo= argument
+        who, fix = ("The model card's", "lower 'halo' in its model.json") if from_card else ("A", "pass a smaller halo")
         raise ModelError(
-            f"The model card's halo of {halo} px grows each tile to {job.plan_y.tile}×{job.plan_x.tile} px, which needs "
-            f"about {_size(need)} of memory while {_size(free)} is free; lower 'halo' in the model's model.json "
-            f"(0 to {MAX_HALO} px; a few tens of pixels are usual)."
+            f"{who} halo of {halo} px grows each tile to {job.plan_y.tile}×{job.plan_x.tile} px, which needs about "
+            f"{_size(need)} of memory while {_size(free)} is free; {fix} (a few tens of pixels are usual, at most "
+            f"{MAX_HALO})."
         )
 
 
