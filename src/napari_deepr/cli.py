@@ -129,7 +129,8 @@ def cmd_refocus(args) -> int:
     streamed = bool(args.scheduler or args.out_of_core)
     if not streamed and not args.in_memory:
         streamed = _stream_by_default(img, card, args)
-    from ._safety import check_free_space, refocus_needs  # before any computing: the outputs must fit on their disks
+    # Before any computing: the outputs must fit on their disks.
+    from ._safety import check_free_space, refocus_needs
 
     check_free_space(refocus_needs(out_path, img.data.shape, (args.axes or img.axes).upper(), card.channels,
                                    img.data.dtype, dpm=args.dpm, trust=args.trust, rgb=modality.image == "rgb",
