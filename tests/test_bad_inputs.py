@@ -334,6 +334,9 @@ BAD_CARDS = {
     "tile_multiple_zero": {"tile_multiple": 0},
     "overlap_negative": {"overlap": -5},
     "halo_text": {"halo": "x"},
+    "halo_huge": {"halo": 100000},  # once reported as "not enough memory" after minutes of reflected tiles
+    "halo_over_half_the_tile": {"halo": 65},  # the tiny card's tile is 128
+    "halo_over_the_cap": {"halo": 1500, "tile": 4096},
     "min_size_zero": {"min_size": 0},
     "name_number": {"name": 5},
     "name_empty": {"name": ""},
@@ -359,6 +362,58 @@ def test_bad_model_card(case, tmp_path, capsys):
     src = io.write_image(tmp_path / "in.tif", _img(), axes="YX")
     err = _cli_refused(["refocus", src, "-o", tmp_path / "out.tif", "--model", folder], tmp_path, capsys)
     assert "model.json" in err or "card" in err
+
+
+@pytest.mark.parametrize("halo, tile, allowed", [(100000, 128, 64), (65, 128, 64), (1500, 4096, 1024)])
+def test_huge_halo_is_refused_when_the_card_is_read(halo, tile, allowed, tmp_path):
+    """The card field is named with its range, by load_model, before any image is read."""
+    import napari_deepr as nd
+    from napari_deepr.errors import ModelError
+
+    folder = make_model_folder(tmp_path, name="halo", halo=halo, tile=tile)
+    with pytest.raises(ModelError) as info:
+        nd.load_model(folder)
+    text = str(info.value)
+    assert "'halo'" in text and f"from 0 to {allowed}" in text and str(halo) in text and "\n" not in text
+    # the largest allowed halo loads
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(dict(card, halo=allowed)))
+    assert nd.load_model(folder).card.halo == allowed
+
+
+def _big_halo_model(root: Path) -> Path:
+    # Valid (1024 px = the cap, half the 2048-px tile), but a 64² image then runs as one 2112² tile.
+    return make_model_folder(root / "models", name="bighalo", tile=2048, overlap=32, halo=1024)
+
+
+def test_large_valid_halo_past_free_memory_names_the_halo(tmp_path, capsys, monkeypatch):
+    from napari_deepr.engine import settings as r
+
+    folder = _big_halo_model(tmp_path)
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    monkeypatch.setattr(r, "available_memory", lambda: 1 << 30)  # 2112² × 600 B ≈ 2.7 GB does not fit in 1 GiB
+    err = _cli_refused(["refocus", src, "-o", tmp_path / "out.tif", "--model", folder, "-q"], tmp_path, capsys,
+                       sentence="halo of 1024 px")
+    assert "2112×2112" in err and "model.json" in err and "not enough memory" not in err
+    import napari_deepr as nd
+    from napari_deepr.errors import ModelError
+
+    with pytest.raises(ModelError, match="halo of 1024 px"):
+        nd.refocus(_img().astype(np.float32), folder)
+    # With the memory it needs, the same model runs: the refusal is about memory, not the card.
+    monkeypatch.setattr(r, "available_memory", lambda: 64 << 30)
+    assert nd.refocus(_img().astype(np.float32), folder).shape == (64, 64)
+
+
+def test_a_tile_too_large_even_without_its_halo_is_not_blamed_on_the_halo(tmp_path, monkeypatch):
+    """The halo grows a 64² image's tile to 96², but the 64² tile alone would not fit either: the halo
+    is not the cause, so the halo check stays silent (and this tiny network runs anyway)."""
+    import napari_deepr as nd
+    from napari_deepr.engine import settings as r
+
+    folder = make_model_folder(tmp_path / "models", name="h", tile=128, overlap=32, halo=16)
+    monkeypatch.setattr(r, "available_memory", lambda: 1 << 20)  # below 64² × 600 B
+    assert nd.refocus(_img().astype(np.float32), folder).shape == (64, 64)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "{broken", '"a string"', ""])
@@ -440,7 +495,7 @@ def test_model_that_fails_when_run(case, tmp_path, capsys):
         argv += ["--dpm", tmp_path / "dpm.tif"]
     err = _cli_refused(argv, tmp_path, capsys)
     if "nan" in case or "inf" in case:
-        assert case.split("_")[0] != "" and (folder.name in err or "bad_" in err or "model" in err.lower())
+        assert f"model {folder.name} " in err.lower()  # the model is named
         assert "NaN or infinite" in err
 
 
@@ -505,6 +560,198 @@ def test_pairs_replaces_its_own_dataset(tmp_path, capsys):
     assert (tmp_path / "ds" / "index.json").is_file() and st.is_file()
 
 
+# ---------------------------------------------------------------------- a disk without room for the outputs
+def _disk_with(monkeypatch, free: int) -> list:
+    """Every filesystem reports ``free`` bytes free (no real full disk needed); returns the folders asked about."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    asked = []
+
+    def fake(path):
+        asked.append(Path(path))
+        return usage(1 << 40, (1 << 40) - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+    return asked
+
+
+def _never_compute(monkeypatch):
+    """Refusals come before any computing: the network and the pairs' registration must not run."""
+    from napari_deepr.engine.runner import Runner
+    from napari_deepr.stacks import register
+
+    def boom(*a, **k):
+        raise AssertionError("computing started before the free-space check")
+
+    monkeypatch.setattr(Runner, "run", boom)
+    monkeypatch.setattr(register, "register_stack", boom)
+
+
+NO_SPACE = {
+    # name: (argv, words the sentence must hold)
+    "refocus_tiff": (["refocus", "{src}", "-o", "{d}/out.tif"], "out.tif"),
+    "refocus_zarr": (["refocus", "{src}", "-o", "{d}/out.zarr"], "out.zarr"),
+    "refocus_out_of_core": (["refocus", "{src}", "-o", "{d}/out.tif", "--out-of-core"], "out.tif"),
+    "refocus_dpm_and_trust": (["refocus", "{src}", "-o", "{d}/out.tif", "--dpm", "{d}/dpm.tif", "--trust", "{d}/trust.zarr"],
+                              "out.tif, dpm.tif and trust.zarr"),
+    "refocus_replacing_own_output": (["refocus", "{src}", "-o", "{d}/old.tif"], "old.tif"),
+    "pairs": (["pairs", "{stack}", "-o", "{d}/ds", "--range", "1", "--patch", "32"], "ds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SPACE))
+def test_no_room_for_the_outputs_is_refused_before_computing(case, tiny_model, tmp_path, capsys, monkeypatch):
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    io.write_image(tmp_path / "old.tif", _img(), axes="YX")  # a previous output: its space is not counted as free
+    stack = _stack(tmp_path, planes=5)
+    argv, words = NO_SPACE[case]
+    argv = [a.format(d=tmp_path, src=src, stack=stack) for a in argv]
+    if argv[0] == "refocus":
+        argv += ["--model", str(tiny_model), "-q"]
+    _disk_with(monkeypatch, 100_000)
+    _never_compute(monkeypatch)
+    err = _cli_refused(argv, tmp_path, capsys, sentence=words)
+    assert "needs about" in err and "only 100.0 kB is free on the disk holding " + str(tmp_path) in err
+
+
+def test_outputs_on_one_disk_are_added_up(tiny_model, tmp_path, capsys, monkeypatch):
+    from napari_deepr import _safety
+
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    needs = [n for _, n in _safety.refocus_needs(tmp_path / "out.tif", (64, 64), "YX", 1, np.uint16, dpm=tmp_path / "dpm.tif")]
+    argv = ["refocus", src, "-o", tmp_path / "out.tif", "--dpm", tmp_path / "dpm.tif", "--model", tiny_model, "-q"]
+    _disk_with(monkeypatch, sum(needs) - 1)  # either output alone fits, both together do not
+    _cli_refused(argv, tmp_path, capsys, sentence="out.tif and dpm.tif")
+    asked = _disk_with(monkeypatch, sum(needs))  # just enough: the run goes ahead
+    assert main([str(a) for a in argv]) == 0
+    assert (tmp_path / "out.tif").is_file() and (tmp_path / "dpm.tif").is_file()
+    assert asked and all(p == tmp_path for p in asked)  # the output's own filesystem was asked
+
+
+def _disk_fills_up(monkeypatch, module, name):
+    """``module.name`` (a writer) writes a little, then fails as a full disk does."""
+    import errno
+
+    real = getattr(module, name)
+
+    def full(path, *a, **k):
+        Path(path).write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(module, name, full)
+    return real
+
+
+@pytest.mark.parametrize("what", ["refocus_tiff", "refocus_zarr", "pairs"])
+def test_a_disk_that_fills_up_during_the_write_replaces_nothing(what, tiny_model, tmp_path, capsys, monkeypatch):
+    """Another program filled the disk after the check: one sentence, the previous output kept, no temporary."""
+    from napari_deepr.stacks import pairs
+
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    stack = _stack(tmp_path, planes=5)
+    if what == "pairs":
+        assert main(["pairs", str(stack), "-o", str(tmp_path / "ds"), "--range", "1", "--patch", "32", "-q"]) == 0
+        _disk_fills_up(monkeypatch, pairs, "_write_tiff")
+        argv = ["pairs", stack, "-o", tmp_path / "ds", "--range", "1", "--patch", "32", "-q"]
+    else:
+        out = tmp_path / ("old.tif" if what == "refocus_tiff" else "old.zarr")
+        assert main(["refocus", str(src), "-o", str(out), "--model", str(tiny_model), "-q"]) == 0  # a previous output
+        if what == "refocus_tiff":
+            _disk_fills_up(monkeypatch, io, "_write_tiff")
+        else:
+            _disk_fills_up(monkeypatch, io, "_write_zarr")
+        argv = ["refocus", src, "-o", out, "--model", tiny_model, "-q"]
+    capsys.readouterr()
+    _cli_refused(argv, tmp_path, capsys, sentence="the disk is full")
+
+
+def test_a_disk_that_fills_up_during_build_pairs_is_one_sentence_in_python(tmp_path, monkeypatch):
+    from napari_deepr.errors import OutputError
+    from napari_deepr.stacks import pairs
+
+    stack = _stack(tmp_path, planes=5)
+    _disk_fills_up(monkeypatch, pairs, "_write_tiff")
+    before = _snapshot(tmp_path)
+    with pytest.raises(OutputError, match=r"^ds could not be written \(the disk is full\); nothing was replaced\.$"):
+        pairs.build_pairs([stack], tmp_path / "ds", range_um=1, patch=32, focus_method="nvar")
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_unknown_free_space_refuses_nothing(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    def unknown(path):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    assert main(["refocus", str(src), "-o", str(tmp_path / "out.tif"), "--model", str(tiny_model), "-q"]) == 0
+
+
+def _allocated(path: Path) -> int:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(max(f.stat().st_size, f.stat().st_blocks * 512) for f in files)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_space_estimate_bounds_what_is_written(suffix, streamed, tiny_model, tmp_path):
+    from napari_deepr import _safety
+
+    shape = (2, 300, 260)
+    src = io.write_image(tmp_path / "in.tif", _img(shape), axes="ZYX", pixel_size_um=0.325)
+    outs = {k: tmp_path / f"{k}{suffix}" for k in ("out", "dpm", "trust")}
+    argv = ["refocus", str(src), "-o", str(outs["out"]), "--dpm", str(outs["dpm"]), "--trust", str(outs["trust"]),
+            "--model", str(tiny_model), "-q", "--trust-passes", "1"]
+    assert main(argv + (["--out-of-core"] if streamed else ["--in-memory"])) == 0
+    needs = dict(_safety.refocus_needs(outs["out"], shape, "ZYX", 1, np.uint16, dpm=outs["dpm"], trust=outs["trust"]))
+    for key, path in outs.items():
+        actual = _allocated(path)
+        # an upper bound (uncompressed zarr, whole TIFF tiles), never wildly above: 1 MiB of headroom per output
+        # plus the rounding of 300×260 to whole 256-px TIFF tiles
+        assert actual <= needs[path] <= 2 * 512 * 512 * 4 + actual + (2 << 20), (key, actual, needs[path])
+
+
+def test_the_pairs_estimate_bounds_the_dataset(tmp_path):
+    from napari_deepr import _safety
+    from napari_deepr.stacks.pairs import _load_fields, build_pairs
+
+    stacks = [_stack(tmp_path, name=f"z{i}.tif", planes=9, size=96) for i in range(2)]
+    build_pairs(stacks, tmp_path / "ds", range_um=1.5, patch=32, focus_method="nvar", register=False)
+    bound = _safety.pairs_bytes(_load_fields(stacks, None), 32, 1.5)
+    actual = _allocated(tmp_path / "ds")
+    assert actual <= bound <= 2 * actual + (1 << 20), (actual, bound)
+
+
+NO_SPACE_API = {
+    "write_image_tiff": lambda d, m: io.write_image(d / "o.tif", _img().astype(np.float32)),
+    "write_image_zarr": lambda d, m: io.write_image(d / "o.zarr", _img().astype(np.float32)),
+    "refocus_file": lambda d, m: __import__("napari_deepr.engine.distributed", fromlist=["x"]).refocus_file(
+        io.read_image(d / "in.tif"), d / "o.tif", model=m, dpm_path=d / "dpm.zarr"),
+    "build_pairs": lambda d, m: __import__("napari_deepr.stacks.pairs", fromlist=["x"]).build_pairs(
+        [d / "z.tif"], d / "ds", range_um=1, patch=32, focus_method="nvar"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SPACE_API))
+def test_api_refuses_outputs_without_room(case, tiny_model, tmp_path, monkeypatch):
+    from napari_deepr.errors import NoSpaceError, OutputError
+
+    io.write_image(tmp_path / "in.tif", _img(), axes="YX", pixel_size_um=0.325)
+    _stack(tmp_path, planes=5)
+    before = _snapshot(tmp_path)
+    _disk_with(monkeypatch, 50_000)
+    _never_compute(monkeypatch)
+    with pytest.raises(NoSpaceError) as info:
+        NO_SPACE_API[case](tmp_path, str(tiny_model))
+    assert isinstance(info.value, (OutputError, OSError, DeepRError))
+    text = str(info.value)
+    assert "needs about" in text and "50.0 kB is free" in text and "\n" not in text and text.endswith(".")
+    assert _snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------- simulate, bench, demo, quantize, models
 OTHER = {
     "simulate_size_0": (["simulate", "-o", "{d}/sim", "--size", "0"], "--size"),
@@ -543,6 +790,45 @@ def test_bad_other_commands(case, tiny_model, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("notes")
     argv, words = OTHER[case]
     _cli_refused([a.format(d=tmp_path, m=tiny_model) for a in argv], tmp_path, capsys, words)
+
+
+@pytest.mark.parametrize("name", ["tilted_comparison.png", "tilted_input.tif", "brightfield/he_comparison.png"])
+def test_demo_keeps_a_users_files_in_its_folder(name, tiny_model, tmp_path, capsys, monkeypatch):
+    """The demo's figures were written over any file of the same name; now refused before any computing."""
+    from napari_deepr import demo
+    from napari_deepr.engine.runner import Runner
+
+    monkeypatch.setattr(Runner, "run", lambda *a: (_ for _ in ()).throw(AssertionError("computed")))
+    (tmp_path / "q" / name).parent.mkdir(parents=True)
+    (tmp_path / "q" / name).write_bytes(b"\x89PNG my own figure")
+    if name.startswith("brightfield/"):  # the brightfield case (run with an RGB model) checks its own folder
+        monkeypatch.setattr(demo, "brightfield_sample", lambda **k: (_ for _ in ()).throw(AssertionError("computed")))
+        before = _snapshot(tmp_path)
+        with pytest.raises(DeepRError, match="did not write"):
+            demo.run_brightfield_demo(tmp_path / "q" / "brightfield", tiny_model)
+        assert _snapshot(tmp_path) == before
+        return
+    _cli_refused(["demo", "-o", tmp_path / "q", "--model", tiny_model], tmp_path, capsys, sentence="did not write")
+
+
+def test_figures_napari_deepr_wrote_are_its_own(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_deepr import _safety
+
+    fig = plt.figure()
+    _safety.save_figure(fig, tmp_path / "tilted_comparison.png")
+    plt.close(fig)
+    _safety.check_own_outputs(tmp_path, ["tilted_comparison.png"])  # ours: may be replaced
+    fig = plt.figure()
+    fig.savefig(tmp_path / "mine.png")  # a matplotlib PNG of the user's
+    plt.close(fig)
+    with pytest.raises(DeepRError, match="did not write"):
+        _safety.check_own_outputs(tmp_path, ["mine.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "tilted_comparison.png"]
 
 
 @pytest.mark.parametrize("kind", ["file", "list", "missing"])
@@ -646,7 +932,7 @@ def test_float32_near_max_gives_finite_output(tiny_model):
     rng = np.random.default_rng(1)
     a = (rng.random((64, 64)) * 3.0e38).astype(np.float32)
     out = nd.refocus(a, tiny_model)
-    assert np.isfinite(out).all()
+    assert np.isfinite(out).all() and out.dtype == np.float64  # normalized in float64, returned as float64
     b = a.astype(np.float64) / 1e30  # the same image scaled into float32's comfortable range
     np.testing.assert_allclose(out / 1e30, nd.refocus(b.astype(np.float32), tiny_model), rtol=1e-3, atol=1e-3 * np.ptp(b))
 
@@ -824,6 +1110,16 @@ def test_sigterm_during_write_removes_the_temporary(tiny_model, tmp_path):
     assert _snapshot(tmp_path) == before
 
 
+def test_sigterm_during_simulate_write_removes_the_temporary(tmp_path):
+    proc = _py(_SLOW_WRITE, "simulate", "-o", tmp_path / "sim", "--size", "64", "--z", "1")
+    _wait_for(proc, "WRITING")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err, err
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+
 _SLOW_COMPUTE = """
 import sys, time
 from napari_deepr.engine import runner as r
@@ -836,6 +1132,46 @@ r.Runner.run = slow
 from napari_deepr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def test_sigterm_during_compute_writes_nothing(tiny_model, tmp_path):
+    src = io.write_image(tmp_path / "in.tif", _img(), axes="YX")
+    before = _snapshot(tmp_path)
+    proc = _py(_SLOW_COMPUTE, "refocus", src, "-o", tmp_path / "out.tif", "--model", tiny_model, "-q")
+    _wait_for(proc, "COMPUTING")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err and "cancelled" in err, err
+    assert _snapshot(tmp_path) == before
+
+
+_SLOW_PAIRS = """
+import sys, time
+from napari_deepr.stacks import pairs
+real = pairs._write_tiff
+def slow(path, block):
+    real(path, block)
+    print("WRITING", flush=True)
+    time.sleep(60)
+pairs._write_tiff = slow
+from napari_deepr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_pairs_leaves_the_previous_dataset_and_no_temporary(tmp_path):
+    stack = _stack(tmp_path, planes=5)
+    args = ["pairs", str(stack), "-o", str(tmp_path / "ds"), "--range", "1", "--patch", "32", "--focus-method", "nvar", "-q"]
+    assert main(args) == 0  # a previous dataset: kept as it was
+    before = _snapshot(tmp_path)
+    proc = _py(_SLOW_PAIRS, *args)
+    _wait_for(proc, "WRITING")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err, err
+    assert _snapshot(tmp_path) == before
 
 
 def test_kill_9_during_compute_writes_nothing(tiny_model, tmp_path):
@@ -877,6 +1213,134 @@ def test_stale_partial_of_a_dead_process_is_removed(tmp_path):
     live.mkdir()
     io.write_image(tmp_path / "out.zarr", np.ones((32, 32), np.float32), axes="YX")
     assert not stale.exists() and live.exists()
+
+
+# Calibration of `deepr quantize` stops here (inside onnxruntime's quantize_static, whose own temporary
+# folder then exists) until the test kills the process.
+_SLOW_QUANTIZE = """
+import sys, time
+from napari_deepr.engine import quantize as q
+real = q.calibration_tiles
+def tiles(n, **kw):
+    first = real(1, size=64)[0]
+    yield first
+    print("CALIBRATING", file=sys.__stdout__, flush=True)  # quantize sends stdout to stderr
+    time.sleep(60)
+q.calibration_tiles = tiles
+from napari_deepr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _quantize_env(tmp_path):
+    systmp = tmp_path / "systmp"  # the process's TMPDIR: nothing may be left there either
+    systmp.mkdir()
+    return dict(os.environ, PYTHONPATH=SRC, PYTHONUNBUFFERED="1", TMPDIR=str(systmp)), systmp
+
+
+def _temp_leftovers(folder: Path) -> list[str]:
+    # onnxruntime writes a fixed-name ".ses" file into TMPDIR when imported (not a per-run temporary).
+    return sorted(p.name for p in folder.iterdir() if p.name != ".ses")
+
+
+def test_kill_9_during_quantize_then_rerun_cleans_up(tmp_path):
+    model = make_model_folder(tmp_path / "models", name="q")
+    env, systmp = _quantize_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_QUANTIZE, "quantize", str(model)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "CALIBRATING")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = [p for p in model.iterdir() if p.name.startswith(".generator.int8.onnx.")]
+    # kill -9 cannot be caught: one pid-named folder is left beside the output, holding every temporary,
+    # onnxruntime's own included; nothing went to the system's temporary folder.
+    assert len(left) == 1 and left[0].name.startswith(f".generator.int8.onnx.{proc.pid}-") and left[0].is_dir()
+    assert any(p.name.startswith("ort.quant.") for p in left[0].iterdir())
+    assert _temp_leftovers(systmp) == [] and not (model / "generator.int8.onnx").exists()
+    rerun = subprocess.run([sys.executable, "-m", "napari_deepr.cli", "quantize", str(model), "--calibration-tiles", "2"],
+                           env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in model.iterdir()) == ["dpm.onnx", "generator.int8.onnx", "generator.onnx", "model.json"]
+    assert _temp_leftovers(systmp) == []
+    assert json.loads(rerun.stdout)["path"] == str(model / "generator.int8.onnx")
+
+
+def test_sigterm_during_quantize_leaves_nothing(tmp_path):
+    model = make_model_folder(tmp_path / "models", name="q")
+    env, systmp = _quantize_env(tmp_path)
+    before = _snapshot(model)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_QUANTIZE, "quantize", str(model)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "CALIBRATING")
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err and "cancelled" in err, err
+    assert _snapshot(model) == before
+    assert _temp_leftovers(systmp) == []
+
+
+_SLOW_CHECKPOINT = """
+import sys, time, torch
+from pathlib import Path
+from napari_deepr.train import loop
+def slow_save(obj, f, *a, **k):
+    Path(f).write_bytes(b"half a checkpoint")
+    print("SAVING", flush=True)
+    time.sleep(60)
+loop.torch.save = slow_save
+loop._atomic_save({"iteration": 1}, Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_during_a_checkpoint_then_the_next_save_cleans_up(tmp_path):
+    torch = pytest.importorskip("torch")
+    from napari_deepr.train.loop import _atomic_save, load_checkpoint
+
+    ck = tmp_path / "model" / "checkpoint.pt"
+    ck.parent.mkdir()
+    proc = _py(_SLOW_CHECKPOINT, ck)
+    _wait_for(proc, "SAVING")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = [p.name for p in ck.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".checkpoint.pt.{proc.pid}-") and left[0].endswith(".partial")
+    _atomic_save({"iteration": 2, "w": torch.ones(2)}, ck)  # the trainer's next checkpoint
+    assert [p.name for p in ck.parent.iterdir()] == ["checkpoint.pt"]
+    assert load_checkpoint(ck)["iteration"] == 2
+
+
+def _dead_pid() -> int:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(dead.stdout)
+
+
+def test_stale_fp16_temporary_is_removed_by_the_next_conversion(tmp_path):
+    from napari_deepr.engine import fp16
+
+    model = make_model_folder(tmp_path, name="f")
+    stale = model / f".generator.fp16.onnx.{_dead_pid()}-deadbeef.partial"
+    stale.write_bytes(b"half a graph")
+    out = fp16.fp16_variant(model / "generator.onnx")
+    assert out == model / "generator.fp16.onnx" and onnx.load(str(out)).graph.node
+    assert sorted(p.name for p in model.iterdir()) == ["dpm.onnx", "generator.fp16.onnx", "generator.onnx", "model.json"]
+
+
+def test_stale_export_temporaries_are_removed_by_the_next_export(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from napari_deepr.train.export import export_model
+    from napari_deepr.train.nets import Generator
+
+    out = tmp_path / "model"
+    out.mkdir()
+    pid = _dead_pid()
+    stale = [out / f".{n}.{pid}-0badf00d.partial" for n in ("generator.onnx", "model.json")]
+    for p in stale:
+        p.write_bytes(b"left by a killed export")
+    torch.manual_seed(0)
+    export_model(Generator(base=2, max_channels=4), None, out, {"name": "t"}, check_shapes=((1, 64, 64),))
+    assert sorted(p.name for p in out.iterdir()) == ["generator.onnx", "model.json"]
 
 
 def test_sigterm_to_deepr_train_leaves_a_checkpoint(tmp_path):

@@ -85,6 +85,7 @@ def cmd_simulate(args) -> int:
     from .optics.specimens import SPECIMEN_KINDS
 
     _check_folder_target(args.output)
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
     if args.specimen not in SPECIMEN_KINDS:
         raise SettingsError(f"Unknown specimen {args.specimen!r}; choose one of {', '.join(SPECIMEN_KINDS)}.")
     if args.size < 32:
@@ -191,6 +192,7 @@ def cmd_quantize(args) -> int:
     load_model(args.model)
     if args.json:
         io.check_output_path(args.json, kind="file", overwrite=True)
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
 
     if args.precision == "int8":
         path = quantize_generator(args.model, tiles=calibration_tiles(args.calibration_tiles))
@@ -211,6 +213,7 @@ def cmd_demo(args) -> int:
 
     _check_folder_target(args.output)
     chosen = load_model(args.model)  # refused before the output folder is created
+    _cancel_on_sigint()  # SIGTERM/SIGINT unwind through the writers' finally: no temporary is left
 
     if model_modality(chosen.card) != ("brightfield", "rgb"):  # an RGB model gets only the RGB case
         out = run_demo(args.output, model=args.model, provider=args.provider)

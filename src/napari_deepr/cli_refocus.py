@@ -130,6 +130,11 @@ def cmd_refocus(args) -> int:
     streamed = bool(args.scheduler or args.out_of_core)
     if not streamed and not args.in_memory:
         streamed = stream_by_default(img, axes, card.channels, int(bool(args.dpm)) + int(bool(args.trust)))
+    # Before any computing: the outputs must fit on their disks.
+    from ._safety import check_free_space, refocus_needs
+
+    check_free_space(refocus_needs(out_path, img.data.shape, axes, card.channels, img.data.dtype, dpm=args.dpm,
+                                   trust=args.trust, rgb=modality.image == "rgb", streamed=streamed))
     progress = None if args.quiet else ProgressBar(f"refocus {Path(args.input).name}")
     if streamed:
         from .engine.distributed import refocus_file

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import _safety, io
 from .engine.dpm import fit_plane, out_of_range_mask, row_profile
 from .engine.model import load_model
 from .engine.refocus import RefocusJob
@@ -93,7 +93,7 @@ def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _safety.save_figure(fig, path, dpi=90)
     plt.close(fig)
     return Path(path)
 
@@ -110,6 +110,8 @@ def run_demo(out_dir="deepr_quickstart", model="default", provider=None) -> dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _safety.check_own_outputs(out, ["tilted_input.tif", "tilted_refocused.tif", "tilted_ground_truth.tif",
+                                    "tilted_dpm_um.tif", "tilted_comparison.png"])  # a user's files are kept
     m = load_model(model)
     image, dpm_true, truth, optics = tilted_sample(optics=model_optics(m))
     job = RefocusJob(image, m, dpm=m.has_dpm, providers=provider)
@@ -199,6 +201,7 @@ def run_brightfield_demo(out_dir, model, provider=None, z_um: float = 6.0, size:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _safety.check_own_outputs(out, ["he_input.tif", "he_refocused.tif", "he_ground_truth.tif", "he_comparison.png"])
     m = load_model(model)
     image, truth, optics = brightfield_sample(size=size, z_um=z_um, optics=model_optics(m))
     job = RefocusJob(image, m, providers=provider, axes="YXS")
@@ -226,7 +229,7 @@ def run_brightfield_demo(out_dir, model, provider=None, z_um: float = 6.0, size:
         a.axis("off")
     fig.suptitle(f"{m.card.name}: SSIM (mean of R, G, B) {s_in:.3f} (input) → {s_out:.3f} (Deep-R)")
     fig.tight_layout()
-    fig.savefig(out / "he_comparison.png", dpi=90)
+    _safety.save_figure(fig, out / "he_comparison.png", dpi=90)
     plt.close(fig)
     result = {k: str(v) for k, v in paths.items()}
     result["comparison"] = str(out / "he_comparison.png")

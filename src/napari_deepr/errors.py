@@ -36,5 +36,9 @@ class OutputError(DeepRError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class NoSpaceError(OutputError):
+    """Outputs that would not fit in the free space of their disk (refused before any computing)."""
+
+
 class Cancelled(RuntimeError):
     """Raised inside long work when the caller asked it to stop."""

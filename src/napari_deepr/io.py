@@ -224,6 +224,9 @@ def write_image(
         raise OutputError(f"The output folder {path.parent} does not exist or is not writable.")
     if (path.exists() or path.is_symlink()) and not overwrite and not is_tool_output(path):
         raise _refuse_replace(path)
+    from ._safety import check_free_space, image_bytes  # refused before anything is written
+
+    check_free_space([(path, image_bytes(path, data.shape, data.dtype, axes))])
     clean_stale_partials(path)
     tmp = _temp_sibling(path)
     try:

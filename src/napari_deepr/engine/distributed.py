@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
+from .. import _safety, io
 from ..errors import InputError
 from ..layout import image_layout, result_shapes
 from .model import load_model
@@ -183,6 +183,8 @@ def refocus_file(img: io.ImageData, out_path, *, model="default", settings: Refo
     out_path = Path(out_path)
     m = load_model(model)
     lay = image_layout(img.data.shape, img.axes, m.card.channels)
+    _safety.check_free_space(_safety.refocus_needs(out_path, tuple(img.data.shape), img.axes, m.card.channels,
+                                                   img.data.dtype, dpm=dpm_path, trust=trust_path, streamed=True))
     scratch: list[Path] = []
 
     def scratch_store(path: Path, shape, axes):

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import _safety
 from ..errors import ModelError
 from .providers import fp16_providers
 
@@ -219,17 +219,14 @@ def fp16_variant(path: str | Path, feeds_from: str | Path | None = None) -> Path
     data = convert(source).SerializeToString()
     check_against_fp32(path, data, feeds_from=None if feeds_from is None else Path(feeds_from))
     for target in (beside, cached):
-        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
+            # A pid-named temporary (io's scheme), renamed when complete: a concurrent reader never sees
+            # half a file, and one a killed run left is removed by the next conversion.
+            with _safety.atomic_path(target) as tmp:
+                tmp.write_bytes(data)
             return target
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             continue
     raise Fp16Error(f"Could not write a float16 copy of {path.name} beside it or in {cache_dir()}.")
 

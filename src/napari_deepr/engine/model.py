@@ -21,6 +21,9 @@ from ..errors import ModelError
 DEFAULT_MODEL = "deepr-fluo-20x"
 META_PREFIX = "deepr."
 FEATURE_PREFIX = "feat"
+#: Largest border halo a card may ask for (px): a halo needs at most about the network's
+#: receptive-field radius (223 px for the bundled U-Net; the bundled models use 16).
+MAX_HALO = 1024
 
 
 @dataclass
@@ -103,6 +106,10 @@ class ModelCard:
                 if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                     raise bad(key, f"a whole number of at least {lo}")
                 known[key] = v
+        halo, tile = known.get("halo", cls.halo), known.get("tile", cls.tile)
+        if halo > min(MAX_HALO, tile // 2):  # a huge halo only multiplies tiles of reflected pixels
+            raise ModelError(f"{source}: 'halo' must be a whole number of pixels from 0 to {min(MAX_HALO, tile // 2)} "
+                             f"({MAX_HALO} at most, and at most half the card's tile of {tile}), not {halo!r}.")
         if "dpm_sign_meaningful" in known and not isinstance(known["dpm_sign_meaningful"], bool):
             raise bad("dpm_sign_meaningful", "true or false")
         for key in ("provenance", "quality", "config"):

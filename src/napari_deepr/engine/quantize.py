@@ -10,12 +10,13 @@ is good enough is decided by measuring it (``quality_delta``), never assumed.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import _safety
 from .model import load_model
 
 INT8_NAME = "generator.int8.onnx"
@@ -80,18 +81,21 @@ def quantize_generator(model="default", out_path=None, tiles=None, percentile: f
             x = next(self.it, None)
             return None if x is None else {name: x}
 
+    # Everything temporary -- our scratch models and onnxruntime's own temporary folders -- lives in one
+    # pid-named folder beside the output: removed on any exit Python sees, and by the next run after kill -9.
     # onnxruntime's calibrator prints progress to stdout; keep stdout for the command's JSON.
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-        pre = Path(tmp) / "pre.onnx"
+    with (_safety.temporary_beside(out_path, folder=True) as work, _safety.tempdir_inside(work),
+          contextlib.redirect_stdout(sys.stderr)):
+        pre, partial = work / "pre.onnx", work / INT8_NAME
         # Symbolic shape inference fails on the exporter's "32*h" dims; ONNX shape inference suffices.
         quant_pre_process(str(m.generator_path), str(pre), skip_symbolic_shape=True)
         quantize_static(
-            str(pre), str(out_path.with_suffix(".partial")), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(pre), str(partial), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile,
             nodes_to_exclude=_boundary_convs(pre), extra_options={"CalibPercentile": percentile},
         )
-    _copy_metadata(m.generator_path, out_path.with_suffix(".partial"))
-    out_path.with_suffix(".partial").replace(out_path)
+        _copy_metadata(m.generator_path, partial)
+        os.replace(partial, out_path)
     return out_path
 
 

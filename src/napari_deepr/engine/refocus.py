@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _safety
 from ..errors import ArgumentTypeError, Cancelled, InputError, ModelError
 from ..layout import guess_axes, image_array, image_layout, megapixels, result_shapes
 from .domain import Sampling, check_modality, resampled_size, resolve_sampling
@@ -166,6 +167,7 @@ class RefocusJob:
         r = self.resolved
         self.plan_y = plan_axis(h, r.tile, r.overlap, card.tile_multiple, r.halo)
         self.plan_x = plan_axis(w, r.tile, r.overlap, card.tile_multiple, r.halo)
+        _safety.check_halo_memory(self, r.halo)  # a card's halo that grows tiles past free memory is named
         # An output this job allocates may be promoted to float64 if the refocused values of a float
         # image do not fit in float32 (inputs near 3e38); a caller's preallocated output cannot.
         self._own_output = out is None

@@ -134,10 +134,7 @@ def _split_fields(n: int, split: float, seed: int) -> list[str]:
     if not 0 < split <= 1:
         raise PairsError(f"split must be in (0, 1], got {split}.")
     n_val = round(n * (1 - split))
-    if n >= 2 and split < 1:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = 0
+    n_val = min(max(n_val, 1), n - 1) if n >= 2 and split < 1 else 0
     order = np.random.default_rng(seed).permutation(n)
     labels = ["train"] * n
     for i in order[:n_val]:
@@ -336,6 +333,9 @@ def build_pairs(
                       "description": f"held-out fields of view: {n_val} of {len(fields)}" if n_val
                       else "no held-out data (split 1.0)"}
 
+    from .._safety import check_free_space, pairs_bytes, write_failed
+
+    check_free_space([(out, pairs_bytes(fields, patch, range_um))])  # before registering and cropping
     io.clean_stale_partials(out)
     tmp = io._temp_sibling(out)
     (tmp / "patches").mkdir(parents=True)
@@ -422,6 +422,8 @@ def build_pairs(
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder the user made for the dataset
         io._finish(tmp, out, overwrite)
+    except OSError as exc:  # a disk that filled up meanwhile: one sentence, the old dataset kept
+        raise write_failed(out, exc) from exc
     finally:
         io._remove(tmp)
     if progress:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -204,7 +203,11 @@ def _fill(template: Path, graph: nn.Module, dest: Path) -> None:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    """A pid-named temporary beside ``path`` (io's scheme: removed at exit, and by the next export after kill -9)."""
+    from .. import io
+
+    io.clean_stale_partials(path)
+    return io._temp_sibling(path)
 
 
 def export_model(

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._safety import atomic_path, temporary_beside
 from . import losses as L
 from .data import DatasetError, Source, bin_of, defocus_bins, open_source
 from .nets import TILE_MULTIPLE, Discriminator, DPMDecoder, Generator, count_parameters
@@ -359,12 +360,9 @@ def _plain(v: Any) -> Any:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    # A pid-named temporary (io's scheme): removed at exit, and by the next save after a kill -9.
+    with atomic_path(path) as tmp:
         torch.save(_plain(obj), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -931,9 +929,8 @@ class Trainer:
         for c, label in enumerate(("input", "output", "target")):
             draw.text((c * (p + 4) + 3, img.height - 12), label, fill=(64, 160, 255))
         path = self.out / "previews" / f"{tag}.png"
-        tmp = path.with_name(f".{path.name}.partial.png")
-        img.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
         return str(path)
 
     # ------------------------------------------------------------------ phases
@@ -1347,20 +1344,13 @@ class Trainer:
         if self.cfg.export and self.cost["export_check"] is None and graphs is not None:
             # A dry run of the end: fill the graphs with the current weights, write, check in
             # onnxruntime -- so the reserve for the real one is measured, not guessed.
-            import shutil
-            import tempfile
-
             from .export import export_model
 
             self.status("measuring the export")
             t0 = time.monotonic()
-            tmp = Path(tempfile.mkdtemp(prefix=".dry-export-", dir=self.out))
-            try:
-                with _stdout_to_stderr():
-                    export_model(self.G, None if self._dpm_skipped() else self.Dec, tmp, {"name": "dry-run"},
-                                 graphs=graphs)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            with temporary_beside(self.out / "dry-export", folder=True) as tmp, _stdout_to_stderr():
+                export_model(self.G, None if self._dpm_skipped() else self.Dec, tmp, {"name": "dry-run"},
+                             graphs=graphs)
             self.cost["export_check"] = time.monotonic() - t0
         if "gan" not in self.step_s and self.phase == "gan":
             # One generator step without an update: compiles the kernels (the first step is several
