@@ -352,7 +352,7 @@ def procedural_he(shape: tuple[int, int] | int, pixel_size_um: float, rng: np.ra
 
 def _crop_channels(img: np.ndarray, side: int, rng: np.random.Generator, scale: float) -> np.ndarray:
     """Random ``side``² crop of a ``(C, H, W)`` image magnified by ``scale`` (anti-aliased), random D4."""
-    from .simulate import _magnified_window
+    from .training_pairs import _magnified_window
 
     crop = np.rot90(_magnified_window(img, side, rng, scale), int(rng.integers(4)), axes=(1, 2))
     if rng.random() < 0.5:
