@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.contract import PAIRS_INDEX_FILE
 from ..errors import DeepRError
 
 FORMAT = "napari-deepr-pairs"
@@ -41,9 +42,9 @@ class Pairs:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        path = self.root / "index.json"
+        path = self.root / PAIRS_INDEX_FILE
         if not path.is_file():
-            raise PairsError(f"{self.root} holds no index.json, so it is not a pairs dataset.")
+            raise PairsError(f"{self.root} holds no {PAIRS_INDEX_FILE}, so it is not a pairs dataset.")
         try:
             index = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.contract import PAIRS_INDEX_FILE
 from ..errors import Cancelled
 from .dataset import FORMAT, VERSION, Z_SIGN, Pairs, PairsError, load_pairs
 
@@ -412,7 +413,7 @@ def build_pairs(
             "pairs": pairs,
             "summary": summary,
         }
-        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        (tmp / PAIRS_INDEX_FILE).write_text(json.dumps(index, indent=1))
         (tmp / io.MARKER).write_text("written by napari-deepr; this folder may be replaced by its next run\n")
         _check(cancel)
         if out.is_dir() and not any(out.iterdir()):

@@ -181,7 +181,7 @@ def bench_train(patch: int = 256, batch: int = 5, seconds: float = 20.0, threads
     # Same network, same batch, plain PyTorch.
     x, y, _ = t._batch()
     x, y = x.float().contiguous(), y.float().contiguous()
-    g = Generator(1, t.cfg.base, t.cfg.max_channels)
+    g = Generator(t.G.in_channels, t.cfg.base, t.cfg.max_channels)
     g.load_state_dict({k: v.float() for k, v in t.G.state_dict().items()})
     g = g.to(memory_format=torch.contiguous_format).train()
     for _ in range(2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -12,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.contract import CARD_FILE, DPM_FILE, GENERATOR_FILE, feature_name
+from ..engine.model import ModelCard, json_default
+from ..engine.normalization import INPUT_MEAN_STD, card_normalization
 from .config import GAN_SHARE, TrainConfig
 from .nets import TILE_MULTIPLE, count_parameters
 
@@ -19,8 +23,12 @@ from .nets import TILE_MULTIPLE, count_parameters
 class CardMixin:
     """Writes the :class:`~napari_deepr.train.loop.Trainer`'s model folder."""
 
-    def card(self, quality: dict, export_dpm: bool) -> dict:
-        """The ``model.json`` content for this run."""
+    def card(self, quality: dict, export_dpm: bool) -> ModelCard:
+        """The model card of this run, validated as :meth:`ModelCard.from_dict` validates a loaded one.
+
+        ``TrainConfig.extra_card`` is merged over the fields last (any field, or a new key kept in
+        the card's ``extra``), so it is validated too.
+        """
         import onnx
         import onnxruntime
 
@@ -41,35 +49,35 @@ class CardMixin:
             overlap = int(max(96, math.ceil(2 * radius_px / 32) * 32))
         overlap = min(overlap, tile // 2)
         cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("extra_card",)}
-        card = {
-            "name": self.cfg.name or self.out.name,
-            "version": self.cfg.version,
-            "modality": "brightfield" if (self.channels == 3 and self.cfg.modality == TrainConfig.modality) else self.cfg.modality,
-            "channels": self.channels,
-            "photometric": "rgb" if self.channels == 3 else "minisblack",
-            "pixel_size_um": px,
-            "na": na,
-            "wavelength_um": optics.get("wavelength_um"),
-            "immersion_index": optics.get("immersion_index"),
-            "defocus_range_um": [-self.range_um, self.range_um],
-            "normalization": "zscore_per_plane" if self.channels == 1 else "zscore_per_plane_per_channel",
-            "output_scaling": "input_mean_std",
-            "tile_multiple": TILE_MULTIPLE,
-            "min_size": TILE_MULTIPLE,
-            "tile": tile,
-            "overlap": overlap,
-            "dpm_sign": info.get("dpm_sign") if self.dpm_signed else
+        rgb = self.channels == 3
+        card = ModelCard(
+            name=self.cfg.name or self.out.name,
+            version=self.cfg.version,
+            modality="brightfield" if (rgb and self.cfg.modality == TrainConfig.modality) else self.cfg.modality,
+            channels=self.channels,
+            pixel_size_um=px,
+            na=na,
+            wavelength_um=optics.get("wavelength_um"),
+            immersion_index=optics.get("immersion_index"),
+            defocus_range_um=(-self.range_um, self.range_um),
+            normalization=card_normalization(self.channels),
+            output_scaling=INPUT_MEAN_STD,
+            tile_multiple=TILE_MULTIPLE,
+            min_size=TILE_MULTIPLE,
+            tile=tile,
+            overlap=overlap,
+            dpm_sign=info.get("dpm_sign") if self.dpm_signed else
             "magnitude only: the DPM is |defocus| in µm (these optics make +z and -z look alike)",
-            "dpm_sign_meaningful": self.dpm_signed and export_dpm,
-            "dpm_target": "signed" if self.dpm_signed else "magnitude",
-            "has_dpm": export_dpm,
-            "architecture": {
+            dpm_sign_meaningful=self.dpm_signed and export_dpm,
+            dpm_target="signed" if self.dpm_signed else "magnitude",
+            has_dpm=export_dpm,
+            architecture={
                 "generator": "residual U-Net, 5 down + 5 up blocks, LeakyReLU 0.1, global residual",
                 "base": self.cfg.base, "max_channels": self.cfg.max_channels,
                 "parameters": count_parameters(self.G) or sum(p.numel() for p in self.G.parameters()),
-                "features": [f"feat{i}" for i in range(self.G.num_features)],
+                "features": [feature_name(i) for i in range(self.G.num_features)],
             },
-            "provenance": {
+            provenance={
                 **(info.get("provenance") or {}),
                 "source_kind": info.get("kind"),
                 "trainer": "python -m napari_deepr.train",
@@ -88,9 +96,9 @@ class CardMixin:
                 "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
-            "quality": quality,
-            "config": cfg,
-            "versions": {
+            quality=quality,
+            config=cfg,
+            versions={
                 "napari_deepr": __version__,
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
@@ -98,9 +106,12 @@ class CardMixin:
                 "numpy": np.__version__,
                 "python": sys.version.split()[0],
             },
-        }
-        card.update(self.cfg.extra_card or {})
-        return card
+            # Read from extra by engine.domain.model_modality (front ends say RGB or gray).
+            extra={"photometric": "rgb" if rgb else "minisblack"},
+        )
+        # Through JSON and from_dict: numpy values become numbers and every field is checked.
+        d = json.loads(json.dumps(card.to_dict() | dict(self.cfg.extra_card or {}), default=json_default))
+        return ModelCard.from_dict(d, source=f"the card of {card.name}")
 
     def run_export(self) -> dict:
         from .export import export_model
@@ -132,8 +143,9 @@ class CardMixin:
         """A folder whose ``generator.onnx`` (and ``dpm.onnx``) are traced graphs of this architecture.
 
         The parent's own ONNX files are such graphs (the exporter names initializers after the state
-        dict), and so is the bundled model for a from-scratch run of its architecture; only other
-        architectures are traced (into ``MODEL_DIR/.graphs``).
+        dict; a parent always takes this run's channels), and so is a bundled model of this run's
+        architecture and channel count for a from-scratch run; only other architectures are traced
+        (into ``MODEL_DIR/.graphs``).
         """
         from ..engine.model import bundled_models_dir
         from .export import GRAPHS
@@ -146,15 +158,17 @@ class CardMixin:
         b = bundled_models_dir()
         if b is not None:
             for sub in sorted(b.iterdir()) if b.is_dir() else []:
-                arch = {}
-                try:
-                    arch = json.loads((sub / "model.json").read_text()).get("architecture") or {}
-                except (OSError, ValueError):
-                    pass
-                if arch.get("base") == self.cfg.base and arch.get("max_channels") == self.cfg.max_channels:
+                card = None
+                # ModelError is a ValueError: a folder with an unreadable card is no template.
+                with contextlib.suppress(OSError, ValueError):
+                    card = ModelCard.from_dict(json.loads((sub / CARD_FILE).read_text()))
+                # The first convolution's shape depends on the channels: a gray model's graph cannot
+                # take an RGB run's weights (filling it would fail and trace afresh at the very end).
+                if (card is not None and card.channels == self.channels and card.architecture.get("base") == self.cfg.base
+                        and card.architecture.get("max_channels") == self.cfg.max_channels):
                     cands.append(sub)
         for c in cands:
-            if (c / "generator.onnx").is_file() and (not need_dpm or (c / "dpm.onnx").is_file()):
+            if (c / GENERATOR_FILE).is_file() and (not need_dpm or (c / DPM_FILE).is_file()):
                 return c
         return None
 

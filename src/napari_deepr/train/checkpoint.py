@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.contract import BEST_FILE, CHECKPOINT_FILE, DPM_FILE, GENERATOR_FILE, STOP_FILE
 from . import losses as L
 from .data import DatasetError
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-STOP_FILE = "STOP"
+CHECKPOINT = CHECKPOINT_FILE
+BEST = BEST_FILE
 FORMAT_VERSION = 1
 
 # Wall-clock seconds between checkpoints written besides those at each validation.
@@ -254,9 +254,9 @@ def load_init_weights(source: str | Path) -> tuple[dict, dict | None]:
     import onnx
     from onnx import numpy_helper
 
-    gpath = src / "generator.onnx" if src.is_dir() else src
+    gpath = src / GENERATOR_FILE if src.is_dir() else src
     if not gpath.is_file():
-        raise DatasetError(f"There is no generator.onnx or checkpoint at {src}.")
+        raise DatasetError(f"There is no {GENERATOR_FILE} or checkpoint at {src}.")
 
     def params(path: Path, prefix: str) -> dict:
         m = onnx.load(str(path))
@@ -266,9 +266,14 @@ def load_init_weights(source: str | Path) -> tuple[dict, dict | None]:
     gen = params(gpath, "generator.")
     if not gen:
         raise DatasetError(f"{gpath.name} was not exported by this trainer (no generator.* weights).")
-    dpath = gpath.with_name("dpm.onnx")
+    dpath = gpath.with_name(DPM_FILE)
     dec = params(dpath, "decoder.") if dpath.is_file() else None
     return gen, dec or None
+
+
+def init_channels(gen: dict) -> int:
+    """Image channels a generator state dict (from :func:`load_init_weights`) takes."""
+    return int(gen["encoder.inc.weight"].shape[1])
 
 
 def init_architecture(gen: dict) -> tuple[int, int]:

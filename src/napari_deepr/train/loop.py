@@ -14,7 +14,7 @@ Phases, in order (the phase is saved in the checkpoint, so ``--resume`` continue
 3. ``export`` -- final validation table, ``generator.onnx``, ``dpm.onnx``, ``model.json``.
 
 Start (:mod:`.parent`): without ``init_from`` the run fine-tunes from the bundled model whose card
-matches the dataset (modality, one channel, pixel size within 10 %, range inside the model's), with
+matches the dataset (modality, channels, pixel size within 10 %, range inside the model's), with
 fine-tuning defaults (lr 1e-4, cosine decay, no discriminator -- the bundled model was trained
 without one -- and the parent's DPM target); ``from_scratch`` opts out and trains the bundled
 architecture (base 16, max 64 channels) with the paper's settings (lr 5e-4 constant, LSGAN).
@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.contract import PREVIEWS_DIR
 from . import losses as L
 from .budget import BudgetMixin
 from .card import CardMixin, _stdout_to_stderr
@@ -71,6 +72,7 @@ from .checkpoint import (
     _plain,
     _StopWatch,
     init_architecture,
+    init_channels,
     load_checkpoint,
     load_init_weights,
 )
@@ -93,7 +95,8 @@ from .validation import ValidationMixin
 # validation, phases and card modules, and callers import them from here.
 __all__ = [
     "BEST", "CHECKPOINT", "CHECKPOINT_EVERY_S", "DEFAULT_MINUTES", "FORMAT_VERSION", "GAN_SHARE", "RUNTIME_KEYS",
-    "STOP_FILE", "Stopped", "TrainConfig", "Trainer", "available_cpus", "init_architecture", "load_checkpoint",
+    "STOP_FILE", "Stopped", "TrainConfig", "Trainer", "available_cpus", "init_architecture", "init_channels",
+    "load_checkpoint",
     "load_init_weights", "native_bf16", "train", "_atomic_save", "_plain",
 ]
 
@@ -143,7 +146,7 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatasetError(f"The model folder {self.out} cannot be created ({exc.strerror or exc}).") from exc
-        (self.out / "previews").mkdir(exist_ok=True)
+        (self.out / PREVIEWS_DIR).mkdir(exist_ok=True)
         self.ckpt_path = self.out / CHECKPOINT
         self.saved: dict | None = None
         self.warnings: list[str] = []
@@ -186,6 +189,10 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
             if config.init_from:
                 self.status(f"loading {config.init_from}")
                 self.parent = resolve_parent(config.init_from)
+                if "channels" not in self.parent.card:
+                    # A bare checkpoint has no card: its first convolution says how many channels it takes.
+                    init_weights = load_init_weights(self.parent.weights)
+                    self.parent.card["channels"] = init_channels(init_weights[0])
                 refusals, warns = mismatches(self.parent.card, self.source.info, config.modality)
                 if refusals:
                     raise DatasetError(refusals[0])
@@ -194,7 +201,7 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
                 self.parent, note = choose_parent(self.source.info, config.modality)
                 (self.notes if self.parent else self.warnings).append(note)
             if self.parent is not None:
-                init_weights = load_init_weights(self.parent.weights)
+                init_weights = init_weights or load_init_weights(self.parent.weights)
                 base_w, cap = init_architecture(init_weights[0])
                 config = dataclasses.replace(config, base=base_w, max_channels=cap, init_from=str(self.parent.weights))
             config = self._defaults(config)

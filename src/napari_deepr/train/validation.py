@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from ..engine.contract import PREVIEWS_DIR
 from . import losses as L
 from .data import bin_of
 
@@ -128,7 +129,7 @@ class ValidationMixin:
             draw.text((3, r * (p + 4) + 2), f"z={float(z_all[i]):+.2f}um", fill=(255, 64, 64))
         for c, label in enumerate(("input", "output", "target")):
             draw.text((c * (p + 4) + 3, img.height - 12), label, fill=(64, 160, 255))
-        path = self.out / "previews" / f"{tag}.png"
+        path = self.out / PREVIEWS_DIR / f"{tag}.png"
         tmp = path.with_name(f".{path.name}.partial.png")
         img.save(tmp)
         os.replace(tmp, path)
