@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.model import load_model
+from .engine.normalization import zscore
 from .engine.refocus import refocus
 from .evaluate import held_out_fields
 
@@ -61,8 +62,8 @@ def do_no_harm_figure(result: dict, path, model="default", real_dir=None, heldou
     c = slice(0, min(size, 256))
     for ax, im, title in ((axes[0], img - 100.0, f"input (SSIM {ssim(img, gt):.3f})"),
                           (axes[1], out, f"output (SSIM {ssim(out, gt):.3f})"), (axes[2], gt, "truth (in focus, noiseless)")):
-        if im is not gt:
-            im = (im - im.mean()) / im.std() * gt.std() + gt.mean()
+        if im is not gt:  # shown in the truth's units: its z-scores mapped to the truth's mean and spread
+            im = zscore(im, dtype=np.float64) * gt.std() + gt.mean()
         ax.imshow(im[c, c], cmap="gray", vmin=lo, vmax=hi)
         ax.set_title(title)
         ax.axis("off")
@@ -96,8 +97,7 @@ def quality_figure(result: dict, path, model="default", real_dir=None, size: int
     rng = np.random.default_rng(3)
 
     def show(ax, im, title):
-        a = np.asarray(im, np.float64)[10:-10, 10:-10]
-        a = (a - a.mean()) / (a.std() + 1e-12)
+        a = zscore(np.asarray(im)[10:-10, 10:-10], dtype=np.float64)
         ax.imshow(a[:256, :256], cmap="magma", vmin=-1.5, vmax=np.percentile(a, 99.7))
         ax.set_title(title, fontsize=9)
         ax.axis("off")

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .normalization import zscore
+
 
 @dataclass
 class PlaneFit:
@@ -105,9 +107,9 @@ def structure_mask(image: np.ndarray, window_px: int = STRUCTURE_WINDOW_PX,
     if a.ndim != 2:
         raise ValueError(f"structure_mask takes one 2-D plane, not an array of shape {a.shape}.")
     sd = a.std()
-    if not np.isfinite(sd) or sd == 0:
+    if not np.isfinite(sd) or sd == 0:  # nothing to measure: no pixel has structure
         return np.zeros(a.shape, dtype=bool)
-    a = (a - a.mean()) / sd
+    a = zscore(a, dtype=np.float64)
     m1 = uniform_filter(a, window_px, mode="reflect")
     m2 = uniform_filter(a * a, window_px, mode="reflect")
     return np.sqrt(np.clip(m2 - m1 * m1, 0, None)) > threshold

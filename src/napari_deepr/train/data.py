@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.contract import PAIRS_INDEX_FILE
+from ..engine.normalization import zscore as _zscore
 from ..errors import DeepRError
 
 DEFAULT_VAL_PAIRS = 48
@@ -39,16 +41,12 @@ class DatasetError(DeepRError):
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
-    """Zero-mean, unit-variance copy of ``image`` as float32 (flat images become zeros).
+    """Zero-mean, unit-variance float32 copy of ``image``, each channel of a ``(C, H, W)`` image on its own.
 
-    A ``(C, H, W)`` image is normalized per channel (the engine's per-channel statistics).
+    The normalization the card names (:func:`napari_deepr.engine.normalization.zscore`, statistics
+    in float32), so training pairs are what the engine feeds the network.
     """
-    a = np.asarray(image, dtype=np.float32)
-    if a.ndim == 3:
-        return np.stack([zscore(c) for c in a])
-    m = float(a.mean())
-    s = float(a.std())
-    return ((a - m) / (s if s > 1e-6 else 1.0)).astype(np.float32, copy=False)
+    return _zscore(image, dtype=np.float32)
 
 
 def _nchw(images: list) -> np.ndarray:
@@ -120,7 +118,7 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``n`` augmented, z-scored training pairs ``(x [n,1,P,P], y [n,1,P,P], z_um)``.
+        """Return ``n`` augmented, z-scored training pairs ``(x [n,C,P,P], y [n,C,P,P], z_um)``.
 
         ``z_um`` is ``[n]`` for flat samples, or per-pixel defocus maps ``[n,1,P,P]`` when any
         sample of the batch is tilted or curved.
@@ -302,7 +300,7 @@ def open_source(dataset: str | os.PathLike, patch: int | None, *, seed: int = 0,
         raise DatasetError(f"The dataset {p} does not exist.")
     if p.is_dir():
         return PairsSource(p, patch, val_pairs=val_pairs, seed=seed)
-    if p.name == "index.json":
+    if p.name == PAIRS_INDEX_FILE:
         return PairsSource(p.parent, patch, val_pairs=val_pairs, seed=seed)
     if p.suffix.lower() == ".json":
         try:
