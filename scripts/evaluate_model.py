@@ -16,7 +16,13 @@ import re
 import sys
 from pathlib import Path
 
-from napari_deepr.engine.contract import CARD_FILE, CARD_MD_FILE, GENERATOR_FILE, META_PREFIX, QUALITY_FILE
+from napari_deepr.engine.contract import (
+    CARD_FILE,
+    CARD_MD_FILE,
+    GENERATOR_FILE,
+    META_PREFIX,
+    QUALITY_FILE,
+)
 from napari_deepr.engine.model import ModelCard
 from napari_deepr.evaluate import (
     do_no_harm_figure,

@@ -20,8 +20,8 @@ def do_no_harm_table(result: dict) -> str:
         return ""
     dpm0 = s.get("dpm_mean_in_focus_by_field", {})
     zs = list(next(iter(delta.values())))
-    lines = ["Do no harm: output SSIM − input SSIM near focus (≥ −0.01 is the target) and the DPM's mean "
-             "on the in-focus field's structure (≤ 0.6 µm is the target):", "",
+    lines = [("Do no harm: output SSIM − input SSIM near focus (≥ −0.01 is the target) and the DPM's mean "
+              "on the in-focus field's structure (≤ 0.6 µm is the target):"), "",
              "| field | " + " | ".join(f"Δ SSIM z={z} µm" for z in zs) + " | DPM mean at focus (µm) |",
              "|---|" + "---|" * (len(zs) + 1)]
     for n, d in delta.items():

@@ -389,7 +389,7 @@ def random_brightfield_pair(
     step_in = source_step
     if z != 0:
         step_in = min(source_step, max(1.0 / 16, max_walkoff_um * optics.immersion_index / (abs(z) * optics.na)))
-    common = dict(stains=stains, wavelengths_um=lams, phase_opd_um=opd, condenser_na=na_c, pad=0, single=True)
+    common = {"stains": stains, "wavelengths_um": lams, "phase_opd_um": opd, "condenser_na": na_c, "pad": 0, "single": True}
     target = stained_section(amounts, 0.0, optics, source_step=source_step, **common)[:, half:-half, half:-half]
     blurred = stained_section(amounts, z, optics, source_step=step_in, **common)[:, half:-half, half:-half]
     # -- camera and white balance

@@ -130,11 +130,8 @@ def _split_fields(n: int, split: float, seed: int) -> list[str]:
     when there are two or more fields, never all of them."""
     if not 0 < split <= 1:
         raise PairsError(f"split must be in (0, 1], got {split}.")
-    n_val = round(n * (1 - split))
-    if n >= 2 and split < 1:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = 0
+    # At least one validation field when there are two or more, never all of them.
+    n_val = min(max(round(n * (1 - split)), 1), n - 1) if n >= 2 and split < 1 else 0
     order = np.random.default_rng(seed).permutation(n)
     labels = ["train"] * n
     for i in order[:n_val]:

@@ -9,6 +9,7 @@ loop, and :func:`~napari_deepr.train.loop.train` then writes the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -50,10 +51,8 @@ class _StopWatch:
             self.flag = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: the stop file still works
                 self._old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def __exit__(self, *exc):
@@ -67,10 +66,8 @@ class _StopWatch:
 
     def clear(self) -> None:
         if self.file.exists():
-            try:
+            with contextlib.suppress(OSError):  # gone already, or read-only: the next stop check says so
                 self.file.unlink()
-            except OSError:
-                pass
 
 
 

@@ -128,7 +128,7 @@ class Source(abc.ABC):
     def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return the fixed validation pairs ``(x, y, z_um)`` (z-scored, not augmented)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: sources without workers or files have nothing to release
         """Release workers and files."""
 
 
