@@ -265,6 +265,8 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     assert dpm_val and dpm_val[-1]["metrics"]["dpm_mae_um"] < 0.75 * abs_z.mean()
     exp = next(e for e in events if e["event"] == "export")
     assert exp["max_abs_error"]["generator"] < 1e-4 and exp["max_abs_error"]["dpm"] < 1e-4
+    # the graphs traced at setup (from the untrained networks) took the trained weights: no second trace
+    assert exp["traced"] is False
     assert first["berhu_input"] == pytest.approx(last["berhu_input"])
 
     # the model folder follows docs/ARCHITECTURE.md and loads in the engine

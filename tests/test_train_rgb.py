@@ -66,6 +66,8 @@ def test_tiny_model_of_each_channel_count_trains_exports_and_loads(tmp_path, cap
                "--workers", "0", "--val-pairs", "2", "--dpm-target", "magnitude", "--from-scratch", *TINY])
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0, events[-1]
+    # graphs traced at setup for this channel count are filled at the end, never traced twice
+    assert next(e for e in events if e["event"] == "export")["traced"] is False
     written = json.loads((out / CARD_FILE).read_text())
     assert ModelCard.from_dict(written).to_dict() == written  # the card round-trips unchanged
     assert written["channels"] == channels and written["has_dpm"] is True and written["dpm_target"] == "magnitude"

@@ -136,6 +136,9 @@ class Source(abc.ABC):
 class PairsSource(Source):
     """Pairs written by :func:`napari_deepr.stacks.pairs.build_pairs`.
 
+    Such datasets hold gray planes (``build_pairs`` takes ``(Z, Y, X)`` stacks), so ``channels`` is 1;
+    RGB models are trained on simulated brightfield pairs (:mod:`.synthetic`).
+
     Parameters
     ----------
     folder : path

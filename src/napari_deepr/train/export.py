@@ -145,6 +145,21 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
 GRAPHS = GRAPHS_DIR
 
 
+def _distinct(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter set to distinct random values, for tracing a graph to fill later.
+
+    The exporter's optimizer merges initializers of equal value and drops their names; an untrained
+    generator's zero-initialized biases and output convolution were merged that way, so its traced
+    graph could never be filled with trained weights (every export then traced afresh at the end).
+    Only the graph is kept, so the values do not matter.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
+    return module
+
+
 def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: str | os.PathLike) -> dict:
     """Trace the generator (and DPM) ONNX graphs into ``out_dir/.graphs/`` for a later :func:`export_model`.
 
@@ -155,7 +170,7 @@ def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: 
     """
     folder = Path(out_dir) / GRAPHS
     folder.mkdir(parents=True, exist_ok=True)
-    g = _cpu_copy(generator)
+    g = _distinct(_cpu_copy(generator))
     names = feature_names(g.num_features)
     example = torch.randn(2, g.in_channels, 2 * TILE_MULTIPLE, 3 * TILE_MULTIPLE, generator=torch.Generator().manual_seed(0))
     batch, h, w = _dims()
@@ -172,7 +187,7 @@ def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: 
     seconds["generator"] = round(time.perf_counter() - t0, 2)
     if dpm_decoder is not None:
         t0 = time.perf_counter()
-        d = _cpu_copy(dpm_decoder)
+        d = _distinct(_cpu_copy(dpm_decoder))
         with torch.no_grad():
             feats = g.forward_with_features(example)[1]
         shapes = {n: {0: batch, 2: 2 ** (LEVELS - i) * h, 3: 2 ** (LEVELS - i) * w} for i, n in enumerate(names)}
