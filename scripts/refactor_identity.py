@@ -12,7 +12,9 @@ APIs that exist before and after issue 21 are used, so the same script runs on b
     python scripts/refactor_identity.py compare /tmp/before.npz /tmp/after.npz
 
 Arrays are compared byte for byte, the training log (JSON) exactly, once wall-clock fields (times,
-rates, dates, paths) are dropped.
+rates, dates, paths) are dropped. Against the tree before issue 21 the one expected difference is
+``model_json/halo: only after (16)``: the trainer's card is now a ``ModelCard``, which writes every
+field, including the halo the engine already assumed for a card without one.
 """
 
 from __future__ import annotations
@@ -146,6 +148,21 @@ def dump(path: str) -> None:
     print(f"wrote {len(arrays)} arrays and the training logs to {path}")
 
 
+def _differences(x, y, path: str) -> list[str]:
+    """Where two JSON values differ: ``path: before -> after`` for each differing leaf or missing key."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        out = []
+        for k in sorted(set(x) | set(y)):
+            if k not in x or k not in y:
+                out.append(f"{path}/{k}: {'only before' if k in x else 'only after'} ({json.dumps(x.get(k, y.get(k)))[:80]})")
+            else:
+                out += _differences(x[k], y[k], f"{path}/{k}")
+        return out
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        return [d for i, (u, v) in enumerate(zip(x, y)) for d in _differences(u, v, f"{path}[{i}]")]
+    return [] if x == y else [f"{path}: {json.dumps(x)[:80]} -> {json.dumps(y)[:80]}"]
+
+
 def compare(a_path: str, b_path: str) -> int:
     a, b = np.load(a_path), np.load(b_path)
     bad = []
@@ -160,7 +177,7 @@ def compare(a_path: str, b_path: str) -> int:
     ja, jb = json.loads(a["__json__"].tobytes()), json.loads(b["__json__"].tobytes())
     for k in sorted(set(ja) | set(jb)):
         if ja.get(k) != jb.get(k):
-            bad.append(f"{k}: differs\n  {json.dumps(ja.get(k))[:600]}\n  {json.dumps(jb.get(k))[:600]}")
+            bad.append(f"{k}: differs at " + "; ".join(_differences(ja.get(k), jb.get(k), k)))
     n = len(a.files) - 1
     if bad:
         print("\n".join(bad))
