@@ -75,7 +75,7 @@ def crop_box(stack: np.ndarray, side: int) -> tuple[slice, slice]:
 def estimate_object(i0, i_minus, i_plus, z_minus, z_plus, condenser_na, alpha=1e-3):
     """Complex transmittance from the in-focus plane (amplitude) and two defocused planes (phase)."""
     shape = i0.shape
-    kw = dict(na=NA, wavelength_um=LAM, pixel_size_um=PX, condenser_na=condenser_na, source_step=0.125)
+    kw = {"na": NA, "wavelength_um": LAM, "pixel_size_um": PX, "condenser_na": condenser_na, "source_step": 0.125}
     he_p, hp_p = weak_object_transfer(shape, z_plus, **kw)
     he_m, hp_m = weak_object_transfer(shape, z_minus, **kw)
     eps = (i0 - 1.0) / 2.0  # in-focus amplitude deviation (H_eps = 2 in the pass band)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -48,9 +49,9 @@ def table(old: dict, new: dict, names=("old", "new")) -> str:
         if a is None and b is None:
             continue
         verdict = ""
-        if better and isinstance(a, (int, float)) and isinstance(b, (int, float)) and np.isfinite(a) and np.isfinite(b):
-            if abs(a - b) > 1e-9:
-                verdict = f"{names[1]} {'better' if (b > a) == (better == 'high') else 'worse'}"
+        if (better and isinstance(a, (int, float)) and isinstance(b, (int, float)) and np.isfinite(a)
+                and np.isfinite(b) and abs(a - b) > 1e-9):
+            verdict = f"{names[1]} {'better' if (b > a) == (better == 'high') else 'worse'}"
         fa = fmt.format(a) if a is not None else "–"
         fb = fmt.format(b) if b is not None else "–"
         lines.append(f"| {label} | {fa} | {fb} | {verdict} |")
@@ -70,8 +71,8 @@ def per_field(old: dict, new: dict, names=("old", "new"), lo: float = 2.0, hi: f
         return out
 
     a, b = stats(old), stats(new)
-    lines = [f"| field | SSIM in (2–5 µm) | {names[0]} out | {names[1]} out | {names[0]} worst Δ at \\|z\\| ≤ 1 | "
-             f"{names[1]} worst Δ at \\|z\\| ≤ 1 |", "|---|---|---|---|---|---|"]
+    lines = [(f"| field | SSIM in (2–5 µm) | {names[0]} out | {names[1]} out | {names[0]} worst Δ at \\|z\\| ≤ 1 | "
+              f"{names[1]} worst Δ at \\|z\\| ≤ 1 |"), "|---|---|---|---|---|---|"]
     for n in b:
         if n in a:
             lines.append(f"| {n} | {b[n][2]:.3f} | {a[n][0]:.3f} | {b[n][0]:.3f} | {a[n][1]:+.3f} | {b[n][1]:+.3f} |")
@@ -84,7 +85,7 @@ def main() -> int:
     p.add_argument("new")
     p.add_argument("--names", nargs=2, default=("old", "new"))
     a = p.parse_args()
-    old, new = (json.load(open(f)) for f in (a.old, a.new))
+    old, new = (json.loads(Path(f).read_text()) for f in (a.old, a.new))
     print(table(old, new, a.names))
     print()
     print(per_field(old, new, a.names))

@@ -16,6 +16,14 @@ import re
 import sys
 from pathlib import Path
 
+from napari_deepr.engine.contract import (
+    CARD_FILE,
+    CARD_MD_FILE,
+    GENERATOR_FILE,
+    META_PREFIX,
+    QUALITY_FILE,
+)
+from napari_deepr.engine.model import ModelCard
 from napari_deepr.evaluate import (
     do_no_harm_figure,
     do_no_harm_table,
@@ -44,23 +52,23 @@ def main() -> int:
         print(f"no {args.heldout_dir}: run scripts/fetch_heldout.py for the extra real held-out images", file=sys.stderr)
     res = evaluate_model(model, size=args.size, real_dir=real, heldout_dir=heldout,
                          log=lambda s: print(s, file=sys.stderr))
-    card = json.loads((model / "model.json").read_text())
-    card["quality"] = {
+    card = ModelCard.from_dict(json.loads((model / CARD_FILE).read_text()), source=str(model / CARD_FILE))
+    card.quality = {
         "protocol": "held-out specimens (procedural 'cells' + real fields: " + ", ".join(res.get("real_fields", []))
                     + "), 20x/0.75 simulator, SSIM/RMSE on z-scored images, 10 px edge crop; see quality.json",
         "summary": res["summary"],
         "per_z": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in res["per_z"]],
         "tilt": {k: v for k, v in res["tilt"].items() if not k.endswith("profile_um")},
     }
-    (model / "model.json").write_text(json.dumps(card, indent=1))
-    _update_onnx_metadata(model / "generator.onnx", {"quality": card["quality"]})
+    card.write(model)
+    _update_onnx_metadata(model / GENERATOR_FILE, {"quality": card.quality})
     Path(args.docs).mkdir(parents=True, exist_ok=True)
-    fig = quality_figure(res, Path(args.docs) / f"{card['name']}_quality.png", model=model, real_dir=real, size=args.size)
+    fig = quality_figure(res, Path(args.docs) / f"{card.name}_quality.png", model=model, real_dir=real, size=args.size)
     res["summary"]["do_no_harm_figure"] = str(do_no_harm_figure(
-        res, Path(args.docs) / f"{card['name']}_do_no_harm.png", model=model, real_dir=real, heldout_dir=heldout,
+        res, Path(args.docs) / f"{card.name}_do_no_harm.png", model=model, real_dir=real, heldout_dir=heldout,
         size=args.size))
-    (model / "quality.json").write_text(json.dumps(res, indent=1))
-    md = model / "MODEL_CARD.md"
+    (model / QUALITY_FILE).write_text(json.dumps(res, indent=1))
+    md = model / CARD_MD_FILE
     table = markdown_table(res)
     s = res["summary"]
     extra = (f"\n\nSummary: mean output SSIM over 2 ≤ |z| ≤ 5 µm **{s['mean_ssim_output_2to5']:.3f}** "
@@ -114,7 +122,7 @@ def main() -> int:
     text = re.sub(r"<!-- QUALITY -->.*<!-- /QUALITY -->", lambda _: block, text, flags=re.S)
     md.write_text(text)
     print(json.dumps(res["summary"], indent=1))
-    print(f"wrote {model / 'quality.json'}, {md}, {fig}")
+    print(f"wrote {model / QUALITY_FILE}, {md}, {fig}")
     return 0
 
 
@@ -123,7 +131,7 @@ def _update_onnx_metadata(path: Path, fields: dict) -> None:
 
     m = onnx.load(str(path))
     props = {p.key: p.value for p in m.metadata_props}
-    props.update({f"deepr.{k}": json.dumps(v) for k, v in fields.items()})
+    props.update({f"{META_PREFIX}{k}": json.dumps(v) for k, v in fields.items()})
     del m.metadata_props[:]
     for k, v in props.items():
         e = m.metadata_props.add()

@@ -20,8 +20,10 @@ def main() -> None:
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     config, model = sys.argv[1], Path(sys.argv[2])
-    ckpt = model / "checkpoint.pt"
+    from napari_deepr.engine.contract import CHECKPOINT_FILE
     from napari_deepr.train.loop import load_checkpoint
+
+    ckpt = model / CHECKPOINT_FILE
 
     s = load_checkpoint(ckpt)  # weights_only: a checkpoint never runs code
     if s["phase"] not in ("done", "export"):

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_deepr.engine.contract import TRAIN_CONFIG_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "models" / "deepr-bf-he-20x" / "train_config.json"
+CONFIG = ROOT / "models" / "deepr-bf-he-20x" / TRAIN_CONFIG_FILE
 IMAGES = ("skin_he_rgb_2d.tif", "skimage_ihc_rgb_2d.tif")
 SPLIT_COLUMN = 384
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from napari_deepr.optics.psf import OPTICS_20X_075, write_psf_bank
-from napari_deepr.train.data import _optics_from_spec
+from napari_deepr.train.synthetic import _optics_from_spec
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from napari_deepr.optics.simulate import defocus
 from napari_deepr.optics.specimens import make_specimen
 from napari_deepr.science.metrics import ssim
 
-size = int(sys.argv[1]); models = sys.argv[2:]
+size = int(sys.argv[1])
+models = sys.argv[2:]
 opt = OPTICS_20X_075
 hd = Path.home() / ".cache" / "napari-deepr" / "heldout"
 fields = held_out_fields(size, opt.pixel_size_um, Path(__file__).resolve().parents[2] / "shared" / "data" / "real",
@@ -32,7 +33,9 @@ fields += [(f"mito#{i}", make_specimen("mitochondria", (size, size), opt.pixel_s
 zs = [-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5]
 res = {}
 for mp in models:
-    m = load_model(mp); rng = np.random.default_rng(0); r = {}
+    m = load_model(mp)
+    rng = np.random.default_rng(0)
+    r = {}
     for name, obj in fields:
         gt = defocus(obj, 0.0, opt, photons=600, noise=False, offset=0.0)
         sm = structure_mask(gt)
@@ -41,7 +44,7 @@ for mp in models:
             out, dpm = refocus(img, m, dpm=True)
             r[f"{name}|{z}"] = (ssim(img, gt), ssim(out, gt), float(dpm[sm].mean()))
     res[mp] = r
-json.dump(res, open(f"/tmp/near_focus_variants_{size}.json", "w"))
+Path(f"/tmp/near_focus_variants_{size}.json").write_text(json.dumps(res))
 names = [n for n, _ in fields]
 for mp, r in res.items():
     print("==", mp)

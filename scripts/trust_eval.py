@@ -86,7 +86,7 @@ def main() -> int:
     hi = max(abs(v) for v in card.defocus_range_um)
     n = args.size
     images = []  # (group, label, summary)
-    errs, doubts, parts = [], [], {"spread": [], "residual": []}
+    errs, doubts = [], []
 
     def add(group, label, trust, job):
         s = summary(trust)

@@ -21,7 +21,7 @@ from napari_deepr.optics.brightfield import (
 )
 
 O20 = Optics()  # 20x/0.75 dry, 0.325 µm pixels
-KW = dict(na=0.75, pixel_size_um=0.325, immersion_index=1.0)
+KW = {"na": 0.75, "pixel_size_um": 0.325, "immersion_index": 1.0}
 
 
 def _nv(img):
@@ -164,7 +164,7 @@ def test_weak_object_transfer_predicts_the_abbe_image_of_a_weak_object():
     phi = ndimage.gaussian_filter(rng.standard_normal((64, 64)), 1.5, mode="wrap")
     eps *= 0.005 / eps.std()
     phi *= 0.005 / phi.std()
-    kw = dict(na=0.75, wavelength_um=0.55, pixel_size_um=0.325, condenser_na=0.45, source_step=0.25)
+    kw = {"na": 0.75, "wavelength_um": 0.55, "pixel_size_um": 0.325, "condenser_na": 0.45, "source_step": 0.25}
     for z in (-4.0, 0.0, 3.0):
         img = abbe_intensity(1 + eps + 1j * phi, z, pad=0, cell_average=False, **kw)
         h_e, h_p = weak_object_transfer((64, 64), z, **kw)

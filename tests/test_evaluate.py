@@ -21,7 +21,7 @@ def _row(z, out_a, out_b):
 def test_per_field_table_averages_each_field_over_the_z_band():
     result = {"per_z": [_row(0, 0.99, 0.99), _row(2, 0.6, 0.95), _row(-3, 0.7, 0.97), _row(6, 0.1, 0.1)]}
     table = per_field_table(result, 2, 5)
-    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| a") or line.startswith("| b")}
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith(("| a", "| b"))}
     # only z = 2 and -3 count: field a (0.6 + 0.7) / 2, field b (0.95 + 0.97) / 2
     assert "**0.650**" in lines["a"] and "**0.960**" in lines["b"]
     assert "| 1.00 |" in lines["a"] and "| 0.20 |" in lines["b"]

@@ -221,15 +221,16 @@ def test_random_training_pair_surfaces_map_the_defocus_of_every_pixel():
 def test_surface_depths_stay_on_the_grid_inside_the_range(monkeypatch):
     """PSF banks hold planes only inside the trained range, on the z grid: surfaces must not ask for more."""
     import napari_deepr.optics.simulate as sim
+    import napari_deepr.optics.training_pairs as tp
 
     seen = []
-    blend = sim._blend
+    blend = tp._blend
 
     def spy(b, dpm, depths, optics):
         seen.append((np.asarray(depths).copy(), np.asarray(dpm).copy()))
         return blend(b, dpm, depths, optics)
 
-    monkeypatch.setattr(sim, "_blend", spy)
+    monkeypatch.setattr(tp, "_blend", spy)
     for lo, hi in ((0.0, 4.5), (-4.9, 4.9), (0.3, 4.7)):
         for seed in range(4):
             sim.random_training_pair(seed, patch=64, z_range_um=(lo, hi), surface_fraction=1.0,

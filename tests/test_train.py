@@ -189,7 +189,7 @@ def test_synthetic_source(tmp_path):
 
 def test_synthetic_source_surface_maps_follow_the_augmentation(monkeypatch):
     """A tilted/curved pair's defocus map gets the same flip/rotation as its images; flat pairs broadcast."""
-    from napari_deepr.train import data
+    from napari_deepr.train import synthetic
 
     spec = {"z_range_um": [-3, 3], "specimen_kinds": ["tissue"], "validation_pairs": 2}
     src = SyntheticSource(spec, 32, seed=0, workers=0)
@@ -200,7 +200,7 @@ def test_synthetic_source_surface_maps_follow_the_augmentation(monkeypatch):
         # The input image is the map itself, so after augmentation they must still coincide.
         return (ramp.copy(), ramp.copy(), ramp.copy()) if next(draws) % 2 == 0 else (ramp.copy(), ramp.copy(), 1.5)
 
-    monkeypatch.setattr(data, "_generate", fake)
+    monkeypatch.setattr(synthetic, "_generate", fake)
     x, _, z = src.sample(np.random.default_rng(3), 8)
     assert z.shape == (8, 1, 32, 32) and z.dtype == np.float32
     maps = [i for i in range(8) if np.ptp(z[i]) > 0]
@@ -212,7 +212,7 @@ def test_synthetic_source_surface_maps_follow_the_augmentation(monkeypatch):
     # several of the 8 transforms occurred, so the check above is not the identity every time
     assert len({z[i].tobytes() for i in maps}) > 1
     # A batch of flat pairs keeps the plain [n] shape.
-    monkeypatch.setattr(data, "_generate", lambda kwargs, real, rng: (ramp.copy(), ramp.copy(), 0.5))
+    monkeypatch.setattr(synthetic, "_generate", lambda kwargs, real, rng: (ramp.copy(), ramp.copy(), 0.5))
     _, _, z = src.sample(np.random.default_rng(0), 3)
     assert z.shape == (3,)
     src.close()
@@ -265,6 +265,8 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     assert dpm_val and dpm_val[-1]["metrics"]["dpm_mae_um"] < 0.75 * abs_z.mean()
     exp = next(e for e in events if e["event"] == "export")
     assert exp["max_abs_error"]["generator"] < 1e-4 and exp["max_abs_error"]["dpm"] < 1e-4
+    # the graphs traced at setup (from the untrained networks) took the trained weights: no second trace
+    assert exp["traced"] is False
     assert first["berhu_input"] == pytest.approx(last["berhu_input"])
 
     # the model folder follows docs/ARCHITECTURE.md and loads in the engine

@@ -12,6 +12,7 @@ import numpy as np
 from . import _safety, io
 from .engine.dpm import fit_plane, out_of_range_mask, row_profile
 from .engine.model import load_model
+from .engine.normalization import zscore
 from .engine.refocus import RefocusJob
 
 
@@ -60,8 +61,7 @@ def comparison_figure(path, image, output, truth, dpm, dpm_true, pixel_size_um, 
     import matplotlib.pyplot as plt
 
     def z(a):
-        a = np.asarray(a, np.float64)
-        return (a - a.mean()) / (a.std() + 1e-12)
+        return zscore(a, dtype=np.float64)
 
     fig, ax = plt.subplots(1, 5 if dpm is not None else 3, figsize=(19 if dpm is not None else 12, 4.2))
     panels = [("defocused input", image), ("Deep-R output", output), ("in-focus ground truth", truth)]

@@ -1,8 +1,12 @@
 """Deep-R models: the model folder, its card, validation and discovery.
 
-A model is a folder holding ``generator.onnx``, an optional ``dpm.onnx`` and ``model.json``. The same
-card also sits in the generator's ONNX ``metadata_props`` (keys ``deepr.<field>``, JSON values), so a
-lone ``.onnx`` file loads with its facts.
+A model is a folder holding ``generator.onnx``, an optional ``dpm.onnx`` and ``model.json`` (the file
+names are in :mod:`.contract`). The same card also sits in the generator's ONNX ``metadata_props``
+(keys ``deepr.<field>``, JSON values), so a lone ``.onnx`` file loads with its facts.
+
+:class:`ModelCard` is the one reader and writer of ``model.json``: the engine loads cards through
+:meth:`ModelCard.from_dict`, and the trainer and the scripts build theirs as a ``ModelCard`` and
+write them with :meth:`ModelCard.write`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from .contract import CARD_FILE, DPM_FILE, FEATURE_PREFIX, GENERATOR_FILE, META_PREFIX, OUTPUT_NAME
+from .normalization import INPUT_MEAN_STD, ZSCORE_PER_PLANE, check_card
 
 DEFAULT_MODEL = "deepr-fluo-20x"
-META_PREFIX = "deepr."
-FEATURE_PREFIX = "feat"
+# META_PREFIX and FEATURE_PREFIX are defined in .contract and stay importable from here.
+DPM_TARGETS = ("signed", "magnitude")
 #: Largest border halo a card may ask for (px): a halo needs at most about the network's
 #: receptive-field radius (223 px for the bundled U-Net; the bundled models use 16).
 MAX_HALO = 1024
@@ -30,7 +36,12 @@ MAX_HALO = 1024
 class ModelCard:
     """The facts a model must carry so that it is used only where it is valid.
 
-    Attributes mirror ``model.json``; unknown keys are kept in ``extra``.
+    Attributes mirror ``model.json``; unknown keys are kept in ``extra`` and written back as they
+    were. ``normalization`` and ``output_scaling`` say how the engine feeds the network and maps
+    its output back (:mod:`.normalization`); a card naming anything else is refused when loaded.
+    ``dpm_target`` is ``"signed"`` or ``"magnitude"`` (what the DPM decoder reports; None: not
+    recorded, read as signed), ``has_dpm`` whether the trainer shipped a DPM decoder,
+    ``architecture`` the network's width and size, ``versions`` the software that made it.
     """
 
     name: str = "unnamed"
@@ -42,8 +53,8 @@ class ModelCard:
     wavelength_um: float | None = None
     immersion_index: float | None = None
     defocus_range_um: tuple[float, float] = (-5.0, 5.0)
-    normalization: str = "zscore_per_plane"
-    output_scaling: str = "input_mean_std"
+    normalization: str = ZSCORE_PER_PLANE
+    output_scaling: str = INPUT_MEAN_STD
     tile_multiple: int = 32
     min_size: int = 32
     tile: int = 1024
@@ -51,25 +62,30 @@ class ModelCard:
     halo: int = 16
     dpm_sign: str = "positive = the focal plane lies above the sample"
     dpm_sign_meaningful: bool = False
+    dpm_target: str | None = None
+    has_dpm: bool | None = None
+    architecture: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
     def dpm_magnitude(self) -> bool:
         """Whether the DPM decoder reports |defocus| (``"dpm_target": "magnitude"``) rather than signed defocus."""
-        return str(self.extra.get("dpm_target", "signed")) == "magnitude"
+        return self.dpm_target == "magnitude"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> ModelCard:
+    def from_dict(cls, d: dict[str, Any], source: str = CARD_FILE) -> ModelCard:
         """Build a card from ``model.json`` content, keeping unknown keys in ``extra``.
 
         Raises
         ------
         ModelError
             When a field has the wrong type or an impossible value (a text pixel size, a one-element
-            defocus range, a negative tile), in one sentence naming the field.
+            defocus range, a negative tile), or names a normalization or output scaling the engine
+            does not apply, in one sentence naming the field.
         """
         if not isinstance(d, dict):
             raise ModelError(f"{source} must hold a JSON object, not {type(d).__name__}.")
@@ -112,7 +128,11 @@ class ModelCard:
                              f"({MAX_HALO} at most, and at most half the card's tile of {tile}), not {halo!r}.")
         if "dpm_sign_meaningful" in known and not isinstance(known["dpm_sign_meaningful"], bool):
             raise bad("dpm_sign_meaningful", "true or false")
-        for key in ("provenance", "quality", "config"):
+        if known.get("has_dpm") is not None and not isinstance(known["has_dpm"], bool):
+            raise bad("has_dpm", "true, false or null")
+        if known.get("dpm_target") is not None and known["dpm_target"] not in DPM_TARGETS:
+            raise bad("dpm_target", "signed, magnitude or null")
+        for key in ("architecture", "provenance", "quality", "config", "versions"):
             if key in known and not isinstance(known[key], dict):
                 raise bad(key, "an object")
         if "defocus_range_um" in known:
@@ -124,15 +144,38 @@ class ModelCard:
                     or not r[0] < r[1]):
                 raise bad("defocus_range_um", "two numbers [low, high] with low < high")
             known["defocus_range_um"] = (float(r[0]), float(r[1]))
-        return cls(**known, extra=extra)
+        card = cls(**known, extra=extra)
+        check_card(card.normalization, card.output_scaling, source)
+        return card
 
     def to_dict(self) -> dict[str, Any]:
-        """``model.json`` content."""
+        """``model.json`` content (``extra`` keys at the top level, as they were read)."""
         d = asdict(self)
         d["defocus_range_um"] = list(self.defocus_range_um)
         extra = d.pop("extra")
         d.update(extra)
         return d
+
+    def to_json(self) -> str:
+        """``model.json`` text: :meth:`to_dict` as indented JSON (numpy values as plain numbers)."""
+        return json.dumps(self.to_dict(), indent=1, default=json_default) + "\n"
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/model.json`` atomically (a temporary name, then a rename) after validating.
+
+        The card is checked with :meth:`from_dict` first, so a card with a bad field is never
+        written; returns the path.
+        """
+        text = self.to_json()
+        ModelCard.from_dict(json.loads(text), source=f"the card of {self.name}")
+        path = Path(folder) / CARD_FILE
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
 
     def summary(self) -> str:
         """One line: modality, optics, pixel size and trained range."""
@@ -198,8 +241,23 @@ def model_search_path() -> list[Path]:
     return out
 
 
+def json_default(o: Any):
+    """``json.dumps`` fallback for numpy scalars and arrays and paths found in cards and events."""
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
 def _is_model_folder(p: Path) -> bool:
-    return p.is_dir() and (p / "generator.onnx").is_file()
+    return p.is_dir() and (p / GENERATOR_FILE).is_file()
 
 
 def list_models() -> list[DeepRModel]:
@@ -281,12 +339,12 @@ def load_model(name_or_path: str | os.PathLike | DeepRModel = "default") -> Deep
 def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
     path = Path(path_str)
     if path.is_dir():
-        gen = path / "generator.onnx"
+        gen = path / GENERATOR_FILE
         if not gen.is_file():
-            raise ModelError(f"The folder {path.name} holds no generator.onnx, so it is not a Deep-R model.")
-        dpm = path / "dpm.onnx"
+            raise ModelError(f"The folder {path.name} holds no {GENERATOR_FILE}, so it is not a Deep-R model.")
+        dpm = path / DPM_FILE
         dpm_path = dpm if dpm.is_file() else None
-        card_file = path / "model.json"
+        card_file = path / CARD_FILE
         root = path
     else:
         gen, dpm_path, card_file, root = path, None, None, path.parent
@@ -322,7 +380,7 @@ def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
         raise ModelError(f"The card of {card.name} has tile {card.tile} that is not a multiple of {card.tile_multiple}.")
     outs = gen_info["outputs"]
     out_names = [o[0] for o in outs]
-    output_name = "output" if "output" in out_names else out_names[0]
+    output_name = OUTPUT_NAME if OUTPUT_NAME in out_names else out_names[0]
     feats = tuple(n for n in out_names if n.startswith(FEATURE_PREFIX))
     if dpm_path is not None:
         dpm_info = _inspect_onnx(dpm_path)
@@ -330,7 +388,7 @@ def _load_cached(path_str: str, _mtime: int, _size: int) -> DeepRModel:
         missing = [n for n in needed if n not in feats]
         if missing:
             raise ModelError(
-                f"dpm.onnx of {card.name} needs inputs {missing} that generator.onnx does not output, so it cannot reuse the generator's features."
+                f"{DPM_FILE} of {card.name} needs inputs {missing} that {GENERATOR_FILE} does not output, so it cannot reuse the generator's features."
             )
         feats = tuple(needed)
     return DeepRModel(card, gen, dpm_path, in_name, output_name, feats, root, path)

@@ -16,6 +16,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from skimage import filters, measure
 from skimage.metrics import structural_similarity
 
+from ..engine.normalization import zscore as _zscore
 from .deconvolve import crop_edges
 
 __all__ = ["FWHM_PER_SIGMA", "bead_fwhm", "fit_gaussian_fwhm", "rmse", "row_sharpness", "ssim", "zscore"]
@@ -25,10 +26,12 @@ FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 def zscore(img) -> np.ndarray:
-    """Zero-mean, unit-variance copy (float64); a constant image becomes all zeros."""
-    a = np.asarray(img, dtype=np.float64)
-    sd = a.std()
-    return (a - a.mean()) / sd if sd > 0 else np.zeros_like(a)
+    """Zero-mean, unit-variance float64 copy, each 2-D plane on its own.
+
+    The engine's normalization (:func:`napari_deepr.engine.normalization.zscore`) in float64; a
+    constant image becomes ``image - mean``, zero up to rounding.
+    """
+    return _zscore(img, dtype=np.float64)
 
 
 def _pair(a, b, crop: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,9 @@ The process prints one JSON object per line on stdout (see :mod:`.loop` and :mod
 stops cleanly on SIGINT/SIGTERM or a ``MODEL_DIR/STOP`` file, and ends by exporting
 ``generator.onnx``, ``dpm.onnx`` and ``model.json`` (:mod:`.export`).
 
-Modules: :mod:`.nets` (generator, DPM decoder, discriminator), :mod:`.losses`, :mod:`.data`,
-:mod:`.loop`, :mod:`.export`. Importing this package does not import torch.
+Modules: :mod:`.nets` (generator, DPM decoder, discriminator), :mod:`.losses`, :mod:`.data` and
+:mod:`.synthetic` (data sources), :mod:`.config` (settings), :mod:`.loop` (the run, composed of
+:mod:`.budget`, :mod:`.phases`, :mod:`.validation`, :mod:`.checkpoint` and :mod:`.card`),
+:mod:`.export` (ONNX), :mod:`.parent` (which model a run starts from). Importing this package does
+not import torch.
 """

@@ -181,7 +181,7 @@ def bench_train(patch: int = 256, batch: int = 5, seconds: float = 20.0, threads
     # Same network, same batch, plain PyTorch.
     x, y, _ = t._batch()
     x, y = x.float().contiguous(), y.float().contiguous()
-    g = Generator(1, t.cfg.base, t.cfg.max_channels)
+    g = Generator(t.G.in_channels, t.cfg.base, t.cfg.max_channels)
     g.load_state_dict({k: v.float() for k, v in t.G.state_dict().items()})
     g = g.to(memory_format=torch.contiguous_format).train()
     for _ in range(2):
@@ -216,8 +216,8 @@ def bench_train(patch: int = 256, batch: int = 5, seconds: float = 20.0, threads
 
 def format_train_bench(res: dict) -> str:
     """The ``deepr bench --train`` table."""
-    lines = [f"training throughput, {res['batch']} x {res['patch']}^2 px per generator update, "
-             f"{res['threads']} threads, CPU flags {' '.join(res['cpu_flags']) or 'unknown'}",
+    lines = [(f"training throughput, {res['batch']} x {res['patch']}^2 px per generator update, "
+              f"{res['threads']} threads, CPU flags {' '.join(res['cpu_flags']) or 'unknown'}"),
              f"{'configuration':<10} {'updates/s':>10} {'s/update':>9}  notes"]
     for name, r in res["rows"].items():
         lines.append(f"{name:<10} {r['updates_s']:>10.3f} {r['s_update']:>9.3f}  {r['notes']}")

@@ -8,8 +8,11 @@ Contract (``docs/ARCHITECTURE.md``):
 * ``dpm.onnx`` -- inputs exactly ``feat0 .. feat5`` with the generator's shapes, output ``dpm``
   ``[N, 1, H, W]`` in micrometres (the scale is inside the graph), so the engine never runs the
   encoder twice.
-* Every ``model.json`` field is also written to both files' ``metadata_props`` with keys
-  ``deepr.<field>`` and JSON-encoded values.
+* ``model.json`` is written by :class:`~napari_deepr.engine.model.ModelCard` (the one writer and
+  reader of the card); every field of :meth:`~napari_deepr.engine.model.ModelCard.to_dict` is also
+  written to both files' ``metadata_props`` with keys ``deepr.<field>`` and JSON-encoded values.
+
+File and tensor names come from :mod:`napari_deepr.engine.contract`.
 
 Both graphs come from ``torch.onnx.export(..., dynamo=True, external_data=False)`` (torch >= 2.5;
 one self-contained file each, opset 18+). After writing, each file is checked in onnxruntime against
@@ -36,14 +39,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.contract import (
+    DPM_FILE,
+    DPM_OUTPUT_NAME,
+    GENERATOR_FILE,
+    GRAPHS_DIR,
+    INPUT_NAME,
+    META_PREFIX,
+    OUTPUT_NAME,
+    feature_name,
+)
+from ..engine.model import ModelCard, json_default
 from .nets import LEVELS, TILE_MULTIPLE, DPMDecoder, Generator
-
-META_PREFIX = "deepr."
 
 
 def feature_names(n: int = LEVELS + 1) -> list[str]:
     """``["feat0", ..., "feat{n-1}"]``."""
-    return [f"feat{i}" for i in range(n)]
+    return [feature_name(i) for i in range(n)]
 
 
 class _GeneratorGraph(nn.Module):
@@ -53,7 +65,8 @@ class _GeneratorGraph(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, input: torch.Tensor):
+    # The argument is named after the graph's input: torch.export keys dynamic_shapes by argument name.
+    def forward(self, input: torch.Tensor):  # noqa: A002
         out, feats = self.generator.forward_with_features(input)
         return (out, *feats)
 
@@ -100,9 +113,9 @@ def _set_metadata(path: Path, card: dict, extra: dict | None = None) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    props = {META_PREFIX + k: json.dumps(v, default=_json_default) for k, v in card.items()}
+    props = {META_PREFIX + k: json.dumps(v, default=json_default) for k, v in card.items()}
     for k, v in (extra or {}).items():
-        props[META_PREFIX + k] = json.dumps(v, default=_json_default)
+        props[META_PREFIX + k] = json.dumps(v, default=json_default)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     model.producer_name = "napari-deepr"
@@ -128,7 +141,22 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
     return m
 
 
-GRAPHS = ".graphs"
+GRAPHS = GRAPHS_DIR
+
+
+def _distinct(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter set to distinct random values, for tracing a graph to fill later.
+
+    The exporter's optimizer merges initializers of equal value and drops their names; an untrained
+    generator's zero-initialized biases and output convolution were merged that way, so its traced
+    graph could never be filled with trained weights (every export then traced afresh at the end).
+    Only the graph is kept, so the values do not matter.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
+    return module
 
 
 def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: str | os.PathLike) -> dict:
@@ -141,31 +169,31 @@ def trace_graphs(generator: Generator, dpm_decoder: DPMDecoder | None, out_dir: 
     """
     folder = Path(out_dir) / GRAPHS
     folder.mkdir(parents=True, exist_ok=True)
-    g = _cpu_copy(generator)
+    g = _distinct(_cpu_copy(generator))
     names = feature_names(g.num_features)
     example = torch.randn(2, g.in_channels, 2 * TILE_MULTIPLE, 3 * TILE_MULTIPLE, generator=torch.Generator().manual_seed(0))
     batch, h, w = _dims()
     seconds = {}
     t0 = time.perf_counter()
-    path = folder / "generator.onnx"
+    path = folder / GENERATOR_FILE
     tmp = _tmp(path)
     try:
-        _export(_GeneratorGraph(g), (example,), tmp, ["input"], ["output", *names],
-                {"input": {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}})
+        _export(_GeneratorGraph(g), (example,), tmp, [INPUT_NAME], [OUTPUT_NAME, *names],
+                {INPUT_NAME: {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     seconds["generator"] = round(time.perf_counter() - t0, 2)
     if dpm_decoder is not None:
         t0 = time.perf_counter()
-        d = _cpu_copy(dpm_decoder)
+        d = _distinct(_cpu_copy(dpm_decoder))
         with torch.no_grad():
             feats = g.forward_with_features(example)[1]
         shapes = {n: {0: batch, 2: 2 ** (LEVELS - i) * h, 3: 2 ** (LEVELS - i) * w} for i, n in enumerate(names)}
-        path = folder / "dpm.onnx"
+        path = folder / DPM_FILE
         tmp = _tmp(path)
         try:
-            _export(_DPMGraph(d), tuple(feats), tmp, names, ["dpm"], shapes)
+            _export(_DPMGraph(d), tuple(feats), tmp, names, [DPM_OUTPUT_NAME], shapes)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -214,7 +242,7 @@ def export_model(
     generator: Generator,
     dpm_decoder: DPMDecoder | None,
     out_dir: str | os.PathLike,
-    card: dict[str, Any],
+    card: ModelCard | dict[str, Any],
     *,
     check_shapes: tuple[tuple[int, int, int], ...] = ((1, 64, 96), (2, 96, 64)),
     seed: int = 0,
@@ -230,8 +258,9 @@ def export_model(
         Trained DPM decoder, or None to ship no ``dpm.onnx``.
     out_dir : path
         Model folder (created if needed). Files are written to temporary names and renamed.
-    card : dict
-        ``model.json`` content; also stored as ONNX metadata.
+    card : ModelCard or dict
+        The model card (a dict is read with :meth:`ModelCard.from_dict`, so a bad field is refused
+        before anything is written); written as ``model.json`` and stored as ONNX metadata.
     check_shapes : tuple of (N, H, W)
         Random inputs on which onnxruntime is compared with PyTorch (multiples of 32).
     seed : int
@@ -245,6 +274,8 @@ def export_model(
         Paths, export seconds per file, max abs error ORT vs torch per file, opset, and ``traced``
         (False when the pre-traced graphs were filled).
     """
+    if not isinstance(card, ModelCard):
+        card = ModelCard.from_dict(card, source="the exported card")
     if graphs is not None:
         try:
             return _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, Path(graphs))
@@ -253,7 +284,9 @@ def export_model(
     return _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, None)
 
 
-def _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, graphs: Path | None) -> dict[str, Any]:
+def _export_model(generator, dpm_decoder, out_dir, model_card: ModelCard, check_shapes, seed,
+                  graphs: Path | None) -> dict[str, Any]:
+    card = model_card.to_dict()  # the same fields go into the ONNX metadata and model.json
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = _cpu_copy(generator)
@@ -264,16 +297,16 @@ def _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, gra
     example = torch.randn(2, channels, 2 * TILE_MULTIPLE, 3 * TILE_MULTIPLE, generator=rng)
     batch, h, w = _dims()
 
-    gen_path = out / "generator.onnx"
+    gen_path = out / GENERATOR_FILE
     tmp = _tmp(gen_path)
     t0 = time.perf_counter()
     try:
         if graphs is not None:
-            _fill(graphs / "generator.onnx", _GeneratorGraph(g), tmp)
+            _fill(graphs / GENERATOR_FILE, _GeneratorGraph(g), tmp)
         else:
             _export(
-                _GeneratorGraph(g), (example,), tmp, ["input"], ["output", *names],
-                {"input": {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}},
+                _GeneratorGraph(g), (example,), tmp, [INPUT_NAME], [OUTPUT_NAME, *names],
+                {INPUT_NAME: {0: batch, 2: TILE_MULTIPLE * h, 3: TILE_MULTIPLE * w}},
             )
         _set_metadata(tmp, card, {"role": "generator", "feature_names": names})
         os.replace(tmp, gen_path)
@@ -292,14 +325,14 @@ def _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, gra
         for i, name in enumerate(names):
             scale = 2 ** (LEVELS - i)
             shapes[name] = {0: batch, 2: scale * h, 3: scale * w}
-        dpm_path = out / "dpm.onnx"
+        dpm_path = out / DPM_FILE
         tmp = _tmp(dpm_path)
         t0 = time.perf_counter()
         try:
             if graphs is not None:
-                _fill(graphs / "dpm.onnx", _DPMGraph(d), tmp)
+                _fill(graphs / DPM_FILE, _DPMGraph(d), tmp)
             else:
-                _export(_DPMGraph(d), tuple(feats), tmp, names, ["dpm"], shapes)
+                _export(_DPMGraph(d), tuple(feats), tmp, names, [DPM_OUTPUT_NAME], shapes)
             _set_metadata(tmp, card, {"role": "dpm", "feature_names": names})
             os.replace(tmp, dpm_path)
         finally:
@@ -309,11 +342,7 @@ def _export_model(generator, dpm_decoder, out_dir, card, check_shapes, seed, gra
         result["dpm"] = str(dpm_path)
 
     # model.json last: a folder with a card always has its networks.
-    card_path = out / "model.json"
-    tmp = _tmp(card_path)
-    tmp.write_text(json.dumps(card, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, card_path)
-    result["model_json"] = str(card_path)
+    result["model_json"] = str(model_card.write(out))
 
     result["max_abs_error"] = verify_export(g, dpm_decoder and _cpu_copy(dpm_decoder), gen_path, dpm_path,
                                             check_shapes, seed)
@@ -363,26 +392,16 @@ def verify_export(generator: Generator, dpm_decoder: DPMDecoder | None, gen_path
         errs["dpm"] = 0.0
     for n, hh, ww in shapes:
         x = rng.standard_normal((n, generator.in_channels, hh, ww)).astype(np.float32)
-        outs = dict(zip(names, gen_sess.run(None, {"input": x})))
+        outs = dict(zip(names, gen_sess.run(None, {INPUT_NAME: x})))
         with torch.no_grad():
             ref, feats = generator.forward_with_features(torch.from_numpy(x))
-        errs["generator"] = max(errs["generator"], float(np.abs(outs["output"] - ref.numpy()).max()))
+        errs["generator"] = max(errs["generator"], float(np.abs(outs[OUTPUT_NAME] - ref.numpy()).max()))
         for i, f in enumerate(feats):
-            errs["features"] = max(errs["features"], float(np.abs(outs[f"feat{i}"] - f.numpy()).max()))
+            errs["features"] = max(errs["features"], float(np.abs(outs[feature_name(i)] - f.numpy()).max()))
         if dpm_sess is not None:
             feed = {i.name: outs[i.name] for i in dpm_sess.get_inputs()}
-            dpm = dpm_sess.run(["dpm"], feed)[0]
+            dpm = dpm_sess.run([DPM_OUTPUT_NAME], feed)[0]
             with torch.no_grad():
                 ref_dpm = dpm_decoder(*feats).numpy()
             errs["dpm"] = max(errs["dpm"], float(np.abs(dpm - ref_dpm).max()))
     return errs
-
-
-def _json_default(o: Any):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")

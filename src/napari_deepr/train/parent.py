@@ -4,8 +4,8 @@ A Deep-R model is only valid for the optics it was trained on, and a user's data
 ``deepr train`` fine-tunes by default. This module (torch-free, so front ends may use it) decides
 from what:
 
-* :func:`choose_parent` -- the bundled model whose card matches the dataset: same modality, one
-  channel, pixel size within :data:`PIXEL_TOLERANCE` (10 %), and the dataset's defocus range inside
+* :func:`choose_parent` -- the bundled model whose card matches the dataset: same modality, same
+  channels, pixel size within :data:`PIXEL_TOLERANCE` (10 %), and the dataset's defocus range inside
   the model's. None when nothing matches (the run then starts from scratch and says why).
 * :func:`resolve_parent` -- ``--init-from NAME|PATH``: a model name on the model search path
   (bundled, ``$DEEPR_HOME/models``, ``$DEEPR_MODELS_PATH``), a model folder, a ``generator.onnx`` or a
@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.contract import CARD_FILE, GENERATOR_FILE
 from .data import DatasetError
 
 PIXEL_TOLERANCE = 0.10
@@ -167,7 +168,7 @@ def choose_parent(info: dict, modality: str | None) -> tuple[Parent | None, str]
     root = bundled_models_dir()
     cards = []
     for sub in sorted(root.iterdir()) if root is not None and root.is_dir() else []:
-        if (sub / "generator.onnx").is_file():
+        if (sub / GENERATOR_FILE).is_file():
             try:
                 m = load_model(sub)
             except Exception:  # noqa: BLE001 - a broken bundled folder must not stop training
@@ -210,7 +211,7 @@ def resolve_parent(spec: str | os.PathLike) -> Parent:
         if not p.is_file():
             raise DatasetError(f"There is no checkpoint at {p}.")
         card: dict = {}
-        cand = p.parent / "model.json"
+        cand = p.parent / CARD_FILE
         if cand.is_file():
             try:
                 card = json.loads(cand.read_text())
@@ -224,8 +225,8 @@ def resolve_parent(spec: str | os.PathLike) -> Parent:
         m = load_model(p if p.exists() else str(spec))
     except DeepRError as exc:
         if p.exists():
-            raise DatasetError(f"There is no generator.onnx or checkpoint at {p} ({str(exc).splitlines()[0]})") from exc
-        raise DatasetError(f"There is no model named {spec} and no generator.onnx or checkpoint at that path "
+            raise DatasetError(f"There is no {GENERATOR_FILE} or checkpoint at {p} ({str(exc).splitlines()[0]})") from exc
+        raise DatasetError(f"There is no model named {spec} and no {GENERATOR_FILE} or checkpoint at that path "
                            f"({str(exc).splitlines()[0].rstrip('.')}).") from exc
-    weights = Path(m.generator_path).parent if Path(m.generator_path).name == "generator.onnx" else Path(m.generator_path)
+    weights = Path(m.generator_path).parent if Path(m.generator_path).name == GENERATOR_FILE else Path(m.generator_path)
     return Parent(weights, m.card.name, m.card.to_dict())
