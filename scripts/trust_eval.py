@@ -34,6 +34,11 @@ from napari_deepr.optics.simulate import brightfield, defocus
 from napari_deepr.optics.specimens import make_specimen
 
 HELD_OUT = ("cells", "mitochondria")
+EVAL_SEEDS = (9101, 9102)
+#: The tuning set: the procedural families the bundled model trained on (its train_config.json), with
+#: seeds unlike the evaluation's. The trust map's constants are chosen on these (scripts/trust_tune.py).
+TUNE_FAMILIES = ("beads", "filaments", "nuclei", "tissue", "mixed", "cytoplasm", "texture")
+TUNE_SEEDS = (7101, 7102)
 CROP = 10  # edge pixels left out (reflection padding at the border)
 
 
@@ -70,23 +75,87 @@ def roc(pos, neg):
     return fpr, tpr
 
 
+
+def in_domain_fields(kinds, seeds, n, optics):
+    """In domain: fluorescence fields within the trained range, with their true in-focus planes (z-scored).
+
+    Yields ``(kind, seed, z, x, truth)``; the sign of the defocus alternates with the seed's parity.
+    """
+    px = optics.pixel_size_um
+    for kind in kinds:
+        for seed in seeds:
+            obj = make_specimen(kind, (n, n), px, np.random.default_rng(seed))
+            truth = zscore(defocus(obj, 0.0, optics, photons=1500, noise=False))
+            for z in (1.0, 2.0, 3.0, 4.0, 5.0):
+                sign = 1 if seed % 2 else -1
+                x = defocus(obj, sign * z, optics, photons=800, rng=np.random.default_rng(seed + int(10 * z)))
+                yield kind, seed, sign * z, x.astype(np.float32), truth
+
+
+def out_of_domain_fields(kinds, seeds, n, card):
+    """Out-of-domain images: yields ``(group, label, image, refocus keyword arguments)``."""
+    px = card.pixel_size_um
+    optics = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=px, immersion_index=card.immersion_index or 1.0)
+    hi = max(abs(v) for v in card.defocus_range_um)
+    # 1: brightfield RGB (H&E-like stain), forced through the fluorescence model.
+    stain = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # OD per channel of hematoxylin, eosin
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        nuc = make_specimen("nuclei", (n, n), px, rng)
+        tis = make_specimen("tissue", (n, n), px, rng)
+        nuc, tis = nuc / (np.percentile(nuc, 99.5) + 1e-9), tis / (np.percentile(tis, 99.5) + 1e-9)
+        for z in (0.0, 2.0, 4.0):
+            rgb = np.stack([
+                brightfield(0.8 * (stain[0, ch] * nuc + stain[1, ch] * tis), z, optics, rng=np.random.default_rng(seed + ch))
+                for ch in range(3)
+            ], axis=-1)
+            rgb8 = np.clip(rgb.astype(np.float64) / np.percentile(rgb, 99.9) * 240, 0, 255).astype(np.uint8)
+            yield ("brightfield", f"H&E-like RGB s{seed} z={z:+g}", rgb8,
+                   {"pixel_size_um": px, "axes": "YXS", "force_modality": True})
+    # 2: pixel size 3x finer than the model's, resampling off.
+    fine = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=px / 3, immersion_index=card.immersion_index or 1.0)
+    for kind in kinds:
+        for seed in seeds:
+            obj = make_specimen(kind, (n, n), px / 3, np.random.default_rng(seed + 7))
+            for z in (1.0, 3.0, 5.0):
+                x = defocus(obj, z, fine, photons=800, rng=np.random.default_rng(seed + 3))
+                yield ("pixel 3x off", f"{kind} s{seed} z={z:+g} ({px / 3:.3f} µm)", x.astype(np.float32),
+                       {"pixel_size_um": px / 3, "resample": False})
+    # 3 (and a harder look, 4x): defocus beyond the trained range.
+    for factor in (2, 4):
+        for kind in kinds:
+            for seed in seeds:
+                obj = make_specimen(kind, (n, n), px, np.random.default_rng(seed + 11))
+                for sign in (1, -1):
+                    z = sign * factor * hi
+                    x = defocus(obj, z, optics, photons=800, rng=np.random.default_rng(seed + 5))
+                    yield f"defocus {factor}x range", f"{kind} s{seed} z={z:+g}", x.astype(np.float32), {"pixel_size_um": px}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--passes", type=int, default=8)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[9101, 9102])
-    ap.add_argument("--out", default="docs/trust_eval.json")
+    ap.add_argument("--families", nargs="+", default=list(HELD_OUT),
+                    help="specimen families of the in-domain, pixel-size and beyond-range fields (default: held out)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS))
+    ap.add_argument("--tune", action="store_true",
+                    help="the tuning set instead: the families the model trained on, other seeds (docs/trust_tune.json)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.tune:
+        args.families, args.seeds = list(TUNE_FAMILIES), list(TUNE_SEEDS)
+    if args.out is None:
+        args.out = "docs/trust_tune.json" if args.tune else "docs/trust_eval.json"
     t0 = time.perf_counter()
     model = load_model(args.model)
     card = model.card
     px = card.pixel_size_um
     optics = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=px, immersion_index=card.immersion_index or 1.0)
-    hi = max(abs(v) for v in card.defocus_range_um)
     n = args.size
     images = []  # (group, label, summary)
-    errs, doubts, parts = [], [], {"spread": [], "residual": []}
+    errs, doubts = [], []
 
     def add(group, label, trust, job):
         s = summary(trust)
@@ -98,53 +167,15 @@ def main() -> int:
         images.append(dict(group=group, label=label, **s))
         print(f"{group:>14} {label:<34} untrusted {100 * s['untrusted_share']:5.1f}%  doubt {s['mean_doubt']:.3f}", flush=True)
 
-    # In domain: held-out fluorescence fields within the trained range.
-    for kind in HELD_OUT:
-        for seed in args.seeds:
-            obj = make_specimen(kind, (n, n), px, np.random.default_rng(seed))
-            truth = zscore(defocus(obj, 0.0, optics, photons=1500, noise=False))
-            for z in (1.0, 2.0, 3.0, 4.0, 5.0):
-                sign = 1 if seed % 2 else -1
-                x = defocus(obj, sign * z, optics, photons=800, rng=np.random.default_rng(seed + int(10 * z)))
-                out, trust, job = run(x.astype(np.float32), model, args.passes, pixel_size_um=px)
-                c = slice(CROP, -CROP)
-                errs.append(np.abs(zscore(out) - truth)[c, c][::2, ::2].ravel())
-                doubts.append((1 - trust)[c, c][::2, ::2].ravel())
-                add("in-domain", f"{kind} s{seed} z={sign * z:+g}", trust, job)
-    # Out of domain 1: brightfield RGB (H&E-like stain), forced through the fluorescence model.
-    stain = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # OD per channel of hematoxylin, eosin
-    for seed in args.seeds:
-        rng = np.random.default_rng(seed)
-        nuc = make_specimen("nuclei", (n, n), px, rng)
-        tis = make_specimen("tissue", (n, n), px, rng)
-        nuc, tis = nuc / (np.percentile(nuc, 99.5) + 1e-9), tis / (np.percentile(tis, 99.5) + 1e-9)
-        for z in (0.0, 2.0, 4.0):
-            rgb = np.stack([
-                brightfield(0.8 * (stain[0, ch] * nuc + stain[1, ch] * tis), z, optics, rng=np.random.default_rng(seed + ch))
-                for ch in range(3)
-            ], axis=-1)
-            rgb8 = np.clip(rgb.astype(np.float64) / np.percentile(rgb, 99.9) * 240, 0, 255).astype(np.uint8)
-            _, trust, job = run(rgb8, model, args.passes, pixel_size_um=px, axes="YXS", force_modality=True)
-            add("brightfield", f"H&E-like RGB s{seed} z={z:+g}", trust, job)
-    # Out of domain 2: pixel size 3x finer than the model's, resampling off.
-    fine = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=px / 3, immersion_index=card.immersion_index or 1.0)
-    for kind in HELD_OUT:
-        for seed in args.seeds:
-            obj = make_specimen(kind, (n, n), px / 3, np.random.default_rng(seed + 7))
-            for z in (1.0, 3.0, 5.0):
-                x = defocus(obj, z, fine, photons=800, rng=np.random.default_rng(seed + 3))
-                _, trust, job = run(x.astype(np.float32), model, args.passes, pixel_size_um=px / 3, resample=False)
-                add("pixel 3x off", f"{kind} s{seed} z={z:+g} ({px / 3:.3f} µm)", trust, job)
-    # Out of domain 3 (and a harder look, 4x): defocus beyond the trained range.
-    for factor in (2, 4):
-        for kind in HELD_OUT:
-            for seed in args.seeds:
-                obj = make_specimen(kind, (n, n), px, np.random.default_rng(seed + 11))
-                for sign in (1, -1):
-                    z = sign * factor * hi
-                    x = defocus(obj, z, optics, photons=800, rng=np.random.default_rng(seed + 5))
-                    _, trust, job = run(x.astype(np.float32), model, args.passes, pixel_size_um=px)
-                    add(f"defocus {factor}x range", f"{kind} s{seed} z={z:+g}", trust, job)
+    for kind, seed, z, x, truth in in_domain_fields(args.families, args.seeds, n, optics):
+        out, trust, job = run(x, model, args.passes, pixel_size_um=px)
+        c = slice(CROP, -CROP)
+        errs.append(np.abs(zscore(out) - truth)[c, c][::2, ::2].ravel())
+        doubts.append((1 - trust)[c, c][::2, ::2].ravel())
+        add("in-domain", f"{kind} s{seed} z={z:+g}", trust, job)
+    for group, label, image, kw in out_of_domain_fields(args.families, args.seeds, n, card):
+        _, trust, job = run(image, model, args.passes, **kw)
+        add(group, label, trust, job)
 
     e, d = np.concatenate(errs), np.concatenate(doubts)
     rho = float(spearmanr(e, d).statistic)
