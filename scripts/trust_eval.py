@@ -24,11 +24,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from scipy.stats import mannwhitneyu, spearmanr
 
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.refocus import RefocusJob
-from napari_deepr.engine.trust import TRUSTED
+from napari_deepr.engine.trust import SPREAD_SIGMA_PX, TRUSTED
 from napari_deepr.optics.psf import Optics
 from napari_deepr.optics.simulate import brightfield, defocus
 from napari_deepr.optics.specimens import make_specimen
@@ -40,6 +41,7 @@ EVAL_SEEDS = (9101, 9102)
 TUNE_FAMILIES = ("beads", "filaments", "nuclei", "tissue", "mixed", "cytoplasm", "texture")
 TUNE_SEEDS = (7101, 7102)
 CROP = 10  # edge pixels left out (reflection padding at the border)
+PARTS = ("spread", "beyond", "doubt")  # the trust map's parts (engine.trust.trust_map), per-image means
 
 
 def zscore(a):
@@ -156,12 +158,13 @@ def main() -> int:
     n = args.size
     images = []  # (group, label, summary)
     errs, doubts = [], []
+    keys, comps = [], {"spread (σ 1 px)": [], "reference: |output| (σ 2 px)": []}  # diagnostics, same pixels
 
     def add(group, label, trust, job):
         s = summary(trust)
-        for k in ("spread", "residual", "beyond"):
+        for k in PARTS:
             v = (job.trust_parts or {}).get(k)
-            s[f"median_{k}"] = float(np.mean(v[CROP:-CROP, CROP:-CROP])) if v is not None else None
+            s[f"mean_part_{k}"] = float(np.mean(v[CROP:-CROP, CROP:-CROP])) if v is not None else None
         # Without the engine's declared verdicts (forced modality, pixel size off): what the pixels alone say.
         s["content_untrusted_share"] = summary(job.trust_parts["content_trust"])["untrusted_share"]
         images.append(dict(group=group, label=label, **s))
@@ -172,6 +175,9 @@ def main() -> int:
         c = slice(CROP, -CROP)
         errs.append(np.abs(zscore(out) - truth)[c, c][::2, ::2].ravel())
         doubts.append((1 - trust)[c, c][::2, ::2].ravel())
+        keys.append((kind, abs(z)))
+        comps["spread (σ 1 px)"].append(gaussian_filter(job.trust_parts["spread"], SPREAD_SIGMA_PX)[c, c][::2, ::2].ravel())
+        comps["reference: |output| (σ 2 px)"].append(gaussian_filter(np.abs(zscore(out)), 2.0)[c, c][::2, ::2].ravel())
         add("in-domain", f"{kind} s{seed} z={z:+g}", trust, job)
     for group, label, image, kw in out_of_domain_fields(args.families, args.seeds, n, card):
         _, trust, job = run(image, model, args.passes, **kw)
@@ -180,10 +186,20 @@ def main() -> int:
     e, d = np.concatenate(errs), np.concatenate(doubts)
     rho = float(spearmanr(e, d).statistic)
     groups = sorted({im["group"] for im in images} - {"in-domain"})
+    def rho_of(pick, maps=doubts):
+        sel = [i for i, k in enumerate(keys) if pick(k)]
+        return float(spearmanr(np.concatenate([errs[i] for i in sel]), np.concatenate([maps[i] for i in sel])).statistic)
+
     res = {
         "model": card.name, "model_version": card.version, "passes": args.passes, "field_px": n,
+        "families": list(args.families), "seeds": list(args.seeds),
         "trusted_threshold": TRUSTED, "crop_px": CROP,
         "spearman_abs_error_vs_doubt": rho, "spearman_pixels": int(e.size),
+        # Diagnostics of the same pixels: by |defocus|, by family, single signals and a reference map that
+        # uses no model information (how bright the output is).
+        "spearman_by_abs_z": {f"{z:g}": rho_of(lambda k, z=z: k[1] == z) for z in sorted({k[1] for k in keys})},
+        "spearman_by_family": {f: rho_of(lambda k, f=f: k[0] == f) for f in sorted({k[0] for k in keys})},
+        "spearman_components": {name: rho_of(lambda k: True, maps) for name, maps in comps.items()},
         "auc": {}, "auc_mean_doubt": {}, "auc_components": {}, "images": images,
     }
     neg = [im for im in images if im["group"] == "in-domain"]
@@ -195,7 +211,7 @@ def main() -> int:
         res["auc"][g] = auc([p["untrusted_share"] for p in pos], [q["untrusted_share"] for q in neg])
         res["auc_mean_doubt"][g] = auc([p["mean_doubt"] for p in pos], [q["mean_doubt"] for q in neg])
         res["auc_components"][g] = {
-            k: auc([p[f"median_{k}"] for p in pos], [q[f"median_{k}"] for q in neg]) for k in ("spread", "residual", "beyond")}
+            k: auc([p[f"mean_part_{k}"] for p in pos], [q[f"mean_part_{k}"] for q in neg]) for k in PARTS}
         res["auc_content_only"] = res.get("auc_content_only", {})
         res["auc_content_only"][g] = auc([p["content_untrusted_share"] for p in pos], [q["content_untrusted_share"] for q in neg])
         curves[g] = roc([p["untrusted_share"] for p in pos], [q["untrusted_share"] for q in neg])
@@ -203,8 +219,9 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({k: res[k] for k in ("spearman_abs_error_vs_doubt", "auc", "auc_mean_doubt", "auc_content_only",
-                                          "auc_components")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("spearman_abs_error_vs_doubt", "spearman_by_abs_z", "spearman_by_family",
+                                          "spearman_components", "auc", "auc_mean_doubt", "auc_content_only",
+                                          "auc_components")}, indent=1, ensure_ascii=False))
 
     import matplotlib
 
