@@ -205,18 +205,20 @@ COMPONENTS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("cache", "report"))
+    ap.add_argument("step", choices=("cache", "report", "maps"))
     ap.add_argument("--model", default="default")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--passes", type=int, default=8)
     ap.add_argument("--families", nargs="+", default=list(TUNE_FAMILIES))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(TUNE_SEEDS))
     ap.add_argument("--cache", default=None, help="default: /tmp/deepr_trust_tune/SEEDS_SIZE")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="report: a JSON; maps: a PNG")
+    ap.add_argument("--labels", nargs="+", default=["tissue s7101 z=+4", "beads s7101 z=+3", "filaments s7102 z=-4",
+                                                    "cytoplasm s7101 z=+2", "texture s7102 z=-5"], help="maps: fields")
     args = ap.parse_args()
     if args.cache is None:
         args.cache = f"/tmp/deepr_trust_tune/{'-'.join(map(str, args.seeds))}_{args.size}"
-    return cache(args) if args.step == "cache" else report(args)
+    return {"cache": cache, "report": report, "maps": maps}[args.step](args)
 
 
 def _crop(a):
@@ -307,6 +309,39 @@ def report(args):
           + " ".join(f"{row['median_ratio']:.1f}" for row in g["deciles"]))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+def maps(args):
+    """A figure of a few tuning fields: input, output, |error| and the doubt (1 − trust) before and now."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    card = load_model(args.model).card
+    fields = [(rec, f) for rec, f in load(Path(args.cache)) if rec["label"] in args.labels and rec["group"] == "in-domain"]
+    sig = signals(fields, card)
+    fig, axes = plt.subplots(len(sig), 5, figsize=(12, 2.5 * len(sig)), squeeze=False)
+    for ax, (rec, _cap, out, truth, planes) in zip(axes, sig):
+        pl = planes[0]
+        err = np.abs(zscore(out) - truth)
+        before, now = 1 - v1_trust(pl, card), 1 - TRUST_METHODS[next(k for k in TRUST_METHODS if k.startswith("now"))](pl, card)
+        panels = [("input", pl["xz"], "gray"), ("output", pl["yz"], "gray"), ("|error| vs true focus", err, "magma"),
+                  (f"doubt before (ρ {spearmanr(_crop(err), _crop(before)).statistic:.2f})", before, "magma"),
+                  (f"doubt now (ρ {spearmanr(_crop(err), _crop(now)).statistic:.2f})", now, "magma")]
+        for a, (title, im, cmap) in zip(ax, panels):
+            lo, hi = (np.percentile(im, [1, 99.5]) if cmap == "gray" else (0, max(np.percentile(im, 99.5), 1e-6)))
+            a.imshow(im, cmap=cmap, vmin=lo, vmax=hi)
+            a.set_title(title if title != "input" else f"input: {rec['label']}", fontsize=8)
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.tight_layout()
+    out = args.out or "docs/trust_maps_tune.png"
+    fig.savefig(out, dpi=60)
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(128).save(out, optimize=True)  # a figure for the docs, kept small
     return 0
 
 
