@@ -1,19 +1,23 @@
 """Tune the trust map on the TUNING set (families the model trained on), never on the held-out one.
 
-Two steps::
+Three steps::
 
     python scripts/trust_tune.py cache  [--seeds 7101 7102] [--size 256] [--cache DIR]
-    python scripts/trust_tune.py report [--seeds 7101 7102] [--cache DIR] [--out docs/trust_tune.json] [--png PNG]
+    python scripts/trust_tune.py report [--seeds 7101 7102] [--cache DIR] [--out docs/trust_tune.json]
+    python scripts/trust_tune.py maps   [--cache DIR] [--out docs/trust_maps_tune.png] [--labels ...]
 
 ``cache`` runs the engine (``RefocusJob``, 8 D4 passes) on the fields of ``scripts/trust_eval.py`` built
-from the families the bundled model trained on (``TUNE_FAMILIES``) with seeds unlike the evaluation's,
-and keeps what the trust map is made from: the z-scored input, every pass's output, the DPM, the cap
-and, for in-domain fields, the true in-focus plane. ``report`` recomputes trust maps from that cache
-with the engine's own functions (:mod:`napari_deepr.engine.trust`; checked against the map the engine
-returned) and with candidate variants, and prints the per-pixel Spearman ρ(|error|, doubt) pooled,
-per defocus, per family and per component, and the per-image AUCs of the untrusted share, with the
-protocol of ``trust_eval.py``. Whatever is chosen from this report is then measured once on the
-held-out fields by ``trust_eval.py``.
+from the families the bundled model trained on (``TUNE_FAMILIES``) with seeds unlike the evaluation's
+(plus one set trust_eval lacks: pixels 2x the model's read as the model's), and keeps what the trust
+map is made from: per plane the z-scored input, every pass's output, the DPM, the cap and, for
+in-domain fields, the true in-focus plane (about 0.5 GB in /tmp for two seeds; ~10 min on 2 cores).
+``report`` recomputes trust maps from that cache with the engine's own functions
+(:mod:`napari_deepr.engine.trust`; the cache keeps the engine's map to check against) and with the
+recipe before tuning and single-choice variants, and prints the per-pixel Spearman ρ(|error|, doubt)
+pooled, per |defocus|, per family and per component, the per-image AUCs of the untrusted share
+(protocol of ``trust_eval.py``) and the spread-to-error gain. ``maps`` draws a few fields' error beside
+the doubt before and now. Whatever is chosen from this is then measured once on the held-out fields
+by ``trust_eval.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from napari_deepr.engine import trust as T  # noqa: E402
 from napari_deepr.engine.model import load_model  # noqa: E402
 from napari_deepr.engine.refocus import RefocusJob  # noqa: E402
 from napari_deepr.optics.psf import Optics  # noqa: E402
+from napari_deepr.optics.simulate import defocus  # noqa: E402
+from napari_deepr.optics.specimens import make_specimen  # noqa: E402
 
 OOD_SETS = ("brightfield", "pixel 3x off", "defocus 2x range")
 
@@ -86,6 +92,20 @@ def capture_run(image, model, passes, **kw):
     return out, trust, planes
 
 
+def undeclared_coarse_fields(kinds, seeds, n, card):
+    """A failure no declared verdict catches (like a real uncalibrated file read at the model's sampling):
+    pixels 2x the model's, read as the model's, 0-2 um from focus. Not in the pooled AUC; reported on its own."""
+    px = card.pixel_size_um
+    coarse = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=2 * px, immersion_index=card.immersion_index or 1.0)
+    for kind in kinds:
+        for seed in seeds:
+            obj = make_specimen(kind, (n, n), 2 * px, np.random.default_rng(seed + 13))
+            for z in (0.0, 1.0, 2.0):
+                x = defocus(obj, z, coarse, photons=800, rng=np.random.default_rng(seed + 17))
+                yield ("pixel 2x coarse, undeclared", f"{kind} s{seed} z={z:+g} ({2 * px:.2f} µm read as {px:g})",
+                       x.astype(np.float32), {"pixel_size_um": px})
+
+
 def cache(args):
     model = load_model(args.model)
     card = model.card
@@ -96,6 +116,7 @@ def cache(args):
     fields = [("in-domain", f"{k} s{s} z={z:+g}", x, {"pixel_size_um": px}, {"truth": t, "kind": k, "z": z, "seed": s})
               for k, s, z, x, t in in_domain_fields(args.families, args.seeds, args.size, optics)]
     fields += [(g, lab, im, kw, {}) for g, lab, im, kw in out_of_domain_fields(args.families, args.seeds, args.size, card)]
+    fields += [(g, lab, im, kw, {}) for g, lab, im, kw in undeclared_coarse_fields(args.families, args.seeds, args.size, card)]
     index = [{"file": f"{i:04d}.npz", "group": g, "label": lab, **{k: v for k, v in ex.items() if k != "truth"}}
              for i, (g, lab, _, _, ex) in enumerate(fields)]
     (d / "index.json").write_text(json.dumps({"model": card.name, "version": card.version, "size": args.size,
