@@ -143,13 +143,13 @@ def main() -> int:
                     help="specimen families of the in-domain, pixel-size and beyond-range fields (default: held out)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS))
     ap.add_argument("--tune", action="store_true",
-                    help="the tuning set instead: the families the model trained on, other seeds (docs/trust_tune.json)")
+                    help="the tuning set instead: the families the model trained on, other seeds (docs/trust_eval_tune.json)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tune:
         args.families, args.seeds = list(TUNE_FAMILIES), list(TUNE_SEEDS)
     if args.out is None:
-        args.out = "docs/trust_tune.json" if args.tune else "docs/trust_eval.json"
+        args.out = "docs/trust_eval_tune.json" if args.tune else "docs/trust_eval.json"
     t0 = time.perf_counter()
     model = load_model(args.model)
     card = model.card
