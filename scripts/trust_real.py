@@ -10,8 +10,10 @@ planes of confocal stacks (cells3d planes 10 and 0, beads plane 5).
 For each case the engine is run once with 8 D4 passes (``trust_tune.capture_run``, which keeps the
 planes at the model's sampling; cached in ``--cache``) and the untrusted share is reported for the
 shipped map (the engine's, on the input grid) and, on the model grid, for the map before issue 16
-(``v1``), the spread-and-range map of the retuning (``new``), the shipped one recomputed, and each
-component alone.
+(``v1``), the spread-and-range map of the retuning (``new``), that map with the residual's ceiling
+(``hybrid``, :data:`~napari_deepr.engine.trust.RESIDUAL_WEIGHT`), the shipped one recomputed, and each
+component alone. The cache keeps the engine's map of the run that made it: clear it after changing
+the map.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trust_tune import capture_run, v1_trust, variant  # noqa: E402
+from trust_tune import capture_run, hybrid, v1_trust, variant  # noqa: E402
 
 from napari_deepr.engine import trust as T  # noqa: E402
 from napari_deepr.engine.model import load_model  # noqa: E402
@@ -96,10 +98,11 @@ def main() -> int:
         img, out, eng, pl = captured(name, model, cache)
         pl["beyond"] = T.beyond_range(pl["xz"], pl["dpm"], card)
         pl["residual"] = T.range_residual(pl["xz"], pl["yz"], card)
-        shipped, parts = T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card)
+        shipped, parts = T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card, y=pl["yz"])
         comp = {
             "v1 (before issue 16)": v1_trust(pl, card),
             "new (3.3 spread ⊕ beyond·signal)": variant()(pl, card),
+            f"hybrid (new, doubt ≥ {T.RESIDUAL_WEIGHT:g}·residual)": hybrid(T.RESIDUAL_WEIGHT, T.RESIDUAL_SIGMA_PX)(pl, card),
             "shipped (engine, input grid)": eng,
             "shipped (model grid)": shipped,
             "v1 part: residual alone exp(-(r/0.35)^2)": np.exp(-(pl["residual"] / 0.35) ** 2),

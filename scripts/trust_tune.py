@@ -74,8 +74,8 @@ def capture_run(image, model, passes, **kw):
         cur.append(((np.asarray(y, np.float64) - m) / sd).mean(axis=0))
         return y
 
-    def trust_map(x, spread, dpm, card, cap=1.0):
-        t, parts = orig[1](x, spread, dpm, card, cap=cap)
+    def trust_map(x, spread, dpm, card, cap=1.0, y=None):
+        t, parts = orig[1](x, spread, dpm, card, cap=cap, y=y)
         pz = np.stack(cur).astype(np.float32)
         planes.append({"xz": np.array(x, np.float32), "yz": pz[0], "passes_z": pz,
                        "dpm": None if dpm is None else np.array(dpm, np.float32), "cap": float(cap), "engine_trust": t})
@@ -258,7 +258,7 @@ def hybrid_sweep(args):
         rows, chosen = {}, 0.0
         for w in HYBRID_WEIGHTS:
             rows[f"{w:g}"] = r = evaluate(sig, card, trust=hybrid(w, sigma))
-            print(_line(f"{form}: w = {w:g}", r) + f" | 2x coarse undeclared {r['auc']['pixel 2x coarse, undeclared']:.2f}",
+            print(_line(f"{form}: w = {w:g}", r) + f" | 2x coarse undeclared {r['auc'].get('pixel 2x coarse, undeclared', float('nan')):.2f}",
                   flush=True)
             if r["rho"] >= base["rho"] - HYBRID_RHO_DROP:
                 chosen = w

@@ -66,3 +66,31 @@ def test_trust_is_half_where_the_predicted_error_is_the_scale():
     x[16:48, 16:48] = 2.0
     doubt = T.doubt_from(None, x, np.ones_like(x))
     assert doubt[32, 32] > 1.5 and doubt[2, 2] < 0.05
+
+
+def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input():
+    """The forward-model residual is a ceiling (doubt ≥ RESIDUAL_WEIGHT · residual), not a term: an
+    output whose in-range blur reproduces the input is left alone; one that no in-range blur can turn
+    into the input (fine structure the input does not have, as when a real image is read at the wrong
+    pixel size) is doubted, whatever the spread says."""
+    card = load_model("default").card
+    optics = T.card_optics(card)
+    rng = np.random.default_rng(5)
+    obj = make_specimen("nuclei", (96, 96), card.pixel_size_um, rng)
+    raw = defocus(obj, 2.0, optics, noise=False)
+    m, sd = raw.mean(), raw.std()  # the engine z-scores input and output with the input's mean and std
+    x = ((raw - m) / sd).astype(np.float32)
+    y_right = ((defocus(obj, 0.0, optics, noise=False) - m) / sd).astype(np.float32)
+    spread = np.zeros_like(x)
+    t0, p0 = T.trust_map(x, spread, None, card)
+    t1, p1 = T.trust_map(x, spread, None, card, y=y_right)
+    assert p0["residual"] is None and p1["residual"] is not None
+    assert np.all(p1["doubt"] >= p0["doubt"]) and np.all(t1 <= t0)
+    assert np.median(p1["residual"]) < 0.05  # explained: the ceiling leaves the map as it was
+    assert T.trusted_fraction(t1) > 0.95
+    # An output with structure no in-range blur of it can match: a strong residual, and trust capped.
+    y_wrong = _z(rng.standard_normal(x.shape)).astype(np.float32) * 3
+    t2, p2 = T.trust_map(x, spread, None, card, y=y_wrong)
+    assert np.median(p2["residual"]) > 0.5
+    cap = 1 / (1 + (T.RESIDUAL_WEIGHT * p2["residual"] / T.DEFAULT_SCALE) ** 2)
+    np.testing.assert_allclose(t2, np.minimum(t0, cap), rtol=1e-4, atol=1e-6)

@@ -883,8 +883,9 @@ class RefocusJob:
                 if self.passes > 1:
                     spread = (np.sqrt(m2 / (len(transforms) - 1)) / s32).mean(axis=0)
                 xz = ((src - m32) / s32).mean(axis=0)
+                yz = ((out0 - m32) / s32).mean(axis=0)
                 # The signals of the last plane (model grid) stay, for measurements (scripts/trust_eval.py).
-                trust2d, self.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap)
+                trust2d, self.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap, y=yz)
             # Back onto the input grid, band by band, in the input's layout.
             if self.sampling.resample:
                 resample_plane(out0, (h, w), out=lambda a, b, blk, p=p: self._write(self.output, p, a, b, blk))

@@ -18,7 +18,7 @@ error in those z-units.
   much, while a featureless background, which the test also flags in strongly defocused in-range
   images, is refocused right (it stays background).
 
-The two add in quadrature, ``doubt = sqrt((SPREAD_GAIN · spread)² + (beyond · signal)²)``, and map to
+The first two add in quadrature, ``doubt = sqrt((SPREAD_GAIN · spread)² + (beyond · signal)²)``, and map to
 ``trust = 1 / (1 + (doubt / scale)²)`` with ``scale`` from the card (``trust.scale``, default
 :data:`DEFAULT_SCALE` = 0.25): a pixel counts as trustworthy (trust ≥ 0.5) when its predicted error
 is below a quarter of the image's standard deviation. The heavy tail keeps the order of doubtful
@@ -26,11 +26,17 @@ pixels (a Gaussian would round them all to 0). How well this predicts the error 
 assumed: ``scripts/trust_eval.py`` on held-out fields, after the constants were chosen on the tuning
 fields only.
 
-A forward-model residual (:func:`range_residual`, ``min_z |x − PSF(z) ⊛ y|``) was part of the map
-before it was retuned (issue 16). On the tuning fields it barely follows the error (Spearman ρ 0.20
-alone: an output that is not sharp enough is still explained by a smaller defocus) and it is lower,
-not higher, on out-of-domain images, so it is kept only as a diagnostic and the engine no longer
-computes it.
+- **Unexplained by the optics** – a ceiling from the forward-model residual (:func:`range_residual`,
+  ``min_z |x − PSF(z) ⊛ y|`` over the trained range, less the input's noise): if no in-range blur of
+  the output reproduces the input, the output is not the in-focus image of this input (structure
+  invented at the wrong scale, another modality). ``doubt = max(doubt, RESIDUAL_WEIGHT · residual)``,
+  i.e. trust ≤ ``1 / (1 + (RESIDUAL_WEIGHT · residual / scale)²)``. It barely follows the in-range
+  error (Spearman ρ 0.20 alone on the tuning fields), so it is a ceiling, not a term: it only lowers
+  pixels the spread trusts where the optics cannot explain the input. It is what flags a real
+  uncalibrated image read at the wrong pixel size (DSB 2018 nuclei at 0.325 µm instead of 0.65 µm:
+  the model invents fragments; docs/TRUST.md). Its weight is the largest whose tuning-set ρ is at
+  most 0.03 below the map without it (``scripts/trust_tune.py hybrid``), a rule fixed before any
+  held-out or real image was measured with it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ SIGMA_PX = 4.0
 SPREAD_GAIN = 3.3
 #: Gaussian σ (pixels) smoothing the spread before use (the error's own scale: 1 px beat 0, 2 and 4 on the tuning fields).
 SPREAD_SIGMA_PX = 1.0
+#: Weight of the forward-model residual's ceiling on trust (doubt ≥ weight · residual; scripts/trust_tune.py hybrid).
+RESIDUAL_WEIGHT = 0.2
+#: Extra Gaussian σ (pixels) of the residual before its ceiling (0: per pixel, as range_residual's own σ 4 px).
+RESIDUAL_SIGMA_PX = 0.0
 #: Highest trust of an image the engine knows is out of domain (forced modality; pixel size off, not resampled).
 OUT_OF_DOMAIN_CAP = 0.25
 
@@ -125,7 +135,7 @@ def noise_sigma(x: np.ndarray) -> float:
 
 
 def range_residual(x: np.ndarray, y: np.ndarray, card, sigma_px: float = SIGMA_PX) -> np.ndarray:
-    """Local RMS residual (z-units) of the best in-range forward model ``x ≈ PSF(z) ⊛ y`` (a diagnostic; not in the map).
+    """Local RMS residual (z-units) of the best in-range forward model ``x ≈ PSF(z) ⊛ y`` (the map's ceiling).
 
     Parameters
     ----------
@@ -216,7 +226,7 @@ def trust_of(doubt: np.ndarray, card, cap: float = 1.0) -> np.ndarray:
 
 
 def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, card,
-              cap: float = 1.0) -> tuple[np.ndarray, dict]:
+              cap: float = 1.0, y: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The trust map of one plane and its parts.
 
     Parameters
@@ -231,20 +241,31 @@ def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, 
     cap : float
         Highest trust (below 1 when the engine already knows the image is out of domain: a forced
         modality, a pixel-size mismatch with resampling off).
+    y : numpy.ndarray, optional
+        The identity pass's output, z-scored with the input's mean and std: with it the forward-model
+        residual caps trust (:data:`RESIDUAL_WEIGHT`); without it the map is spread and range only.
 
     Returns
     -------
     trust : numpy.ndarray
         float32 in [0, 1].
     parts : dict
-        ``spread``, ``beyond``, ``doubt`` and ``content_trust`` (the trust before ``cap``: what the
-        pixels alone say), for measurements (``scripts/trust_eval.py``).
+        ``spread``, ``beyond``, ``residual`` (None without ``y``), ``doubt`` and ``content_trust`` (the
+        trust before ``cap``: what the pixels alone say), for measurements (``scripts/trust_eval.py``).
     """
+    from scipy.ndimage import gaussian_filter
+
     beyond = beyond_range(x, dpm, card)
     doubt = doubt_from(spread, x, beyond)
+    residual = None
+    if y is not None and RESIDUAL_WEIGHT:
+        residual = range_residual(x, y, card)
+        if RESIDUAL_SIGMA_PX:
+            residual = gaussian_filter(residual, RESIDUAL_SIGMA_PX)
+        doubt = np.maximum(doubt, np.float32(RESIDUAL_WEIGHT) * residual)
     content = trust_of(doubt, card)
     return np.minimum(content, cap).astype(np.float32), {
-        "spread": spread, "beyond": beyond, "doubt": doubt, "content_trust": content}
+        "spread": spread, "beyond": beyond, "residual": residual, "doubt": doubt, "content_trust": content}
 
 
 def trusted_fraction(trust: np.ndarray) -> float:
@@ -254,7 +275,7 @@ def trusted_fraction(trust: np.ndarray) -> float:
 
 
 __all__ = [
-    "D4", "DEFAULT_PASSES", "DEFAULT_SCALE", "OUT_OF_DOMAIN_CAP", "SPREAD_GAIN", "SPREAD_SIGMA_PX", "TRUSTED",
+    "D4", "DEFAULT_PASSES", "DEFAULT_SCALE", "OUT_OF_DOMAIN_CAP", "RESIDUAL_SIGMA_PX", "RESIDUAL_WEIGHT", "SPREAD_GAIN", "SPREAD_SIGMA_PX", "TRUSTED",
     "beyond_range", "card_optics", "defocus_grid", "doubt_from", "forward", "inverse", "noise_sigma", "passes_from",
     "range_residual", "signal_above_background", "trust_map", "trust_of", "trusted_fraction",
 ]
