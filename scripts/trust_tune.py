@@ -199,7 +199,7 @@ def variant(gain=T.SPREAD_GAIN, sigma=T.SPREAD_SIGMA_PX, scale=T.DEFAULT_SCALE, 
 TRUST_METHODS = {
     "before: v1 recipe (spread σ4 ⊕ residual, Gaussian, scale 0.35, × (1 − beyond))": v1_trust,
     "now: trust.py (3.3·spread σ1 ⊕ beyond·signal, scale 0.25)":
-        lambda pl, card: T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card)[1]["content_trust"],
+        variant(),  # the retuned map (trust.RECIPE "spread" without the residual's ceiling)
     "variant: spread σ 0 px": variant(sigma=0.0),
     "variant: spread σ 2 px": variant(sigma=2.0),
     "variant: spread σ 4 px": variant(sigma=4.0),
@@ -240,7 +240,7 @@ def hybrid(w, sigma=0.0):
     """doubt = max(doubt of the spread-and-range map, w · residual), i.e. trust ≤ 1/(1 + (w·residual/scale)²)."""
     def trust(pl, card):
         if "doubt_new" not in pl:
-            pl["doubt_new"] = T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card)[1]["doubt"]
+            pl["doubt_new"] = T.doubt_from(pl["spread"], pl["xz"], pl["beyond"])  # the retuned map's doubt
         key = f"residual_s{sigma:g}"
         if key not in pl:
             pl[key] = gaussian_filter(pl["residual"], sigma) if sigma else pl["residual"]

@@ -27,10 +27,12 @@ def _z(a):
     return (a - a.mean()) / a.std()
 
 
-def test_doubt_is_high_where_the_error_is_high():
+def test_doubt_is_high_where_the_error_is_high(monkeypatch):
     """Measured when written (128², 8 passes): per-field ρ 0.63 / 0.71 / 0.60, pooled 0.75, median
     |error| ÷ doubt 1.49 / 0.75 / 0.77. The recipe before issue 16's tuning (spread σ 4 px ⊕ forward-model
-    residual) gave per-field ρ 0.09 / 0.09 / 0.26 on the same fields."""
+    residual) gave per-field ρ 0.09 / 0.09 / 0.26 on the same fields. That v1 map is shipped again (it
+    flags a real wrong-pixel-size image, docs/TRUST.md); this checks the retuned map it can be switched to."""
+    monkeypatch.setattr(T, "RECIPE", "spread")
     model = load_model("default")
     card = model.card
     optics = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=card.pixel_size_um)
@@ -68,12 +70,8 @@ def test_trust_is_half_where_the_predicted_error_is_the_scale():
     assert doubt[32, 32] > 1.5 and doubt[2, 2] < 0.05
 
 
-def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input():
-    """The forward-model residual is a ceiling (doubt ≥ RESIDUAL_WEIGHT · residual), not a term: an
-    output whose in-range blur reproduces the input is left alone; one that no in-range blur can turn
-    into the input (fine structure the input does not have, as when a real image is read at the wrong
-    pixel size) is doubted, whatever the spread says."""
-    card = load_model("default").card
+def _explained_and_unexplained(card):
+    """A defocused field, its true in-focus plane and an output no in-range blur can turn into it."""
     optics = T.card_optics(card)
     rng = np.random.default_rng(5)
     obj = make_specimen("nuclei", (96, 96), card.pixel_size_um, rng)
@@ -81,6 +79,34 @@ def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input():
     m, sd = raw.mean(), raw.std()  # the engine z-scores input and output with the input's mean and std
     x = ((raw - m) / sd).astype(np.float32)
     y_right = ((defocus(obj, 0.0, optics, noise=False) - m) / sd).astype(np.float32)
+    y_wrong = _z(rng.standard_normal(x.shape)).astype(np.float32) * 3
+    return x, y_right, y_wrong
+
+
+def test_v1_map_flags_an_output_the_optics_cannot_explain():
+    """The shipped map (RECIPE "v1"): an output that an in-range blur turns back into the input is
+    trusted; one with structure no in-range blur of it can match (what a real image read at the wrong
+    pixel size gets: DSB 2018 at 0.325 µm, 73 % untrusted) is not, even with a zero spread."""
+    assert T.RECIPE == "v1"
+    card = load_model("default").card
+    x, y_right, y_wrong = _explained_and_unexplained(card)
+    spread = np.zeros_like(x)
+    t_right, p = T.trust_map(x, spread, None, card, y=y_right)
+    assert T.trusted_fraction(t_right) > 0.95 and np.median(p["residual"]) < 0.05
+    t_wrong, p = T.trust_map(x, spread, None, card, y=y_wrong)
+    assert T.trusted_fraction(t_wrong) < 0.2
+    np.testing.assert_allclose(t_wrong, np.exp(-(p["residual"] / T.V1_SCALE) ** 2), rtol=1e-4, atol=1e-6)
+    assert T.trust_map(x, spread, None, card, y=y_wrong, cap=0.25)[0].max() <= 0.25
+
+
+def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input(monkeypatch):
+    """The forward-model residual is a ceiling (doubt ≥ RESIDUAL_WEIGHT · residual), not a term: an
+    output whose in-range blur reproduces the input is left alone; one that no in-range blur can turn
+    into the input (fine structure the input does not have, as when a real image is read at the wrong
+    pixel size) is doubted, whatever the spread says. (The retuned map, RECIPE "spread".)"""
+    monkeypatch.setattr(T, "RECIPE", "spread")
+    card = load_model("default").card
+    x, y_right, y_wrong = _explained_and_unexplained(card)
     spread = np.zeros_like(x)
     t0, p0 = T.trust_map(x, spread, None, card)
     t1, p1 = T.trust_map(x, spread, None, card, y=y_right)
@@ -89,7 +115,6 @@ def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input():
     assert np.median(p1["residual"]) < 0.05  # explained: the ceiling leaves the map as it was
     assert T.trusted_fraction(t1) > 0.95
     # An output with structure no in-range blur of it can match: a strong residual, and trust capped.
-    y_wrong = _z(rng.standard_normal(x.shape)).astype(np.float32) * 3
     t2, p2 = T.trust_map(x, spread, None, card, y=y_wrong)
     assert np.median(p2["residual"]) > 0.5
     cap = 1 / (1 + (T.RESIDUAL_WEIGHT * p2["residual"] / T.DEFAULT_SCALE) ** 2)
