@@ -120,12 +120,8 @@ def planewise_steps(job, is_cancelled) -> Iterator:
                 spread = (np.sqrt(m2 / (len(transforms) - 1)) / s32).mean(axis=0)
             xz = ((src - m32) / s32).mean(axis=0)
             yz = ((out0 - m32) / s32).mean(axis=0)
-            residual = _trust.range_residual(xz, yz, card)
-            beyond = _trust.beyond_range(xz, dpm0, card)
-            trust2d = _trust.trust_from(spread, residual, card, beyond=beyond, cap=cap)
-            # The signals of the last plane (model grid), for measurements (scripts/trust_eval.py).
-            job.trust_parts = {"spread": spread, "residual": residual, "beyond": beyond,
-                               "content_trust": _trust.trust_from(spread, residual, card, beyond=beyond)}
+            # The signals of the last plane (model grid) stay, for measurements (scripts/trust_eval.py).
+            trust2d, job.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap, y=yz)
         _write_back(job, p, (h, w), out0, dpm0, trust2d)
         del flat
 

@@ -1,24 +1,51 @@
 """Where not to trust a refocused image: a per-pixel trust map in [0, 1] (1 = trust).
 
-Two signals, both computed at the model's sampling on z-scored planes (zero mean, unit variance,
-as the network sees them):
+Two maps are implemented; :data:`RECIPE` says which one the engine makes. The shipped one is
+``"v1"``, the map as it was before issue 16: ``trust = exp(−(residual² + spread_σ4²) / 0.35²) ·
+(1 − beyond)`` (the forward-model residual, the D4 spread smoothed over 4 px, the range test as a
+factor; all three described below). It is the one that flags a real failure, a real image read at the
+wrong pixel size (DSB 2018 nuclei at 0.325 µm: 73 % untrusted against 21 %; in-focus real fields stay
+≤ 0.7 %), while the retuned map, ``"spread"`` (below), ranks the per-pixel error of simulated fields
+better (held-out ρ 0.50 against 0.43). Measurements: docs/TRUST.md, ``scripts/trust_real.py``.
+The rest of this docstring describes the ``"spread"`` map.
+
+Everything is computed at the model's sampling on z-scored planes (zero mean, unit variance, as the
+network sees them), and the map is built from a *doubt*: a prediction of the output's local absolute
+error in those z-units.
 
 - **Instability** – the spread of the outputs of test-time-augmented passes: the plane is flipped
   and rotated (the dihedral group D4, under which defocus blur is invariant), refocused, and turned
   back. A model on familiar ground gives nearly the same answer every time; where it invents
-  structure the passes disagree.
-- **Range** – a forward-model check that does not use the DPM (the DPM decoder saturates far from
-  focus: brightfield at −24 µm read 3.95 µm). If the output ``y`` is the in-focus image of an input
-  ``x`` taken within the trained range, then ``x ≈ PSF(z) ⊛ y`` for some ``z`` in that range. The
-  local residual energy ``min_z G_σ ⊛ (x − PSF(z) ⊛ y)²`` (less the input's noise variance) is small
-  inside the range and large when ``x`` is blurrier than any trained defocus can make ``y``, or when
-  ``y`` is not an image these optics could have blurred into ``x`` at all (wrong modality, wrong
-  sampling). PSFs come from :mod:`napari_deepr.optics.psf` with the optics on the model's card.
+  structure the passes disagree. The error tracks the spread: on the tuning fields (the specimen
+  families the model trained on, ``scripts/trust_tune.py``) the median |error| is
+  :data:`SPREAD_GAIN` ≈ 3.3 times the spread (2.4–4.4 in every decile of the spread), so the spread,
+  lightly smoothed (:data:`SPREAD_SIGMA_PX`), times that gain is the first term of the doubt.
+- **Beyond the range** – :func:`beyond_range`, a test that does not rely on the DPM alone (the DPM
+  decoder saturates far from focus: brightfield at −24 µm read 3.95 µm). Its evidence is weighted by
+  how much there is to get wrong: the input's local signal above its background
+  (:func:`signal_above_background`). Beyond the range a network's output is wrong by about that
+  much, while a featureless background, which the test also flags in strongly defocused in-range
+  images, is refocused right (it stays background).
 
-The two are added as RMS z-units, ``doubt = sqrt(spread² + residual²)``, and mapped to
-``trust = exp(−(doubt / scale)²)`` with ``scale`` from the card (``trust.scale``, default
-:data:`DEFAULT_SCALE`); a pixel counts as trustworthy when ``trust ≥ 0.5``. How well this
-predicts the error is measured, not assumed: ``scripts/trust_eval.py``.
+The first two add in quadrature, ``doubt = sqrt((SPREAD_GAIN · spread)² + (beyond · signal)²)``, and map to
+``trust = 1 / (1 + (doubt / scale)²)`` with ``scale`` from the card (``trust.scale``, default
+:data:`DEFAULT_SCALE` = 0.25): a pixel counts as trustworthy (trust ≥ 0.5) when its predicted error
+is below a quarter of the image's standard deviation. The heavy tail keeps the order of doubtful
+pixels (a Gaussian would round them all to 0). How well this predicts the error is measured, not
+assumed: ``scripts/trust_eval.py`` on held-out fields, after the constants were chosen on the tuning
+fields only.
+
+- **Unexplained by the optics** – a ceiling from the forward-model residual (:func:`range_residual`,
+  ``min_z |x − PSF(z) ⊛ y|`` over the trained range, less the input's noise): if no in-range blur of
+  the output reproduces the input, the output is not the in-focus image of this input (structure
+  invented at the wrong scale, another modality). ``doubt = max(doubt, RESIDUAL_WEIGHT · residual)``,
+  i.e. trust ≤ ``1 / (1 + (RESIDUAL_WEIGHT · residual / scale)²)``. It barely follows the in-range
+  error (Spearman ρ 0.20 alone on the tuning fields), so it is a ceiling, not a term: it only lowers
+  pixels the spread trusts where the optics cannot explain the input. It is what flags a real
+  uncalibrated image read at the wrong pixel size (DSB 2018 nuclei at 0.325 µm instead of 0.65 µm:
+  the model invents fragments; docs/TRUST.md). Its weight is the largest whose tuning-set ρ is at
+  most 0.03 below the map without it (``scripts/trust_tune.py hybrid``), a rule fixed before any
+  held-out or real image was measured with it.
 """
 
 from __future__ import annotations
@@ -32,12 +59,27 @@ import numpy as np
 D4 = ((0, False), (2, False), (0, True), (2, True), (1, False), (3, False), (1, True), (3, True))
 #: Default number of passes when a trust map is asked for.
 DEFAULT_PASSES = 8
-#: Doubt (RMS z-units) at which trust is exp(-1) ≈ 0.37, when the card does not say.
-DEFAULT_SCALE = 0.35
+#: Doubt (predicted |error|, z-units) at which trust is 0.5, when the card does not say.
+DEFAULT_SCALE = 0.25
 #: Trust at or above which a pixel counts as trustworthy.
 TRUSTED = 0.5
-#: Gaussian σ (pixels at the model's sampling) of the local averages.
+#: Gaussian σ (pixels at the model's sampling) of the range test's local averages and the local signal.
 SIGMA_PX = 4.0
+#: Median |error| ÷ spread of the D4 passes on the tuning fields (scripts/trust_tune.py).
+SPREAD_GAIN = 3.3
+#: Gaussian σ (pixels) smoothing the spread before use (the error's own scale: 1 px beat 0, 2 and 4 on the tuning fields).
+SPREAD_SIGMA_PX = 1.0
+#: Weight of the forward-model residual's ceiling on trust (doubt ≥ weight · residual; scripts/trust_tune.py hybrid).
+RESIDUAL_WEIGHT = 0.2
+#: Extra Gaussian σ (pixels) of the residual before its ceiling (0: per pixel, as range_residual's own σ 4 px).
+RESIDUAL_SIGMA_PX = 0.0
+#: The map the engine makes. "v1": the map before issue 16's retuning, ``exp(−(residual² + spread_σ4²) / 0.35²) ·
+#: (1 − beyond)``; "spread": the retuned map (3.3 · spread σ 1 px ⊕ beyond · signal, heavy tail) with the
+#: residual's ceiling. v1 is shipped because it is the one that flags a real failure (docs/TRUST.md, issue 16):
+#: per pixel on simulated fields the retuned map ranks the error better (held-out ρ 0.50 vs 0.43).
+RECIPE = "v1"
+#: Doubt (RMS z-units) at which the v1 map's trust is exp(−1) ≈ 0.37, when the card does not say.
+V1_SCALE = 0.35
 #: Highest trust of an image the engine knows is out of domain (forced modality; pixel size off, not resampled).
 OUT_OF_DOMAIN_CAP = 0.25
 
@@ -109,7 +151,7 @@ def noise_sigma(x: np.ndarray) -> float:
 
 
 def range_residual(x: np.ndarray, y: np.ndarray, card, sigma_px: float = SIGMA_PX) -> np.ndarray:
-    """Local RMS residual (z-units) of the best in-range forward model ``x ≈ PSF(z) ⊛ y``.
+    """Local RMS residual (z-units) of the best in-range forward model ``x ≈ PSF(z) ⊛ y`` (the map's ceiling).
 
     Parameters
     ----------
@@ -162,21 +204,93 @@ def beyond_range(x: np.ndarray, dpm: np.ndarray | None, card, sigma_px: float = 
     return ev.astype(np.float32)
 
 
-def trust_from(spread: np.ndarray | None, residual: np.ndarray, card, *, beyond: np.ndarray | None = None,
-               cap: float = 1.0) -> np.ndarray:
-    """Trust in [0, 1] from the TTA spread and the range residual (both RMS z-units), times ``1 − beyond``
-    (:func:`beyond_range`), capped at ``cap`` (below 1 when the engine already knows the image is out of
-    domain: a forced modality, a pixel-size mismatch with resampling off)."""
+def signal_above_background(x: np.ndarray, sigma_px: float = SIGMA_PX) -> np.ndarray:
+    """Local signal of a z-scored plane above its background (z-units): the local mean less its 5th percentile."""
     from scipy.ndimage import gaussian_filter
 
-    scale = float((card.extra.get("trust") or {}).get("scale", DEFAULT_SCALE))
-    d2 = residual.astype(np.float32) ** 2
+    g = gaussian_filter(np.asarray(x, dtype=np.float32), sigma_px)
+    return np.maximum(g - np.percentile(g, 5), 0.0).astype(np.float32)
+
+
+def doubt_from(spread: np.ndarray | None, x: np.ndarray, beyond: np.ndarray | None = None) -> np.ndarray:
+    """Predicted local |error| of the output (z-units) from the D4 spread and the range test.
+
+    Parameters
+    ----------
+    spread : numpy.ndarray or None
+        Standard deviation of the passes' outputs (z-units); None with a single pass.
+    x : numpy.ndarray
+        The z-scored input plane.
+    beyond : numpy.ndarray, optional
+        Evidence in [0, 1] that the input lies beyond the trained range (:func:`beyond_range`).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    d2 = np.zeros(np.shape(x), np.float32)
     if spread is not None:
-        d2 = d2 + gaussian_filter(spread.astype(np.float32), SIGMA_PX) ** 2
-    t = np.exp(-d2 / scale**2)
+        d2 += (SPREAD_GAIN * gaussian_filter(np.asarray(spread, np.float32), SPREAD_SIGMA_PX)) ** 2
     if beyond is not None:
-        t = t * (1.0 - beyond)
+        d2 += (np.asarray(beyond, np.float32) * signal_above_background(x)) ** 2
+    return np.sqrt(d2)
+
+
+def trust_of(doubt: np.ndarray, card, cap: float = 1.0) -> np.ndarray:
+    """Trust in [0, 1] from a doubt map: ``1 / (1 + (doubt / scale)²)`` (0.5 at ``scale``), capped at ``cap``."""
+    scale = float((card.extra.get("trust") or {}).get("scale", DEFAULT_SCALE))
+    t = 1.0 / (1.0 + (np.asarray(doubt, np.float32) / np.float32(scale)) ** 2)
     return np.minimum(t, cap).astype(np.float32)
+
+
+def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, card,
+              cap: float = 1.0, y: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The trust map of one plane and its parts.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        z-scored input plane (2-D, the model's sampling).
+    spread : numpy.ndarray or None
+        Standard deviation of the D4 passes' outputs (z-units), None with one pass.
+    dpm : numpy.ndarray or None
+        The identity pass's DPM (µm), None when the model has none.
+    card : ModelCard
+    cap : float
+        Highest trust (below 1 when the engine already knows the image is out of domain: a forced
+        modality, a pixel-size mismatch with resampling off).
+    y : numpy.ndarray, optional
+        The identity pass's output, z-scored with the input's mean and std: with it the forward-model
+        residual caps trust (:data:`RESIDUAL_WEIGHT`); without it the map is spread and range only.
+
+    Returns
+    -------
+    trust : numpy.ndarray
+        float32 in [0, 1].
+    parts : dict
+        ``spread``, ``beyond``, ``residual`` (None without ``y``), ``doubt`` and ``content_trust`` (the
+        trust before ``cap``: what the pixels alone say), for measurements (``scripts/trust_eval.py``).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    beyond = beyond_range(x, dpm, card)
+    if RECIPE == "v1":
+        residual = None if y is None else range_residual(x, y, card)
+        d2 = np.zeros(np.shape(x), np.float32) if residual is None else residual**2
+        if spread is not None:
+            d2 = d2 + gaussian_filter(np.asarray(spread, np.float32), SIGMA_PX) ** 2
+        scale = float((card.extra.get("trust") or {}).get("v1_scale", V1_SCALE))
+        content = (np.exp(-d2 / scale**2) * (1.0 - beyond)).astype(np.float32)
+        return np.minimum(content, cap).astype(np.float32), {
+            "spread": spread, "beyond": beyond, "residual": residual, "doubt": np.sqrt(d2), "content_trust": content}
+    doubt = doubt_from(spread, x, beyond)
+    residual = None
+    if y is not None and RESIDUAL_WEIGHT:
+        residual = range_residual(x, y, card)
+        if RESIDUAL_SIGMA_PX:
+            residual = gaussian_filter(residual, RESIDUAL_SIGMA_PX)
+        doubt = np.maximum(doubt, np.float32(RESIDUAL_WEIGHT) * residual)
+    content = trust_of(doubt, card)
+    return np.minimum(content, cap).astype(np.float32), {
+        "spread": spread, "beyond": beyond, "residual": residual, "doubt": doubt, "content_trust": content}
 
 
 def trusted_fraction(trust: np.ndarray) -> float:
@@ -186,6 +300,7 @@ def trusted_fraction(trust: np.ndarray) -> float:
 
 
 __all__ = [
-    "D4", "DEFAULT_PASSES", "OUT_OF_DOMAIN_CAP", "beyond_range", "DEFAULT_SCALE", "TRUSTED", "card_optics", "defocus_grid", "forward", "inverse",
-    "noise_sigma", "passes_from", "range_residual", "trust_from", "trusted_fraction",
+    "D4", "DEFAULT_PASSES", "DEFAULT_SCALE", "OUT_OF_DOMAIN_CAP", "RECIPE", "RESIDUAL_SIGMA_PX", "RESIDUAL_WEIGHT", "SPREAD_GAIN", "SPREAD_SIGMA_PX", "TRUSTED",
+    "beyond_range", "card_optics", "defocus_grid", "doubt_from", "forward", "inverse", "noise_sigma", "passes_from",
+    "range_residual", "signal_above_background", "trust_map", "trust_of", "trusted_fraction", "V1_SCALE",
 ]
