@@ -63,7 +63,7 @@ def test_tiny_model_of_each_channel_count_trains_exports_and_loads(tmp_path, cap
     cfg.write_text(json.dumps({"synthetic": dict(FAST_BF if channels == 3 else GRAY, validation_pairs=2)}))
     out = tmp_path / "m"
     rc = main([str(cfg), "-o", str(out), "--patch", "64", "--iterations", "2", "--dpm-iterations", "2",
-               "--workers", "0", "--val-pairs", "2", "--dpm-target", "magnitude", "--from-scratch", *TINY])
+               "--workers", "0", "--val-pairs", "2", "--dpm-target", "magnitude", "--from-scratch", "--json", *TINY])
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rc == 0, events[-1]
     # graphs traced at setup for this channel count are filled at the end, never traced twice
