@@ -255,8 +255,10 @@ def _imports(path: Path) -> set[str]:
 def test_imports_point_down_the_layers():
     assert not any("bench" in n for n in _imports(SRC / "engine" / "distributed.py"))
     assert not any(n.split(".")[0] == "torch" for n in _imports(SRC / "bench.py"))
+    # engine/contract.py holds only names and imports nothing, so every layer may share it.
+    assert not [n for n in _imports(SRC / "engine" / "contract.py") if n != "__future__"]
     for mod in ("layout.py", "io.py", "_files.py", "_readers.py"):  # the bottom layer reaches no engine
-        assert not any("engine" in n for n in _imports(SRC / mod)), mod
+        assert not any("engine" in n and not n.endswith("contract") for n in _imports(SRC / mod)), mod
     for path in (SRC / "engine").glob("*.py"):
         assert not any("train" in n.split(".") for n in _imports(path)), path.name
 

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from .engine.contract import PAIRS_INDEX_FILE
 from .errors import OutputError, SettingsError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
@@ -176,7 +177,7 @@ def is_tool_output(path: str | os.PathLike) -> bool:
             except OSError:
                 pass
         try:
-            idx = json.loads((p / "index.json").read_text())
+            idx = json.loads((p / PAIRS_INDEX_FILE).read_text())
             return isinstance(idx, dict) and idx.get("format") == "napari-deepr-pairs"
         except (OSError, ValueError):
             return False

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .engine.contract import INT8_GENERATOR_FILE
 from .engine.model import load_model
 from .engine.providers import (
     default_threads,
@@ -130,8 +131,8 @@ def _variant_unavailable(name: str, m, on_gpu: bool) -> str | None:
         return "needs a GPU provider (--provider cuda)"
     if VARIANTS[name][0].get("dpm") and not m.has_dpm:
         return "the model has no DPM decoder"
-    if name == "int8" and not (m.root / "generator.int8.onnx").is_file():
-        return "no generator.int8.onnx (run 'deepr quantize')"
+    if name == "int8" and not (m.root / INT8_GENERATOR_FILE).is_file():
+        return f"no {INT8_GENERATOR_FILE} (run 'deepr quantize')"
     if name == "bf16":
         try:
             require_bf16()

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import _safety
 from ..errors import ModelError
+from .contract import fp16_name
 from .providers import fp16_providers
 
 # Providers with half-precision kernels worth using (the fp16 column of providers.TRAITS).
@@ -203,11 +204,11 @@ def fp16_variant(path: str | Path, feeds_from: str | Path | None = None) -> Path
         When the copy cannot be made or fails its checks (see :func:`convert`, :func:`check_against_fp32`).
     """
     path = Path(path)
-    beside = path.with_name(f"{path.stem}.fp16.onnx")
+    beside = path.with_name(fp16_name(path.stem))
     if _fresh(beside, path):
         return beside
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
-    cached = cache_dir() / f"{path.stem}-{digest}.fp16.onnx"
+    cached = cache_dir() / fp16_name(f"{path.stem}-{digest}")
     if _fresh(cached, path):
         return cached
     import onnx

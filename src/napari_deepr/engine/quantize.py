@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import _safety
+from .contract import INT8_GENERATOR_FILE, quality_name
 from .model import load_model
 
-INT8_NAME = "generator.int8.onnx"
+INT8_NAME = INT8_GENERATOR_FILE
 
 
 def calibration_tiles(n: int = 24, size: int = 256, seed: int = 0, optics=None, z_range_um=(-5.0, 5.0)) -> list[np.ndarray]:
@@ -176,7 +177,7 @@ def measured_quality(model, precision: str) -> dict | None:
     """The ``<precision>_quality.json`` measurement stored beside the model, if any."""
     import json
 
-    p = load_model(model).root / f"{precision}_quality.json"
+    p = load_model(model).root / quality_name(precision)
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):

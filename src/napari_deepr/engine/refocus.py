@@ -29,6 +29,7 @@ from ..errors import ArgumentTypeError, Cancelled, InputError, ModelError
 from ..layout import guess_axes, image_array, image_layout, megapixels, result_shapes
 from .domain import Sampling, check_modality, resampled_size, resolve_sampling
 from .model import DeepRModel, load_model
+from .normalization import flat_planes, plane_stats
 from .providers import default_threads
 from .results import result_array
 from .runner import Runner, cancel_check, one_line
@@ -425,8 +426,7 @@ class _PlaneNorm:
 
 def check_flat(mean, std) -> tuple[np.ndarray, np.ndarray]:
     """``(flat, safe_std)`` of plane statistics: constant channels get std 1 and pass through unchanged."""
-    flat = std <= 1e-12 * np.maximum(np.abs(mean), 1.0)
-    return flat, np.where(flat, 1.0, std)
+    return flat_planes(mean, std)
 
 
 def refocus(image, model="default", settings: RefocusSettings | None = None, *,
@@ -474,36 +474,6 @@ def refocus(image, model="default", settings: RefocusSettings | None = None, *,
         if msg not in job.announced:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
-
-
-def plane_stats(view, block_rows: int = 512, pool=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation of a ``(C, Y, X)`` plane, read block by block.
-
-    Blocks are combined in order with Chan's parallel update, so memory stays at a few blocks and
-    every caller (numpy, dask, zarr, a distributed strip, with or without a thread ``pool``) gets
-    bit-identical statistics.
-    """
-    c, h = view.shape[0], view.shape[1]
-
-    def block(r0):
-        blk = np.asarray(view[:, r0:r0 + block_rows, :], dtype=np.float64).reshape(c, -1)
-        mb = blk.mean(axis=1)
-        blk -= mb[:, None]
-        return blk.shape[1], mb, np.einsum("ij,ij->i", blk, blk)
-
-    starts = range(0, h, block_rows)
-    # Lazy arrays (dask, zarr) are read by one thread: their own readers may not be thread-safe.
-    parts = pool.map(block, starts) if pool is not None and isinstance(view, np.ndarray) else map(block, starts)
-    n = 0
-    mean = np.zeros(c)
-    m2 = np.zeros(c)
-    for nb, mb, m2b in parts:
-        delta = mb - mean
-        tot = n + nb
-        mean = mean + delta * nb / tot
-        m2 = m2 + m2b + delta**2 * n * nb / tot
-        n = tot
-    return mean, np.sqrt(m2 / n)
 
 
 # Names importable from here since before the engine was split (settings, layout, runner).

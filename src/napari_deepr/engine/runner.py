@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import Cancelled, InputError, ModelError
+from .contract import INT8_GENERATOR_FILE
 from .fp16 import fp16_variant
 from .providers import (
     PROVIDERS,
@@ -31,7 +32,7 @@ from .providers import (
 )
 
 #: File of a model's int8 variant, beside its generator.
-INT8_GENERATOR = "generator.int8.onnx"
+INT8_GENERATOR = INT8_GENERATOR_FILE
 
 
 class Runner:
