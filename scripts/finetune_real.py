@@ -1,13 +1,19 @@
 #!/usr/bin/env python
 """Real-data check of issue 18: fine-tune on one region of a real z-stack, refocus another region.
 
-Two steps around the user's own commands (docs/FINETUNE.md has the exact commands and the numbers)::
+Around the user's own commands (docs/FINETUNE.md has the numbers; fold 2 swaps the bands)::
 
-    python scripts/finetune_real.py prepare -o DIR                      # 1. the stack, cut in regions
-    deepr pairs DIR/cells3d_x0-96.tif -o DIR/pairs --range 5 --patch 32 --gap 32
+    python scripts/finetune_real.py prepare -o DIR --pixel-size-out 0.325   # the stack, cut in bands
+    python scripts/finetune_real.py focus DIR/cells3d_x0-96_0.325um.tif     # the band's in-focus plane, K
+    deepr pairs DIR/cells3d_x0-96_0.325um.tif -o DIR/pairs --range 5 --patch 32 --gap 32 --infocus-index K
     deepr train DIR/pairs -o DIR/model --minutes 8 --init-from deepr-fluo-20x --modality "confocal fluorescence"
-    python scripts/finetune_real.py evaluate DIR/cells3d_x160-256.tif --child DIR/model \\
-        --json out.json --figure out.png                                 # 2. the held-out region
+    python scripts/finetune_real.py evaluate DIR/cells3d_x160-256.tif --child DIR/model \
+        --json out.json --figure out.png                                 # the held-out band
+
+Training pairs at the parent's pixel size (0.325 µm) and with one in-focus plane per band, chosen by
+the rule ``evaluate`` uses: at the stack's own 0.26 µm the fine-tune spends its steps relearning the
+scale that the engine gives the parent for free by resampling, and ``deepr pairs``' per-crop focus on
+32-px crops of thick nuclei picks planes 1.5 µm apart (docs/FINETUNE.md, recipes A-C).
 
 ``prepare`` takes the whole 60 x 256 x 256 nuclei channel of scikit-image's ``cells3d`` (hiPSC
 nuclei, Allen Institute for Cell Science; 0.26 µm pixels, 0.29 µm steps) from the
@@ -21,8 +27,9 @@ checked, and a 256-px field cannot hold the generator's 223-px receptive-field r
 regions; the test band is refocused on its own, so no output pixel of the test is computed from a
 training pixel.
 
-``evaluate``: the test stack's in-focus plane is chosen as in ``deepr pairs`` (highest SSIM to the
-wavelet EDOF image, after registration, which ``deepr pairs`` also does); every plane within
+``evaluate``: the test stack's in-focus plane is chosen for the whole stack by the rule ``deepr pairs``
+applies per crop (highest SSIM to the wavelet EDOF image, after registration, which ``deepr pairs`` also
+does); every plane within
 ``±range`` is refocused with the parent and with the fine-tuned model through the engine
 (``napari_deepr.refocus``, which resamples to each model's pixel size), and SSIM of the input, the
 parent's output and the fine-tuned output against the in-focus plane is reported per plane
@@ -159,7 +166,7 @@ def figure(path: str, stack: np.ndarray, outs: dict, planes: list[int], k0: int,
     ax.legend(fontsize=8)
     fig.suptitle(title + ("\n(the band is drawn on its side: image x runs down, y across)" if turn else ""),
                  fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
