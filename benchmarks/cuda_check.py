@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from napari_deepr.engine.model import load_model
 
     report: dict = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
-    out = open(args.out, "w")
+    out = open(args.out, "w")  # noqa: SIM115 - kept open: save() appends after every measurement
 
     def save():
         out.seek(0)
@@ -194,7 +194,7 @@ def network_backends(m, sizes=(2048, 4096), log=print) -> dict:
                     b.bind_ortvalue_output(m.output_name, yout)
                     for extra in [o.name for o in sess.get_outputs() if o.name != m.output_name]:
                         b.bind_output(extra, "cuda")
-                    res[key] = _rate(lambda: sess.run_with_iobinding(b), mp)
+                    res[key] = _rate(lambda sess=sess, b=b: sess.run_with_iobinding(b), mp)
                 except Exception as exc:  # noqa: BLE001
                     res[key] = f"failed: {str(exc).splitlines()[0][:200]}"
                 log(size, key, res[key], flush=True)
@@ -251,12 +251,12 @@ def default_tile_loss(m, bench_image, sizes=(2048, 5000, 8192), tiles=(1024, 204
                 res["unavailable"] = "; ".join(probe.warnings) or probe.provider
                 continue
             res["default_tile"], res["default_batch"] = probe.tile, probe.batch
-            res["default"] = _rate(lambda: RefocusJob(img, m, providers="cuda", precision=prec).run(), mp, 2)
+            res["default"] = _rate(lambda img=img, prec=prec: RefocusJob(img, m, providers="cuda", precision=prec).run(), mp, 2)
             for tile in tiles:
                 if tile > size + 64 and tile != tiles[0]:
                     continue
                 res[f"tile{tile}"] = _rate(
-                    lambda tile=tile: RefocusJob(img, m, providers="cuda", precision=prec, tile=tile).run(), mp, 2)
+                    lambda tile=tile, img=img, prec=prec: RefocusJob(img, m, providers="cuda", precision=prec, tile=tile).run(), mp, 2)
             best = max(v for k, v in res.items() if k.startswith("tile") or k == "default")
             res["default_vs_best"] = res["default"] / best
             log(size, prec, res, flush=True)

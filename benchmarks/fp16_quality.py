@@ -12,6 +12,7 @@ On a GPU, ``quality_delta(model, "fp16", providers="cuda")`` measures the same t
 import argparse
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,4 +40,4 @@ q["measured_on"] = (f"the fp16 graphs on onnxruntime {ort.__version__}'s CPU pro
 print(json.dumps(q))
 target = args.json or (f"{args.model}/fp16_quality.json" if q["pairs"] == 12 and not args.pairs else None)
 if target:
-    open(target, "w").write(json.dumps(q, indent=1) + "\n")
+    Path(target).write_text(json.dumps(q, indent=1) + "\n")

@@ -62,13 +62,13 @@ def main() -> None:
         for dpm in (False, True):
             tag = "dpm" if dpm else "image"
             setattr(_Network, _NETWORK_CALL, stand_in(0.0))
-            row[f"{tag}_host_ms_per_mp"] = 1e3 * _timeit(lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4).run(), 3, warmup=1) / mp
+            row[f"{tag}_host_ms_per_mp"] = 1e3 * _timeit(lambda dpm=dpm, img=img: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4).run(), 3, warmup=1) / mp
             setattr(_Network, _NETWORK_CALL, stand_in(1.0 / args.device_mp_s))
             kw = {"pipeline": False} if has_pipeline else {}
-            row[f"{tag}_emulated_mp_s"] = mp / _timeit(lambda dpm=dpm, kw=kw: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, **kw).run(), 3, warmup=1)
+            row[f"{tag}_emulated_mp_s"] = mp / _timeit(lambda dpm=dpm, kw=kw, img=img: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, **kw).run(), 3, warmup=1)
             if has_pipeline:
                 row[f"{tag}_emulated_pipelined_mp_s"] = mp / _timeit(
-                    lambda dpm=dpm: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, pipeline=True).run(), 3, warmup=1
+                    lambda dpm=dpm, img=img: RefocusJob(img, m, dpm=dpm, tile=2048, batch=4, pipeline=True).run(), 3, warmup=1
                 )
         res["sizes"][str(size)] = row
         print(size, {k: round(v, 1) for k, v in row.items()}, flush=True)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                         {"input": {0: batch, 2: 32 * h, 3: 32 * w}})
             # The engine's own session options; arena off as in the README's recorded numbers.
             sess, _ = get_session(path, ["CPUExecutionProvider"], args.threads, arena=False)
-            mps = args.size**2 / 1e6 / _timeit(lambda: sess.run(["output"], {"input": x}), args.repeats)
+            mps = args.size**2 / 1e6 / _timeit(lambda sess=sess: sess.run(["output"], {"input": x}), args.repeats)
             gflop = onnx_flops_per_pixel(path) * 1e6 / 1e9
             print(f"{spec:>9} {count_parameters(g) / 1e6:8.2f}M {gflop:9.1f} {mps:6.2f}", flush=True)
     return 0

@@ -43,7 +43,7 @@ def test_bf16_refusals(tiny_model, monkeypatch):
     assert choices["int8"][0] is False and "deepr quantize" in choices["int8"][1]
     assert choices["fp16"][0] is False and "GPU provider" in choices["fp16"][1]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert dict((p, u) for p, _, u, _ in precision_choices(tiny_model))["fp16"] is True
+    assert {p: u for p, _, u, _ in precision_choices(tiny_model)}["fp16"] is True
 
 
 def test_int8_variant_is_quantized_close_and_quiet(bundled_copy, pair, capsys):
@@ -59,7 +59,7 @@ def test_int8_variant_is_quantized_close_and_quiet(bundled_copy, pair, capsys):
     # 4 tiny calibration tiles: looser than the shipped 64, still far better than the input
     assert ssim(out8, y) > ssim(out32, y) - 0.08
     assert ssim(out8, y) > ssim(x, y)
-    assert dict((p, u) for p, _, u, _ in precision_choices(bundled_copy))["int8"] is True
+    assert {p: u for p, _, u, _ in precision_choices(bundled_copy)}["int8"] is True
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="onnxruntime-openvino is not installed")
