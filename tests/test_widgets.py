@@ -155,7 +155,7 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
 
     from napari.layers import Image
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_readout as wmod
 
     main = threading.get_ident()
     fitted_in, drawn = [], []
@@ -197,7 +197,7 @@ def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_v
     warning names that plane."""
     import threading
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_readout as wmod
 
     model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
     main = threading.get_ident()
@@ -341,7 +341,7 @@ def test_refocus_large_result_goes_to_disk(make_napari_viewer, qtbot, tiny_model
     """A result larger than the free-memory budget is written to zarr and shown from disk, same values."""
     import zarr
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_run as wmod
 
     monkeypatch.setattr(wmod, "DISK_RESULT_FRACTION", 0.0)
     viewer = make_napari_viewer()
@@ -460,7 +460,7 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
     from napari_deepr._widgets import _common
     from napari_deepr._widgets.refocus import RefocusWidget
 
-    monkeypatch.setattr("napari_deepr._widgets.refocus.list_models", list)
+    monkeypatch.setattr("napari_deepr._widgets.refocus_form.list_models", list)
     monkeypatch.setattr(_common, "_session_models", [])
     viewer = make_napari_viewer()
     w = RefocusWidget(viewer)

@@ -1,0 +1,239 @@
+"""Refocus widget, result side: the refocused, DPM and trust layers on the input's grid, and the DPM's
+colour scale (sequential from 0 for |defocus| models, diverging around focus for signed ones).
+
+A mixin of :class:`napari_deepr._widgets.refocus.RefocusWidget`; it reads the widget's ``viewer``,
+``job``, ``_run`` and controls, and owns ``_out_layer``, ``_dpm_layer`` and ``_trust_layer``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import QTimer
+
+from ..engine.refocus import RefocusJob
+from ._common import notify, set_progress, spatial_kwargs
+from .refocus_form import ROLE_KEY
+from .refocus_run import _lazy
+
+#: Diverging colormap for a signed DPM: blue below, red above focus, white at 0.
+DPM_COLORMAP = "RdBu_r"
+#: Sequential colormap for a |defocus| DPM: dark in focus, bright far from it.
+DPM_MAGNITUDE_COLORMAP = "magma"
+#: Planes up to this many pixels are shown while their tiles run (a repaint of them is cheap).
+LIVE_PREVIEW_MAX_PX = 1024 * 1024
+
+
+class ResultLayers:
+    """Adds, places and refreshes the result layers of a refocus run (mixin of ``RefocusWidget``)."""
+
+    # ------------------------------------------------------------------ results
+    def _expand(self, arr):
+        """View of a one-plane result with the stack's leading axes restored (length 1)."""
+        run = self._run
+        if run.plane is None:
+            return arr
+        return arr.reshape((1,) * run.lead + arr.shape)
+
+    def _replace_layer(self, name: str, factory):
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        return factory()
+
+    def _live(self, job: RefocusJob) -> bool:
+        """Whether the result is shown while tiles run: only for planes small enough to repaint at once.
+
+        A repaint of a multi-megapixel layer costs the main thread hundreds of milliseconds while the
+        engine holds the cores; large results are shown once, when the run ends.
+        """
+        shape = job.output.shape
+        plane_px = int(np.prod(shape[-3:-1] if getattr(self._run.layer, "rgb", False) else shape[-2:]))
+        return plane_px <= LIVE_PREVIEW_MAX_PX
+
+    def _on_job(self, job: RefocusJob) -> None:
+        """First yield: the job exists and waits; add the result layers (one per event-loop turn), then let
+        it run. Large results stay hidden until the end, so no tile makes napari repaint them."""
+        self.job = job
+        set_progress(self._pbar, 0, job.total)
+        self.provider_label.show_message(self._provider_text(job))
+        self._layers_added = False
+        self._out_layer = self._dpm_layer = None
+        self._live_now = self._live(job)
+        ready = self._ready
+
+        def out_then_go():
+            try:
+                if self.job is job:
+                    self._add_out_layer()
+            finally:
+                ready.set()
+
+        try:
+            self._add_dpm_layer()
+        except Exception:
+            ready.set()
+            raise
+        QTimer.singleShot(0, out_then_go)
+
+    def _meta(self) -> dict:
+        job, run = self.job, self._run
+        card = job.model.card
+        return {
+            ROLE_KEY: "refocused",
+            "source_layer": run.layer.name,
+            "model": card.name,
+            "model_version": card.version,
+            "model_path": str(job.model.root),
+            "provider": job.provider,
+            "tile": job.tile,
+            "overlap": job.overlap,
+            "plane": list(run.plane) if run.plane is not None else None,
+            "complete": False,
+        }
+
+    def _geo(self) -> dict:
+        run = self._run
+        offset = {i: v for i, v in enumerate(run.plane)} if run.plane is not None else None
+        return spatial_kwargs(run.layer, offset)
+
+    def _add_out_layer(self) -> None:
+        """The refocused layer, on top of the input (and of the DPM unless it is overlaid)."""
+        run, layer = self._run, self._run.layer
+        out = self._expand(self.job.output)
+        self._out_layer = self._replace_layer(
+            run.out_name,
+            lambda: self.viewer.add_image(
+                out, name=run.out_name, rgb=layer.rgb, colormap=None if layer.rgb else layer.colormap.name,
+                contrast_limits=layer.contrast_limits, metadata=self._meta(), visible=self._live_now, **self._geo(),
+            ),
+        )
+        self._layers_added = True
+        self._place_dpm()
+        self._add_trust_layer()
+        for note in self.job.notes:  # said before the tiles start
+            notify("info", note)
+        # The input stays selected so a second Run refocuses it again, not its result.
+        self.viewer.layers.selection.active = layer
+
+    def _add_trust_layer(self) -> None:
+        """The per-pixel trust map (0-1, 1 = trust), when the run asked for one."""
+        job, run, layer = self.job, self._run, self._run.layer
+        self._trust_layer = None
+        if job.trust_map is None:
+            return
+        name = f"{layer.name} trust{'' if run.plane is None else ' [plane]'}"
+        meta = dict(self._meta(), **{ROLE_KEY: "trust"}, units="trust (0-1, 1 = trust)")
+        self._trust_layer = self._replace_layer(
+            name,
+            lambda: self.viewer.add_image(
+                self._expand(job.trust_map), name=name, colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.5,
+                blending="translucent", metadata=meta, **self._geo(),
+            ),
+        )
+
+    def _add_dpm_layer(self) -> None:
+        """The DPM in µm: sequential from 0 for |defocus| models, diverging around 0 for signed ones."""
+        job, run, layer = self.job, self._run, self._run.layer
+        if job.dpm is None:
+            return
+        card = job.model.card
+        dpm = job.dpm
+        if dpm.ndim == job.output.ndim and layer.rgb:
+            # One-channel model on RGB: each colour has its DPM; show their mean (one surface).
+            if isinstance(dpm, np.ndarray):
+                self._dpm_display = dpm.mean(axis=-1)
+                dpm = self._dpm_display
+            else:  # on disk: a lazy mean, recomputed for the plane on screen
+                dpm = _lazy(dpm).mean(axis=-1)
+        cmap, limits = dpm_display(card)
+        dmeta = dict(self._meta(), **{ROLE_KEY: "dpm"}, units="µm", defocus_range_um=list(card.defocus_range_um),
+                     dpm_target="|defocus|" if card.dpm_magnitude else "signed defocus",
+                     dpm_sign=card.dpm_sign if card.dpm_sign_meaningful else "not meaningful for this model")
+        # napari's scale of an RGB layer already excludes the colour axis, so the geometry fits.
+        self._dpm_layer = self._replace_layer(
+            run.dpm_name,
+            lambda: self.viewer.add_image(
+                self._expand(dpm), name=run.dpm_name, colormap=cmap, contrast_limits=limits,
+                opacity=1.0, blending="translucent", metadata=dmeta, visible=self._live_now, **self._geo(),
+            ),
+        )
+        self._dpm_layer.colorbar.visible = True
+        label_colorbar(self.viewer, self._dpm_layer, "µm")
+        self._place_dpm()
+        self.viewer.layers.selection.active = layer
+
+    def _place_dpm(self, *_) -> None:
+        """Put the DPM under the refocused layer (the result untinted) or over it at half opacity."""
+        dpm, out = getattr(self, "_dpm_layer", None), getattr(self, "_out_layer", None)
+        if dpm is None or dpm not in self.viewer.layers:
+            return
+        overlay = self.overlay_check.isChecked()
+        dpm.opacity = 0.5 if overlay else 1.0
+        if out is None or out not in self.viewer.layers:
+            return
+        layers = self.viewer.layers
+        i_dpm, i_out = layers.index(dpm), layers.index(out)
+        if overlay and i_dpm < i_out:
+            layers.move(i_dpm, i_out + 1)
+        elif not overlay and i_dpm > i_out:
+            layers.move(i_dpm, i_out)
+
+    def _provider_text(self, job) -> str:
+        asked = self.provider_combo.currentData()
+        text = f"Provider used: <b>{job.provider}</b>"
+        if asked not in ("auto", job.provider):
+            text += f" (asked for {asked}, not usable here)"
+        return text
+
+    def _refresh_results(self, force: bool = False) -> None:
+        if not self._layers_added or not self._throttle.ready(force):
+            return
+        if self._dpm_display is not None and self.job is not None and self.job.dpm is not None:
+            np.mean(self.job.dpm, axis=-1, out=self._dpm_display)
+        for lay in (getattr(self, "_out_layer", None), getattr(self, "_dpm_layer", None)):
+            if lay is not None and lay in self.viewer.layers:
+                lay.refresh()
+
+    def _reveal(self, lay) -> None:
+        if lay is None or lay not in self.viewer.layers:
+            return
+        if self._dpm_display is not None and lay is self._dpm_layer and self.job.dpm is not None:
+            np.mean(self.job.dpm, axis=-1, out=self._dpm_display)
+        if lay.visible:
+            lay.refresh()
+        else:
+            lay.visible = True  # napari refreshes a layer when it becomes visible
+
+
+def dpm_display(card) -> tuple[str, tuple[float, float]]:
+    """Colormap and contrast limits of a DPM layer for this model card.
+
+    A |defocus| map has no sign: a sequential map from 0 to the trained range's edge. A signed map is
+    diverging and centred on focus, ± the range.
+    """
+    lim = float(max(abs(card.defocus_range_um[0]), abs(card.defocus_range_um[1])))
+    if card.dpm_magnitude:
+        return DPM_MAGNITUDE_COLORMAP, (0.0, lim)
+    return DPM_COLORMAP, (-lim, lim)
+
+
+def label_colorbar(viewer, layer, text: str) -> bool:
+    """Write ``text`` (the unit) beside the layer's colorbar; False where napari offers no way to.
+
+    napari 0.9's colorbar draws tick values only; its vispy axis has a label, reached through the
+    canvas. Any change in napari's internals leaves the colorbar unlabelled rather than failing.
+    Known gap: under napari 0.9.2 the label is set but not drawn (napari sizes the overlay from the
+    tick text and clips it); the unit is also in the layer's name and ``metadata["units"]``.
+    """
+    try:
+        canvas = viewer.window._qt_viewer.canvas
+        visual = canvas._layer_overlay_to_visual[layer][layer.colorbar]
+        ticks = visual.node.ticks
+        ticks.axis_label = text
+        ticks.axis_font_size = max(int(layer.colorbar.font_size), 8)
+        ticks.axis_label_margin = 6 + 0.9 * layer.colorbar.font_size * 3
+        ticks.axis_color = ticks.text_color
+        visual._on_data_change()
+        layer.metadata["colorbar_label"] = text
+        return True
+    except Exception:  # noqa: BLE001 - private napari API: a missing label must not break a run
+        return False
