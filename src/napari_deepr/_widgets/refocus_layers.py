@@ -92,7 +92,7 @@ class ResultLayers:
 
     def _geo(self) -> dict:
         run = self._run
-        offset = {i: v for i, v in enumerate(run.plane)} if run.plane is not None else None
+        offset = dict(enumerate(run.plane)) if run.plane is not None else None
         return spatial_kwargs(run.layer, offset)
 
     def _add_out_layer(self) -> None:

@@ -7,6 +7,7 @@ The base class of :class:`napari_deepr._widgets.training.TrainingWidget`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -195,9 +196,11 @@ class TrainingForm(QWidget):
 
         # The trainer's other options as a typed magicgui form (tooltips from the docstring above).
         self.options = magicgui(trainer_options, auto_call=False, call_button=False, **OPTION_WIDGETS)
-        for name, auto in OPTION_AUTO.items():
+        for name in OPTION_AUTO:
+            # the spin box's minimum is the "let the trainer choose" value: show it as a word
             native = getattr(self.options, name).native
-            native.setSpecialValueText("auto") if hasattr(native, "setSpecialValueText") else None
+            if hasattr(native, "setSpecialValueText"):
+                native.setSpecialValueText("auto")
         self.options.dpm_iterations.native.setToolTip(
             "Updates of the DPM (defocus map) decoder: auto lets the trainer decide, 0 trains none.")
         tip = self.options.init_from.tooltip or "Fine-tune from this exported model folder."
@@ -268,10 +271,9 @@ class TrainingForm(QWidget):
             key = f"train/options/{w.name}"
             value = store.value(key)
             if value is not None:
-                try:
+                # a value from another version of the widget that no longer parses: keep the default
+                with contextlib.suppress(TypeError, ValueError):
                     w.value = type(w.value)(value) if not isinstance(w.value, bool) else str(value).lower() in ("true", "1")
-                except (TypeError, ValueError):
-                    pass
 
             def save(v, key=key):
                 st = settings_store()
