@@ -47,6 +47,29 @@ def _run_and_wait(qtbot, w, timeout=60_000):
     return blocker.args
 
 
+def _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm):
+    """What vispy draws for the DPM layer: its colorbar, and next to it (same corner, touching, same
+    top) a text holding "µm". napari 0.9.2's colorbar has no label of its own."""
+    canvas = viewer.window._qt_viewer.canvas
+    drawn = canvas._layer_overlay_to_visual[dpm]
+    bar, name = drawn[dpm.colorbar], drawn[dpm.name_overlay]
+
+    def placed():
+        canvas._update_overlay_canvas_positions()
+        return bar.node.visible and name.node.visible and name.x_size > 0
+
+    qtbot.waitUntil(placed, timeout=5_000)
+    assert "µm" in name.node.text and dpm.colorbar.position == dpm.name_overlay.position
+    bx, by = bar.node.transform.translate[:2]
+    nx, ny = name.node.transform.translate[:2]
+    gap = bx - (nx + name.x_size)  # the text sits left of the bar, separated by napari's tile padding
+    assert 0 <= gap <= 20 and abs(by - ny) < 1, (bx, by, nx, ny, name.x_size)
+    # and both hide with the layer, so a hidden DPM leaves no orphan scale or label
+    dpm.visible = False
+    assert not bar.node.visible and not name.node.visible
+    dpm.visible = True
+
+
 def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     img = _sample()
@@ -73,8 +96,7 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     # a signed model: diverging around focus, ± the trained range, µm on the colorbar
     assert dpm.colormap.name == "RdBu_r"
     assert tuple(dpm.contrast_limits) == (-5.0, 5.0)
-    # µm: in the name, the metadata and the colorbar label asked of vispy (napari 0.9.2 does not draw it)
-    assert dpm.colorbar.visible and dpm.metadata["colorbar_label"] == "µm" and "(µm)" in dpm.name
+    _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm)
     # the DPM does not tint the result: it lies under it, opaque, until "Overlay" is ticked
     layers = list(viewer.layers)
     assert layers.index(dpm) < layers.index(out) and dpm.opacity == 1.0 and not w.overlay_check.isChecked()
@@ -119,7 +141,8 @@ def test_refocus_magnitude_dpm_is_sequential_from_zero(make_napari_viewer, qtbot
     assert status == "done", msg
     dpm = viewer.layers["img DPM (µm)"]
     assert dpm.colormap.name == "magma" and tuple(dpm.contrast_limits) == (0.0, 4.0)
-    assert dpm.metadata["colorbar_label"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    assert dpm.metadata["units"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm)
     assert w.readout_label.text().startswith("Mean |defocus|")
     assert "0…4 µm" in w.range_label.text()
 

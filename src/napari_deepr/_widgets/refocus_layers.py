@@ -156,8 +156,7 @@ class ResultLayers:
                 opacity=1.0, blending="translucent", metadata=dmeta, visible=self._live_now, **self._geo(),
             ),
         )
-        self._dpm_layer.colorbar.visible = True
-        label_colorbar(self.viewer, self._dpm_layer, "µm")
+        show_colour_scale(self._dpm_layer)
         self._place_dpm()
         self.viewer.layers.selection.active = layer
 
@@ -216,24 +215,19 @@ def dpm_display(card) -> tuple[str, tuple[float, float]]:
     return DPM_COLORMAP, (-lim, lim)
 
 
-def label_colorbar(viewer, layer, text: str) -> bool:
-    """Write ``text`` (the unit) beside the layer's colorbar; False where napari offers no way to.
+def show_colour_scale(layer) -> bool:
+    """Show the layer's colorbar with its name, and so the unit in ``(µm)``, drawn beside it.
 
-    napari 0.9's colorbar draws tick values only; its vispy axis has a label, reached through the
-    canvas. Any change in napari's internals leaves the colorbar unlabelled rather than failing.
-    Known gap: under napari 0.9.2 the label is set but not drawn (napari sizes the overlay from the
-    tick text and clips it); the unit is also in the layer's name and ``metadata["units"]``.
+    napari 0.9's colorbar draws tick values only; a label set on its vispy axis is never drawn (the
+    overlay is sized from the tick text, so the label lands outside the canvas). The layer's own name
+    overlay is public napari and is tiled next to the colorbar when both sit in the same corner; the
+    DPM layer's name ends in "(µm)", so the unit is drawn where the colour scale is read, and both hide
+    with the layer. Returns whether the name is shown (False on a napari without name overlays).
     """
-    try:
-        canvas = viewer.window._qt_viewer.canvas
-        visual = canvas._layer_overlay_to_visual[layer][layer.colorbar]
-        ticks = visual.node.ticks
-        ticks.axis_label = text
-        ticks.axis_font_size = max(int(layer.colorbar.font_size), 8)
-        ticks.axis_label_margin = 6 + 0.9 * layer.colorbar.font_size * 3
-        ticks.axis_color = ticks.text_color
-        visual._on_data_change()
-        layer.metadata["colorbar_label"] = text
-        return True
-    except Exception:  # noqa: BLE001 - private napari API: a missing label must not break a run
+    layer.colorbar.visible = True
+    overlay = getattr(layer, "name_overlay", None)
+    if overlay is None:
         return False
+    overlay.position = layer.colorbar.position
+    overlay.visible = True
+    return True
