@@ -133,3 +133,27 @@ def test_register_stack_stops_at_once_when_cancelled():
     with pytest.raises(Cancelled):
         register_stack(stack, cancel=cancel)
     assert len(calls) == 3
+
+
+def test_in_focus_choice_stops_at_once_when_cancelled():
+    """The paper's in-focus choice (all-in-focus fusion, then SSIM per patch) takes seconds on a large
+    stack: a cancel is honoured inside the fusion and before every patch, and progress rises per patch."""
+    from napari_deepr.errors import Cancelled
+    from napari_deepr.stacks.edof import edof_wavelet
+    from napari_deepr.stacks.infocus import select_in_focus
+
+    stack = np.random.default_rng(0).normal(size=(6, 64, 64))
+    calls = []
+    with pytest.raises(Cancelled):
+        edof_wavelet(stack, cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3  # stopped before the third plane's transform
+
+    seen = []
+    edof = edof_wavelet(stack)
+    with pytest.raises(Cancelled):
+        select_in_focus(stack, crop=16, edof=edof, progress=seen.append, cancel=lambda: len(seen) >= 5)
+    assert seen == [k / 16 for k in range(1, 6)]  # 5 of 16 patches, then stopped
+    full = []
+    out = select_in_focus(stack, crop=16, edof=edof, progress=full.append)
+    assert full[-1] == 1.0 and len(full) == 16
+    np.testing.assert_array_equal(out, select_in_focus(stack, crop=16, edof=edof))

@@ -777,6 +777,52 @@ def test_pairs_widget_builds_after_moving_the_plane(make_napari_viewer, qtbot, s
     _no_bar_left(qtbot, viewer)
 
 
+@pytest.mark.parametrize("phase", ["registering", "finding the in-focus plane"])
+def test_pairs_cancel_stops_the_build_and_leaves_nothing(make_napari_viewer, qtbot, sim_stack, tmp_path, monkeypatch,
+                                                         phase):
+    """Cancel during the two long steps, registration and the paper's in-focus choice (all-in-focus
+    fusion, then SSIM per patch): the worker stops before the next plane or patch, and no dataset,
+    partial folder or progress bar is left behind."""
+    from napari_deepr.stacks import infocus, register
+
+    mod, name = (register, "estimate_shift") if phase == "registering" else (infocus, "_score")
+    work, original = [], getattr(mod, name)
+
+    def slowed(*a, **k):  # each plane (registration) or patch (in-focus choice) takes 0.2 s
+        work.append(1)
+        time.sleep(0.2)
+        return original(*a, **k)
+
+    stack, _z = sim_stack  # 13 planes of 128 × 128 px: 12 planes to register, 16 patches of 32 px
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    monkeypatch.setattr(mod, name, slowed)  # after the focus curve, which scores the stack once
+    out = tmp_path / "dataset"
+    w.out_edit.setText(str(out))
+    w.patch_spin.setValue(32)
+    w.range_spin.setValue(1.0)
+    assert w.method_combo.currentData() == "ssim_edof" and w.build_btn.isEnabled()
+    seen, at_cancel = [], []
+
+    def on_progress(done, total, message):
+        seen.append(message)
+        # the second report of the phase comes after its first plane or patch: cancel inside the loop
+        if message.startswith(phase) and seen.count(message) == 2 and not at_cancel:
+            at_cancel.append(len(work))
+            w.cancel_btn.click()
+
+    w._relay.progress.connect(on_progress)
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    status, msg = blocker.args
+    assert status == "cancelled", (msg, seen)
+    assert at_cancel and len(work) - at_cancel[0] <= 2, (at_cancel, len(work))  # the one in flight, at most
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no dataset, no partial sibling
+    assert w.summary is None and w.build_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert "Cancelled" in w.status_label.text()
+    _no_bar_left(qtbot, viewer)
+
+
 def test_pairs_widget_validates_as_you_type(make_napari_viewer, qtbot, sim_stack, tmp_path):
     from napari_deepr._widgets._common import invalid_reason
 

@@ -432,12 +432,19 @@ class PairsWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self._pbar = CancelableProgress(total=0, desc=f"Pairs from {lay.name}", cancel_callback=self.cancel)
         relay, cancel = self._relay, self._cancel
+        last = [None]
+
+        def report(fraction, message=""):
+            # build_pairs reports every plane and patch (hundreds on a large stack); the bar moves in
+            # 0.1 % steps, so only a new step or a new phase crosses to the Qt thread.
+            step = (int(round(1000 * fraction)), str(message))
+            if step != last[0]:
+                last[0] = step
+                relay.progress.emit(step[0], 1000, step[1])
 
         def job():
             try:
-                summary = build_pairs([image], Path(out), **kwargs,
-                                      progress=lambda f, m="": relay.progress.emit(int(round(1000 * f)), 1000, str(m)),
-                                      cancel=cancel.is_set)
+                summary = build_pairs([image], Path(out), **kwargs, progress=report, cancel=cancel.is_set)
             except Cancelled:
                 return ("cancelled", "Cancelled; the partial dataset was not kept.", None)
             except DeepRError as exc:
@@ -460,6 +467,8 @@ class PairsWidget(QWidget):
             self.status_label.show_message("Cancelling…")
 
     def _on_progress(self, done: int, total: int, msg: str) -> None:
+        if self.worker is None:
+            return  # a report queued before the build ended must not overwrite how it ended
         pbar = self._pbar  # may be closed re-entrantly while napari's progress updates the dock
         if pbar is not None:
             set_progress(pbar, done, total or None)

@@ -18,6 +18,13 @@ from scipy import ndimage
 __all__ = ["edof_wavelet"]
 
 
+def _check(cancel) -> None:
+    if cancel is not None and cancel():
+        from ..errors import Cancelled
+
+        raise Cancelled("The all-in-focus fusion was cancelled.")
+
+
 def edof_wavelet(
     stack,
     wavelet: str = "db4",
@@ -25,6 +32,7 @@ def edof_wavelet(
     *,
     consistency: int = 3,
     mode: str = "symmetric",
+    cancel=None,
 ) -> np.ndarray:
     """Fuse a ``(Z, Y, X)`` stack into one all-in-focus image.
 
@@ -41,6 +49,9 @@ def edof_wavelet(
         Side of the median filter on the per-band winning-plane map (1 disables it).
     mode : str
         Signal extension mode at the borders (symmetric avoids edge artefacts).
+    cancel : callable, optional
+        Checked before every plane's transform and every scale's fusion; returning True raises
+        :class:`~napari_deepr.errors.Cancelled` (a large stack takes seconds to fuse).
 
     Returns
     -------
@@ -60,9 +71,13 @@ def edof_wavelet(
     lev = min(5, max_level) if level is None else int(level)
     if not 1 <= lev <= max_level:
         raise ValueError(f"level must be in 1..{max_level} for this image size.")
-    coeffs = [pywt.wavedec2(p, wav, mode=mode, level=lev) for p in st]
+    coeffs = []
+    for p in st:
+        _check(cancel)
+        coeffs.append(pywt.wavedec2(p, wav, mode=mode, level=lev))
     fused = [np.mean([c[0] for c in coeffs], axis=0)]
     for j in range(1, lev + 1):
+        _check(cancel)
         bands = np.stack([np.stack(c[j]) for c in coeffs])  # (Z, 3, h_j, w_j)
         activity = np.abs(bands).sum(axis=1)  # all orientations of a scale vote together
         choice = np.argmax(activity, axis=0)

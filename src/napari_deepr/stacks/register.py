@@ -85,6 +85,7 @@ def register_stack(
     upsample: int = 20,
     max_shift_px: float | None = None,
     cancel=None,
+    progress=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Register every plane of a ``(Z, Y, X)`` stack to a reference plane by translation.
 
@@ -103,6 +104,8 @@ def register_stack(
     cancel : callable, optional
         Checked before every plane; returning True raises :class:`~napari_deepr.errors.Cancelled`
         (registration is the longest step of building pairs, so a cancel must not wait for all of it).
+    progress : callable, optional
+        ``progress(fraction)`` after every plane (the longest step should not look stalled).
 
     Returns
     -------
@@ -138,4 +141,6 @@ def register_stack(
             out[k] = ndimage.shift(st[k].astype(np.float64), shifts[k], order=3, mode="reflect")
         else:
             out[k] = st[k]
+        if progress is not None:
+            progress((k + 1) / z)
     return out, shifts
