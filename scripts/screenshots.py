@@ -181,6 +181,12 @@ def main(argv=None) -> int:
 
     app = get_qapp()
     assert isinstance(app, QApplication)
+    # The widgets remember their settings per user (QSettings): the shots start from the defaults and
+    # leave the user's remembered settings alone.
+    from qtpy.QtCore import QSettings
+
+    settings_dir = tempfile.mkdtemp(prefix="deepr-shot-settings-")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir)
     which = args.only or ["refocus", "through_focus", "pairs", "training"]
     with tempfile.TemporaryDirectory() as tmp:
         if "refocus" in which:
