@@ -26,6 +26,13 @@ from skimage.registration import phase_cross_correlation
 __all__ = ["estimate_shift", "register_stack"]
 
 
+def _check(cancel) -> None:
+    if cancel is not None and cancel():
+        from ..errors import Cancelled
+
+        raise Cancelled("Registration was cancelled.")
+
+
 def _prep(img: np.ndarray, win: np.ndarray) -> np.ndarray:
     a = np.asarray(img, dtype=np.float64)
     return (a - a.mean()) * win
@@ -38,6 +45,7 @@ def estimate_shift(
     upsample: int = 20,
     smooth_px: float = 1.0,
     iterations: int = 3,
+    cancel=None,
 ) -> np.ndarray:
     """Shift ``(dy, dx)`` that registers ``moving`` onto ``reference`` (scikit-image convention).
 
@@ -51,6 +59,9 @@ def estimate_shift(
         Gaussian pre-filter σ in pixels (0 disables it).
     iterations : int
         Shift-back-and-re-estimate passes that remove the windowing bias.
+    cancel : callable, optional
+        Checked before every pass (a pass on a 1024² plane takes up to a second on a busy CPU);
+        returning True raises :class:`~napari_deepr.errors.Cancelled`.
 
     Returns
     -------
@@ -68,6 +79,7 @@ def estimate_shift(
     total = np.zeros(2)
     mov_k = np.asarray(mov0, dtype=np.float64)
     for _ in range(max(1, int(iterations))):
+        _check(cancel)
         step, _, _ = phase_cross_correlation(
             r, _prep(mov_k, win), upsample_factor=upsample, normalization=None
         )
@@ -129,15 +141,13 @@ def register_stack(
     shifts = np.zeros((z, 2))
     out = np.empty(st.shape, dtype=np.float32)
     for k in range(z):
-        if cancel is not None and cancel():
-            from ..errors import Cancelled
-
-            raise Cancelled("Registration was cancelled.")
+        _check(cancel)
         if k != reference:
-            shifts[k] = estimate_shift(ref, st[k], upsample=upsample)
+            shifts[k] = estimate_shift(ref, st[k], upsample=upsample, cancel=cancel)
             if max_shift_px is not None and np.any(np.abs(shifts[k]) > max_shift_px):
                 shifts[k] = 0.0
         if np.any(shifts[k]):
+            _check(cancel)  # the cubic shift of a large plane is the other long part of a plane
             out[k] = ndimage.shift(st[k].astype(np.float64), shifts[k], order=3, mode="reflect")
         else:
             out[k] = st[k]
