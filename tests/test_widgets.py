@@ -189,10 +189,22 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
     # a refresh of a visible layer is a slice, a texture upload and a repaint on the main thread
     monkeypatch.setattr(Image, "refresh", lambda self, *a, **k: (
         drawn.append(self.name) if self.visible else None, refresh(self, *a, **k))[1])
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # shown: the canvas repaints, as for a user
     viewer.add_image(_sample((2048, 2048)), name="big", scale=(0.325, 0.325), units=("µm", "µm"))
     w = _refocus_widget(viewer, tiny_model)
     w.tile_spin.setValue(512)
+    # The end of the run shows one thing per repaint: each costs napari a texture upload, shader builds
+    # or glyph renders, and two in one repaint stalled the event loop for their sum.
+    order = []
+    viewer.window._qt_viewer.canvas._scene_canvas.events.draw.connect(lambda e: order.append("draw"))
+    for name in ("_reveal", "_show_scale", "_show_unit"):
+        original = getattr(w, name)
+
+        def shown(*a, f=original, name=name):
+            order.append(name if not a or a[0] is not None else "nothing")
+            return f(*a)
+
+        setattr(w, name, shown)
     w.run()
     during, hidden = [], []
 
@@ -213,6 +225,10 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
     np.testing.assert_allclose(viewer.layers["big refocused"].data[:64, :64], reference_output(
         _sample((2048, 2048)))[:64, :64], rtol=1e-4, atol=1e-2)
     assert fitted_in and main not in fitted_in
+    steps = [i for i, x in enumerate(order) if x not in ("draw", "nothing")]
+    assert [order[i] for i in steps] == ["_reveal", "_show_scale", "_show_unit", "_reveal"], order
+    assert all("draw" in order[a:b] for a, b in zip(steps, steps[1:], strict=False)), order
+    qtbot.waitUntil(lambda: "draw" in order[steps[-1]:], timeout=5_000)
 
 
 def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_viewer, qtbot, tmp_path, monkeypatch):

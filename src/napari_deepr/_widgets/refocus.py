@@ -28,7 +28,7 @@ from ._common import (
     set_progress,
 )
 from .refocus_form import RefocusForm
-from .refocus_layers import ResultLayers
+from .refocus_layers import ResultLayers, in_turns
 from .refocus_readout import DpmReadout
 from .refocus_run import _disk_results, _refocus_steps, _Run, layer_axes, layer_data
 
@@ -62,13 +62,12 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
         self._layers_added = False
         self._live_now = True
         self._ready = threading.Event()
-        self._out_layer = self._dpm_layer = None
+        self._out_layer = self._dpm_layer = self._trust_layer = None
         self._readout_worker = None
         self._readout_pending = False
         self._after_readout = None
         self._oor_pending = False
         self._announce = False
-        self._steps: list = []
         self._step_timer = QTimer(self)
         self._step_timer.setSingleShot(True)
         self._step_timer.setInterval(150)
@@ -146,7 +145,7 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
         # adds a bar, and a short run could otherwise finish inside that call and leave it behind.
         self._pbar = CancelableProgress(total=0, desc=f"Refocus {name}", cancel_callback=self.cancel)
         self._layers_added = False
-        self._out_layer = self._dpm_layer = None
+        self._out_layer = self._dpm_layer = self._trust_layer = None
         self._ready = threading.Event()
         self.worker = create_worker(_refocus_steps, data, model, axes, settings, self._cancel, self._ready,
                                     _start_thread=False)
@@ -197,20 +196,14 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
         self.cancel_btn.setEnabled(False)
         self._ending = (status, message, job)
         steps = []
-        if job is not None and self.job is not None and self._layers_added:
+        if job is not None and self.job is not None:
             if self._live_now:
-                steps.append(lambda: self._refresh_results(force=True))
-            else:  # shown now, one layer per turn: each costs napari one slice and texture upload
-                steps += [lambda: self._reveal(self._dpm_layer), lambda: self._reveal(self._out_layer)]
+                steps += [lambda: self._refresh_results(force=True), lambda: self._reveal(self._trust_layer)]
+            else:  # shown now, one thing per turn: a slice and texture upload, shaders, or glyphs each
+                steps += [lambda: self._reveal(self._dpm_layer), self._show_scale, self._show_unit,
+                          lambda: self._reveal(self._out_layer), lambda: self._reveal(self._trust_layer)]
         steps.append(self._complete)
-        self._steps = steps
-        self._next_step()
-
-    def _next_step(self) -> None:
-        step = self._steps.pop(0)
-        step()
-        if self._steps:
-            QTimer.singleShot(0, self._next_step)
+        in_turns(steps)
 
     def _complete(self) -> None:
         status, message, job = self._ending
@@ -230,8 +223,6 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
             if job.trust_map is not None:
                 share = trusted_fraction(np.asarray(job.trust_map))
                 done += f" {100 * share:.0f}% of the field is trustworthy (trust ≥ 0.5)."
-                if getattr(self, "_trust_layer", None) is not None:
-                    self._trust_layer.refresh()
             self.status_label.show_message(done, "ok")
             if job.dpm is not None and self._dpm_layer is not None:
                 self._fit_source = self._run

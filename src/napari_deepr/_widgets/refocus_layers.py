@@ -56,23 +56,18 @@ class ResultLayers:
         set_progress(self._pbar, 0, job.total)
         self.provider_label.show_message(self._provider_text(job))
         self._layers_added = False
-        self._out_layer = self._dpm_layer = None
+        self._out_layer = self._dpm_layer = self._trust_layer = None
         self._live_now = self._live(job)
-        ready = self._ready
 
-        def out_then_go():
-            try:
-                if self.job is job:
-                    self._add_out_layer()
-            finally:
-                ready.set()
+        def step(fn):
+            # A run that ended while its layers were being laid out (cancelled at once) adds no more.
+            return lambda: fn() if self.job is job and self.worker is not None else None
 
-        try:
-            self._add_dpm_layer()
-        except Exception:
-            ready.set()
-            raise
-        QTimer.singleShot(0, out_then_go)
+        steps = [self._add_dpm_layer]
+        if self._live_now:  # shown from the start: its colour scale and unit too, each in its own turn
+            steps += [self._show_scale, self._show_unit]
+        steps += [self._add_out_layer, self._add_trust_layer]
+        in_turns([step(s) for s in steps], last=self._ready.set)
 
     def _meta(self) -> dict:
         job, run = self.job, self._run
@@ -108,7 +103,6 @@ class ResultLayers:
         )
         self._layers_added = True
         self._place_dpm()
-        self._add_trust_layer()
         for note in self.job.notes:  # said before the tiles start
             notify("info", note)
         # The input stays selected so a second Run refocuses it again, not its result.
@@ -126,7 +120,7 @@ class ResultLayers:
             name,
             lambda: self.viewer.add_image(
                 self._expand(job.trust_map), name=name, colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.5,
-                blending="translucent", metadata=meta, **self._geo(),
+                blending="translucent", metadata=meta, visible=self._live_now, **self._geo(),
             ),
         )
 
@@ -156,7 +150,6 @@ class ResultLayers:
                 opacity=1.0, blending="translucent", metadata=dmeta, visible=self._live_now, **self._geo(),
             ),
         )
-        show_colour_scale(self._dpm_layer)
         self._place_dpm()
         self.viewer.layers.selection.active = layer
 
@@ -192,6 +185,16 @@ class ResultLayers:
             if lay is not None and lay in self.viewer.layers:
                 lay.refresh()
 
+    def _show_scale(self) -> None:
+        """The DPM's colorbar (its tick labels cost napari glyph renders the first time)."""
+        if self._dpm_layer is not None and self._dpm_layer in self.viewer.layers:
+            self._dpm_layer.colorbar.visible = True
+
+    def _show_unit(self) -> None:
+        """The DPM's unit beside its colorbar (see :func:`show_unit_beside_scale`)."""
+        if self._dpm_layer is not None and self._dpm_layer in self.viewer.layers:
+            show_unit_beside_scale(self._dpm_layer)
+
     def _reveal(self, lay) -> None:
         if lay is None or lay not in self.viewer.layers:
             return
@@ -215,8 +218,8 @@ def dpm_display(card) -> tuple[str, tuple[float, float]]:
     return DPM_COLORMAP, (-lim, lim)
 
 
-def show_colour_scale(layer) -> bool:
-    """Show the layer's colorbar with its name, and so the unit in ``(µm)``, drawn beside it.
+def show_unit_beside_scale(layer) -> bool:
+    """Draw the layer's name, and so the unit in its ``(µm)``, beside its colorbar.
 
     napari 0.9's colorbar draws tick values only; a label set on its vispy axis is never drawn (the
     overlay is sized from the tick text, so the label lands outside the canvas). The layer's own name
@@ -224,10 +227,40 @@ def show_colour_scale(layer) -> bool:
     DPM layer's name ends in "(µm)", so the unit is drawn where the colour scale is read, and both hide
     with the layer. Returns whether the name is shown (False on a napari without name overlays).
     """
-    layer.colorbar.visible = True
     overlay = getattr(layer, "name_overlay", None)
     if overlay is None:
         return False
     overlay.position = layer.colorbar.position
     overlay.visible = True
     return True
+
+
+#: Milliseconds between the steps that lay out or show results. Each step (adding a layer, showing a
+#: hidden one, its colour scale, its unit) costs napari's next repaint a slice, a texture upload,
+#: shader builds or glyph renders; a real timer (at 0 ms the next step ran before that repaint) lets
+#: each repaint happen on its own, so no two pile up in one stall of the event loop.
+TURN_MS = 15
+
+
+def in_turns(steps, last=None, delay_ms: int = TURN_MS) -> None:
+    """Run ``steps`` one per event-loop turn (the first now), then ``last``.
+
+    A step that raises drops the steps after it; ``last`` still runs (a worker waiting on it must not
+    wait for nothing).
+    """
+    pending = list(steps)
+
+    def next_step():
+        try:
+            if pending:
+                pending.pop(0)()
+        except BaseException:
+            pending.clear()
+            raise
+        finally:
+            if not pending and last is not None:
+                last()
+        if pending:
+            QTimer.singleShot(delay_ms, next_step)
+
+    next_step()
