@@ -131,9 +131,14 @@ def register_stack(
         raise ValueError(f"Expected a (Z, Y, X) stack, got shape {st.shape}.")
     z = st.shape[0]
     if reference is None:
-        flat = st.reshape(z, -1).astype(np.float64)
-        mu = flat.mean(axis=1)
-        nv = np.where(mu != 0, flat.var(axis=1) / np.where(mu != 0, mu, 1), 0)
+        # Plane by plane: a float64 copy of the whole stack is 210 MB for 25 × 1024² and took seconds
+        # on a busy CPU with no cancel point.
+        mu, var = np.empty(z), np.empty(z)
+        for k in range(z):
+            _check(cancel)
+            plane = st[k].reshape(-1).astype(np.float64)
+            mu[k], var[k] = plane.mean(), plane.var()
+        nv = np.where(mu != 0, var / np.where(mu != 0, mu, 1), 0)
         reference = int(np.argmax(nv))
     if not 0 <= reference < z:
         raise ValueError(f"reference {reference} is outside 0..{z - 1}.")
