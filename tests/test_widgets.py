@@ -206,13 +206,19 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
 
         setattr(w, name, shown)
     w.run()
-    during, hidden = [], []
+    during, hidden, built = [], [], set()
+    canvas = viewer.window._qt_viewer.canvas
 
     def on_tile(value):
         if hasattr(value, "done"):
             if value.done == 1:
                 drawn.clear()  # from here on, tiles run
                 hidden.append([not viewer.layers[n].visible for n in ("big refocused", "big DPM (µm)")])
+                # the colour scale's visuals are built while the cores were idle (napari builds an
+                # overlay's visuals the first time it is shown), and left hidden
+                dpm = viewer.layers["big DPM (µm)"]
+                built.update(type(o).__name__ for o in canvas._layer_overlay_to_visual.get(dpm, {}))
+                built.update(["shown"] if dpm.colorbar.visible or dpm.name_overlay.visible else [])
             during.extend(n for n in drawn if n != "big")
 
     w.worker.yielded.connect(on_tile)
@@ -220,6 +226,7 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
         pass
     assert blocker.args[0] == "done" and w.job.total > 4
     assert hidden == [[True, True]]  # the layers existed before the first tile, hidden
+    assert {"ColorBarOverlay", "LayerNameOverlay"} <= built and "shown" not in built, built
     assert not during, during  # nothing of ours repainted while tiles ran
     assert viewer.layers["big refocused"].visible and viewer.layers["big DPM (µm)"].visible
     np.testing.assert_allclose(viewer.layers["big refocused"].data[:64, :64], reference_output(

@@ -35,9 +35,20 @@ class ResultLayers:
         return arr.reshape((1,) * run.lead + arr.shape)
 
     def _replace_layer(self, name: str, factory):
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        return factory()
+        layers = self.viewer.layers
+        if name in layers:
+            layers.remove(name)
+        # napari selects every layer it adds; the input stays selected (a second Run refocuses it,
+        # not its result), and selecting a layer and back cost the main thread a layer-controls
+        # switch each way. The flag is private napari API: without it, napari selects and we reselect.
+        activate = getattr(layers, "_activate_on_insert", None)
+        if activate is None:
+            return factory()
+        layers._activate_on_insert = False
+        try:
+            return factory()
+        finally:
+            layers._activate_on_insert = activate
 
     def _live(self, job: RefocusJob) -> bool:
         """Whether the result is shown while tiles run: only for planes small enough to repaint at once.
@@ -64,8 +75,14 @@ class ResultLayers:
             return lambda: fn() if self.job is job and self.worker is not None else None
 
         steps = [self._add_dpm_layer]
-        if self._live_now:  # shown from the start: its colour scale and unit too, each in its own turn
-            steps += [self._show_scale, self._show_unit]
+        if self._run.dpm:
+            # The colour scale's first draw renders its glyphs (tick values, the name with its unit):
+            # now, while the cores are idle, rather than in a repaint at the end.
+            steps += glyph_steps(self.viewer, f"0123456789-.+ {self._run.dpm_name}")
+            if self._live_now:  # shown from the start: the colour scale and unit too, each in its own turn
+                steps += [self._show_scale, self._show_unit]
+            else:  # napari builds an overlay's visuals when it is first shown: build them while hidden
+                steps += [self._build_scale, self._build_unit]
         steps += [self._add_out_layer, self._add_trust_layer]
         in_turns([step(s) for s in steps], last=self._ready.set)
 
@@ -185,6 +202,18 @@ class ResultLayers:
             if lay is not None and lay in self.viewer.layers:
                 lay.refresh()
 
+    def _build_scale(self) -> None:
+        """Let napari build the colorbar's visuals while the DPM layer is hidden (nothing is drawn)."""
+        if self._dpm_layer is not None and self._dpm_layer in self.viewer.layers:
+            self._dpm_layer.colorbar.visible = True  # builds them; a hidden layer draws no overlay
+            self._dpm_layer.colorbar.visible = False  # they stay built; shown with the result
+
+    def _build_unit(self) -> None:
+        """Let napari build the name overlay's text visual while the DPM layer is hidden."""
+        if self._dpm_layer is not None and self._dpm_layer in self.viewer.layers and show_unit_beside_scale(
+                self._dpm_layer):
+            self._dpm_layer.name_overlay.visible = False
+
     def _show_scale(self) -> None:
         """The DPM's colorbar (its tick labels cost napari glyph renders the first time)."""
         if self._dpm_layer is not None and self._dpm_layer in self.viewer.layers:
@@ -233,6 +262,30 @@ def show_unit_beside_scale(layer) -> bool:
     overlay.position = layer.colorbar.position
     overlay.visible = True
     return True
+
+
+def glyph_steps(viewer, text: str, per_step: int = 4) -> list:
+    """Steps that render the glyphs of ``text`` into the canvas's font atlas, a few per step.
+
+    napari draws canvas text with glyphs rendered on the CPU the first time each character is drawn
+    (6-25 ms each on two cores); a colorbar's first repaint rendered all of its glyphs at once. The
+    atlas belongs to the canvas and lasts for the session. napari's canvas font is private API: where
+    it is not found, there are no steps and the glyphs are rendered at first draw, as before.
+    """
+    try:
+        info = viewer.window._qt_viewer.canvas.font_info()
+        font = info.font_manager.get_font(info.face)
+    except Exception:  # noqa: BLE001 - private napari API; warming glyphs is only an optimisation
+        return []
+    chars = [c for c in dict.fromkeys(text) if not c.isspace()]
+
+    def render(chunk):
+        def step():
+            for c in chunk:
+                font[c]  # noqa: B018 - looking a glyph up renders it once into the atlas
+        return step
+
+    return [render(chars[i:i + per_step]) for i in range(0, len(chars), per_step)]
 
 
 #: Milliseconds between the steps that lay out or show results. Each step (adding a layer, showing a

@@ -86,7 +86,8 @@ class LossPlot(FigureCanvasQTAgg):
         self.ax_dpm.set_xlabel("DPM iteration", fontsize=8, **style)
         for ax in (self.ax_train, self.ax_val, self.ax_dpm):
             if ax.lines:
-                leg = ax.legend(fontsize=7, loc="upper right", facecolor="#262930", edgecolor="0.5", ncol=2)
+                # "best": the fixed upper-right corner hid the validation curves, which start high
+                leg = ax.legend(fontsize=7, loc="best", facecolor="#262930", edgecolor="0.5", ncol=2)
                 for text in leg.get_texts():
                     text.set_color("0.85")
             else:
