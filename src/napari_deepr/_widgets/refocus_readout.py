@@ -14,6 +14,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from ..engine.dpm import dpm_geometry, out_of_range_mask
 from ._common import layer_pixel_size_um, notify, one_sentence
 from .refocus_form import ROLE_KEY
+from .refocus_layers import in_turns, unselected
 from .refocus_run import _lazy
 
 #: A DPM leaving the trained range on more than this fraction of pixels triggers a warning.
@@ -80,12 +81,21 @@ class DpmReadout:
     def _on_readout_alive(self, result, ctx) -> None:
         self._readout_worker = None
         run, lay, idx, note = ctx
+        steps = []
         if result[0] == "error":
             self.readout_label.show_message(result[1], "error")
         elif lay in self.viewer.layers:
             _, geometry, plane_oor, mask, has_oor = result
-            self._show_readout(run, lay, idx, note, geometry, plane_oor, mask, has_oor)
-        if self._readout_pending:
+            self._show_readout(run, lay, idx, note, geometry, plane_oor)
+            if mask is not None:
+                # The outline of a large result is a large layer: added hidden, then shown, each in its
+                # own repaint, as the result layers are.
+                steps = [lambda: self._add_out_of_range(run, lay, mask, has_oor),
+                         lambda: self._reveal(self._oor_layer)]
+        in_turns([_alive(s) for s in steps], last=_alive(self._after_fit))
+
+    def _after_fit(self) -> None:
+        if self._readout_pending:  # the plane on screen changed while this fit ran
             self.update_readout()
             return
         self._readout_done()
@@ -95,7 +105,7 @@ class DpmReadout:
         if then is not None:
             then()
 
-    def _show_readout(self, run, lay, idx, note, geometry, plane_oor, mask, has_oor) -> None:
+    def _show_readout(self, run, lay, idx, note, geometry, plane_oor) -> None:
         card = self.job.model.card
         magnitude = card.dpm_magnitude
         lo, hi = card.defocus_range_um
@@ -122,8 +132,6 @@ class DpmReadout:
         if geometry.surface is not None:
             lay.metadata["surface_fit"] = geometry.surface.to_dict()
         lay.metadata["plane_fit"] = fit.to_dict()
-        if mask is not None:
-            self._show_out_of_range(run, lay, mask, has_oor)
         rng = f"0…{max(abs(lo), abs(hi)):g} µm" if magnitude else f"{lo:+g}…{hi:+g} µm"
         if plane_oor > OUT_OF_RANGE_WARN:
             msg = (f"{where}{100 * plane_oor:.0f}% lies beyond the trained range {rng} (yellow outline); "
@@ -139,21 +147,25 @@ class DpmReadout:
             "image are guesses. The outline layer marks those pixels in every plane.")
         self._announce = False
 
-    def _show_out_of_range(self, run, dpm_layer, mask, has_oor) -> None:
+    def _add_out_of_range(self, run, dpm_layer, mask, has_oor) -> None:
+        """The outline of the pixels beyond the trained range, in every plane; hidden until revealed."""
+        self._oor_layer = None
         if name_in(self.viewer, run.oor_name):
             self.viewer.layers.remove(run.oor_name)
         if has_oor is False:
             return
         lo, hi = self.job.model.card.defocus_range_um
         cmap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "yellow"})
-        oor = self.viewer.add_labels(
-            mask, name=run.oor_name, colormap=cmap, opacity=0.9,
-            metadata={ROLE_KEY: "out_of_range", "defocus_range_um": [lo, hi]},
-            scale=dpm_layer.scale, translate=dpm_layer.translate, units=dpm_layer.units,
-            axis_labels=dpm_layer.axis_labels,
-        )
+        with unselected(self.viewer.layers):
+            oor = self.viewer.add_labels(
+                mask, name=run.oor_name, colormap=cmap, opacity=0.9, visible=False,
+                metadata={ROLE_KEY: "out_of_range", "defocus_range_um": [lo, hi]},
+                scale=dpm_layer.scale, translate=dpm_layer.translate, units=dpm_layer.units,
+                axis_labels=dpm_layer.axis_labels,
+            )
         oor.contour = 2  # an outline keeps the image and DPM beneath readable
-        self.viewer.layers.selection.active = run.layer
+        self._oor_layer = oor
+        self.viewer.layers.selection.active = run.layer  # where napari selected it anyway
 
     def _show_focus_line(self, run, dpm_layer, geometry) -> bool:
         """A line where the fitted plane crosses focus (2-D results whose sample passes focus); shown or not."""
@@ -162,14 +174,26 @@ class DpmReadout:
             self.viewer.layers.remove(name)
         if geometry.focus_line_px is None or run.lead:  # a 2-D line is drawn for 2-D results only
             return False
-        self.viewer.add_shapes(
-            [geometry.focus_line_px], shape_type="line", name=name, edge_color="white", edge_width=3, opacity=0.9,
-            metadata={ROLE_KEY: "focus_line", "reading": geometry.reading},
-            scale=dpm_layer.scale, translate=dpm_layer.translate, units=dpm_layer.units,
-            axis_labels=dpm_layer.axis_labels,
-        )
+        with unselected(self.viewer.layers):
+            self.viewer.add_shapes(
+                [geometry.focus_line_px], shape_type="line", name=name, edge_color="white", edge_width=3,
+                opacity=0.9, metadata={ROLE_KEY: "focus_line", "reading": geometry.reading},
+                scale=dpm_layer.scale, translate=dpm_layer.translate, units=dpm_layer.units,
+                axis_labels=dpm_layer.axis_labels,
+            )
         self.viewer.layers.selection.active = run.layer
         return True
+
+
+def _alive(fn):
+    """``fn`` for a later event-loop turn: a widget closed meanwhile (Qt object deleted) ends it quietly."""
+    def call():
+        try:
+            fn()
+        except RuntimeError as exc:
+            if "deleted" not in str(exc):
+                raise
+    return call
 
 
 def _readout_job(dpm_plane, image_plane, rgb: bool, px: float, defocus_range_um, magnitude: bool, whole_dpm):
