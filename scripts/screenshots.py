@@ -56,7 +56,8 @@ def _quiet(app, viewer) -> None:
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
         toast.close()
     window = viewer.window._qt_window
-    window.resizeDocks([viewer.window._qt_viewer.dockLayerList], [330], Qt.Orientation.Horizontal)
+    qt_viewer = viewer.window._qt_viewer
+    window.resizeDocks([qt_viewer.dockLayerControls, qt_viewer.dockLayerList], [360, 360], Qt.Orientation.Horizontal)
     for _ in range(20):
         app.processEvents()
         time.sleep(0.01)

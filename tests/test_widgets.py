@@ -799,6 +799,8 @@ def test_pairs_widget_builds_after_moving_the_plane(make_napari_viewer, qtbot, s
     text = w.summary_label.text()
     assert f"{index['summary']['train_pairs']} for training" in text and "0 for validation" in text
     assert any(0 < v < m for v, m in drawn), drawn  # the dock's bar moved during the build
+    # the end has the last word, even when napari delivered it inside a progress update
+    assert w.status_label.text() == "Dataset built."
     _no_bar_left(qtbot, viewer)
 
 

@@ -469,11 +469,14 @@ class PairsWidget(QWidget):
     def _on_progress(self, done: int, total: int, msg: str) -> None:
         if self.worker is None:
             return  # a report queued before the build ended must not overwrite how it ended
+        # The label first: napari processes events while it updates the activity dock, so the build's
+        # end (_on_built) can run inside set_progress and must have the last word.
+        self.status_label.show_message(f"{msg or 'Working'} ({100 * done / max(total, 1):.0f}%)")
         pbar = self._pbar  # may be closed re-entrantly while napari's progress updates the dock
         if pbar is not None:
             set_progress(pbar, done, total or None)
-            pbar.set_description(msg or "pairs")
-        self.status_label.show_message(f"{msg or 'Working'} ({100 * done / max(total, 1):.0f}%)")
+            if self._pbar is pbar:
+                pbar.set_description(msg or "pairs")
 
     def _on_built(self, result) -> None:
         status, message, summary = result

@@ -170,9 +170,10 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
         if isinstance(value, RefocusJob):
             self._on_job(value)
             return
-        set_progress(self._pbar, value.done, value.total)
         plane = f", plane {value.plane}" if value.plane else ""
         self.status_label.show_message(f"Tile {value.done}/{value.total}{plane} on {value.provider}")
+        # after the label: napari processes events while it updates the activity dock
+        set_progress(self._pbar, value.done, value.total)
         self._refresh_results()
 
     def _on_errored(self, exc) -> None:
