@@ -6,11 +6,15 @@ refocuses a 2048 × 2048 field with the bundled model in 512-px tiles (25 tiles 
 waited. Reported separately:
 
 * ``tiles``: from Run until the last tile is done (the engine runs in a worker thread; the main
-  thread only shows progress and, throttled, the partial result);
+  thread only shows progress and, throttled, the partial result); ``start`` is its part before the
+  first tile, while the result layers are laid out;
 * ``finish``: the end of the run (the result layers completed, the DPM readout and out-of-range
   outline);
 * ``z_steps``: after refocusing every plane of a 4 × 1024² stack, how long each step of the z slider
-  takes (the readout follows the plane on screen).
+  takes (the readout follows the plane on screen);
+* ``pairs_cancel``: how long the Training pairs widget takes to stop after Cancel, pressed 1 s into
+  the registration of a 25 × 1024² stack, and 0.2, 1 and 3 s into the choice of the in-focus planes
+  (the all-in-focus fusion, then SSIM per 256-px patch), and whether anything was left on disk.
 
 Run::
 
@@ -108,6 +112,9 @@ def run_2d(app, size: int, tile: int) -> dict:
     tick.timer.start()
     marks["run"] = time.perf_counter()
     w.run()
+    # the first tile's progress: before it, the result layers are laid out while the worker waits
+    w.worker.yielded.connect(lambda v: marks.setdefault("first_tile", time.perf_counter()) if hasattr(v, "done")
+                             else None)
     _wait(app, lambda: "finished" in marks, 600)
     for _ in range(30):  # repaints the end of the run queued
         app.processEvents()
@@ -115,6 +122,7 @@ def run_2d(app, size: int, tile: int) -> dict:
     marks["settled"] = time.perf_counter()
     tick.timer.stop()
     tiles = tick.gaps(marks["run"], marks["last_tile"])
+    start = tick.gaps(marks["run"], marks.get("first_tile", marks["last_tile"]))
     end = tick.gaps(marks["last_tile"], marks["settled"])
     out = {
         "image": f"{size}x{size}", "tile": tile, "tiles": w.job.total, "provider": w.job.provider,
@@ -122,7 +130,9 @@ def run_2d(app, size: int, tile: int) -> dict:
         "tiles_max_gap_ms": round(1000 * float(tiles.max()), 1),
         "tiles_p95_gap_ms": round(1000 * float(np.percentile(tiles, 95)), 1),
         "tiles_median_gap_ms": round(1000 * float(np.median(tiles)), 1),
+        "start_max_gap_ms": round(1000 * float(start.max()), 1),
         "finish_max_gap_ms": round(1000 * float(end.max()), 1),
+        "finish_gaps_over_100ms": [round(1000 * float(g)) for g in end if g > 0.1],
         "status": w.status_label.text(),
         "napari_add_2048_layer_ms_idle": round(add_layer_ms, 1),
     }
@@ -176,6 +186,65 @@ def run_stack_steps(app, size: int, planes: int) -> dict:
     return out
 
 
+def run_pairs_cancel(app, tiles: int, delays: list[tuple[str, float]]) -> dict:
+    """Cancel latency of the pairs widget: press Cancel ``delay`` s after the phase ``phase`` starts."""
+    import tempfile
+
+    import napari
+
+    from napari_deepr._sample_data import sample_zstack
+    from napari_deepr._widgets.pairs import PairsWidget
+
+    data, kwargs, _ = sample_zstack()[1]
+    stack = np.tile(np.asarray(data), (1, tiles, tiles))  # 25 planes of (512·tiles)² px
+    v = napari.Viewer(show=True)
+    v.add_image(stack, **kwargs)
+    w = PairsWidget(v)
+    v.window.add_dock_widget(w, name="Training pairs (Deep-R)")
+    _wait(app, lambda: w.curve is not None and w.curve_worker is None, 300)
+    w.patch_spin.setValue(256)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("ssim_edof"))  # the paper's, and the default
+    _wait(app, lambda: w.curve_worker is None, 300)
+    runs = []
+    for phase, delay in delays:
+        parent = Path(tempfile.mkdtemp(prefix="deepr-pairs-cancel-"))
+        w.out_edit.setText(str(parent / "dataset"))
+        ended, started = {}, {}
+
+        def on_progress(_done, _total, message, started=started, phase=phase):
+            if message.startswith(phase) and "t" not in started:
+                started["t"] = time.perf_counter()
+
+        def on_finished(status, _msg, ended=ended):
+            ended.update(status=status, t=time.perf_counter())
+
+        w._relay.progress.connect(on_progress)
+        w.finished.connect(on_finished)
+        w.build()
+        _wait(app, lambda e=ended, s=started, d=delay: e or ("t" in s and time.perf_counter() - s["t"] >= d), 900)
+        pressed = time.perf_counter()
+        w.cancel()
+        _wait(app, lambda e=ended: bool(e), 900)
+        w._relay.progress.disconnect(on_progress)
+        w.finished.disconnect(on_finished)
+        runs.append({"phase": phase, "cancel_after_s": delay, "status": ended["status"],
+                     "latency_s": round(ended["t"] - pressed, 2),
+                     "left_on_disk": sorted(p.name for p in parent.iterdir())})
+    v.close()
+    return {"stack": f"{stack.shape[0]}x{stack.shape[1]}x{stack.shape[2]}", "patch": 256, "runs": runs}
+
+
+def _own_settings() -> None:
+    """Point the widgets' remembered settings (QSettings, per user) at a new empty folder: a benchmark
+    must run with the defaults, and must not change what the user's napari remembers."""
+    import tempfile
+
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope,
+                      tempfile.mkdtemp(prefix="deepr-bench-settings-"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="run")
@@ -184,6 +253,9 @@ def main() -> None:
     ap.add_argument("--stack-size", type=int, default=1024)
     ap.add_argument("--planes", type=int, default=4)
     ap.add_argument("--skip-stack", action="store_true")
+    ap.add_argument("--skip-pairs", action="store_true")
+    ap.add_argument("--pairs-tiles", type=int, default=2, help="the sample z-stack tiled N × N for pairs")
+    ap.add_argument("--only-pairs", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("QT_API", "pyqt6")
@@ -192,16 +264,22 @@ def main() -> None:
 
     app = get_qapp()
     assert isinstance(app, QApplication)
+    _own_settings()
     result = {
         "label": args.label,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "load_avg_before": round(os.getloadavg()[0], 2),
-        "refocus_2d": run_2d(app, args.size, args.tile),
     }
-    if not args.skip_stack:
+    if not args.only_pairs:
+        result["refocus_2d"] = run_2d(app, args.size, args.tile)
+    if not args.skip_stack and not args.only_pairs:
         result["all_planes_z_steps"] = run_stack_steps(app, args.stack_size, args.planes)
+    if not args.skip_pairs:
+        result["pairs_cancel"] = run_pairs_cancel(app, args.pairs_tiles, [
+            ("registering", 1.0), ("finding the in-focus plane", 0.2), ("finding the in-focus plane", 1.0),
+            ("finding the in-focus plane", 3.0)])
     result["load_avg_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=1, ensure_ascii=False))
     if args.json:

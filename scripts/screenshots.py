@@ -47,6 +47,22 @@ def _viewer(title: str):
     return v
 
 
+def _quiet(app, viewer) -> None:
+    """Close napari's notification toasts (they cover the canvas) and give the layer list room for the
+    layer names (napari elides them at its default width)."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+    from qtpy.QtCore import Qt
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    window = viewer.window._qt_window
+    qt_viewer = viewer.window._qt_viewer
+    window.resizeDocks([qt_viewer.dockLayerControls, qt_viewer.dockLayerList], [360, 360], Qt.Orientation.Horizontal)
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.01)
+
+
 def _save(viewer, name: str) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.png"
@@ -93,6 +109,7 @@ def shot_refocus(app, model: Path, note: str) -> None:
         raise SystemExit("refocus did not finish in 5 minutes")
     print("refocus:", w.status_label.text(), "|", w.readout_label.text(), "|", w.range_label.text())
     v.reset_view()
+    _quiet(app, v)
     _save(v, "refocus")
     v.close()
 
@@ -118,6 +135,7 @@ def shot_through_focus(app, model: Path, note: str) -> None:
         raise SystemExit("refocus did not finish in 5 minutes")
     print("through focus:", w.status_label.text(), "|", w.readout_label.text())
     v.reset_view()
+    _quiet(app, v)
     _save(v, "refocus_through_focus")
     v.close()
 
@@ -131,12 +149,20 @@ def shot_pairs(app) -> None:
         v.add_image(data, **kw)
     w = PairsWidget(v)
     v.window.add_dock_widget(w, name="Training pairs (Deep-R)", area="right")
-    w.method_combo.setCurrentIndex(w.method_combo.findData("nvar"))
     if not _wait(app, lambda: w.curve is not None and w.curve_worker is None, 120):
         raise SystemExit("focus curve did not finish")
-    w.out_edit.setText(str(Path(tempfile.gettempdir()) / "deepr-pairs-dataset"))
-    print("pairs: automatic in-focus plane", w.auto_plane)
+    print("pairs: automatic in-focus plane", w.auto_plane, "by", w.method_combo.currentText())
+    # In use: the default (paper) in-focus method, a ±4 µm range, and the dataset built.
+    w.range_spin.setValue(4.0)
+    w.out_edit.setText(tempfile.mkdtemp(prefix="deepr-shot-pairs-") + "/dataset")
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))
+    w.build()
+    if not _wait(app, lambda: bool(ended), 600):
+        raise SystemExit("building pairs did not finish in 10 minutes")
+    print("pairs:", ended[0][0], "|", w.summary_label.text())
     v.reset_view()
+    _quiet(app, v)
     _save(v, "pairs")
     v.close()
 
@@ -164,6 +190,7 @@ def shot_training(app, iterations: int) -> None:
     _wait(app, lambda: w.process is None, 540)
     print("training:", w.status.text(), "|", w.message.text())
     v.reset_view()
+    _quiet(app, v)
     _save(v, "training")
     v.close()
 
@@ -181,6 +208,12 @@ def main(argv=None) -> int:
 
     app = get_qapp()
     assert isinstance(app, QApplication)
+    # The widgets remember their settings per user (QSettings): the shots start from the defaults and
+    # leave the user's remembered settings alone.
+    from qtpy.QtCore import QSettings
+
+    settings_dir = tempfile.mkdtemp(prefix="deepr-shot-settings-")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir)
     which = args.only or ["refocus", "through_focus", "pairs", "training"]
     with tempfile.TemporaryDirectory() as tmp:
         if "refocus" in which:

@@ -133,3 +133,48 @@ def test_register_stack_stops_at_once_when_cancelled():
     with pytest.raises(Cancelled):
         register_stack(stack, cancel=cancel)
     assert len(calls) == 3
+
+
+def test_in_focus_choice_stops_at_once_when_cancelled():
+    """The paper's in-focus choice (all-in-focus fusion, then SSIM per patch) takes seconds on a large
+    stack: a cancel is honoured inside the fusion and before every patch, and progress rises per patch."""
+    from napari_deepr.errors import Cancelled
+    from napari_deepr.stacks.edof import edof_wavelet
+    from napari_deepr.stacks.infocus import select_in_focus
+
+    stack = np.random.default_rng(0).normal(size=(6, 64, 64))
+    calls = []
+    with pytest.raises(Cancelled):
+        edof_wavelet(stack, cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3  # stopped before the third plane's transform
+
+    seen = []
+    edof = edof_wavelet(stack)
+    with pytest.raises(Cancelled):
+        select_in_focus(stack, crop=16, edof=edof, progress=seen.append, cancel=lambda: len(seen) >= 5)
+    assert seen == [k / 16 for k in range(1, 6)]  # 5 of 16 patches, then stopped
+    full = []
+    out = select_in_focus(stack, crop=16, edof=edof, progress=full.append)
+    assert full[-1] == 1.0 and len(full) == 16
+    np.testing.assert_array_equal(out, select_in_focus(stack, crop=16, edof=edof))
+
+
+def test_edof_fused_plane_by_plane_equals_the_stacked_fusion():
+    """The fusion keeps one band of one plane in memory at a time (a cancel point per plane); it must
+    pick exactly what the stacked (Z, 3, h, w) maximum-activity rule picks, ties to the first plane."""
+    import pywt
+    from scipy import ndimage
+
+    from napari_deepr.stacks.edof import edof_wavelet
+
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 4, size=(5, 70, 90)).astype(np.float64)  # small integers: many ties
+    wav, lev = pywt.Wavelet("db4"), 2
+    coeffs = [pywt.wavedec2(p, wav, mode="symmetric", level=lev) for p in stack]
+    fused = [np.mean([c[0] for c in coeffs], axis=0)]
+    for j in range(1, lev + 1):
+        bands = np.stack([np.stack(c[j]) for c in coeffs])
+        choice = ndimage.median_filter(np.argmax(np.abs(bands).sum(axis=1), axis=0), size=3, mode="nearest")
+        fused.append(tuple(np.take_along_axis(bands, choice[None, None], axis=0)[0]))
+    expected = pywt.waverec2(fused, wav, mode="symmetric")[:70, :90].astype(np.float32)
+    np.testing.assert_array_equal(edof_wavelet(stack, level=lev), expected)

@@ -47,6 +47,29 @@ def _run_and_wait(qtbot, w, timeout=60_000):
     return blocker.args
 
 
+def _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm):
+    """What vispy draws for the DPM layer: its colorbar, and next to it (same corner, touching, same
+    top) a text holding "µm". napari 0.9.2's colorbar has no label of its own."""
+    canvas = viewer.window._qt_viewer.canvas
+    drawn = canvas._layer_overlay_to_visual[dpm]
+    bar, name = drawn[dpm.colorbar], drawn[dpm.name_overlay]
+
+    def placed():
+        canvas._update_overlay_canvas_positions()
+        return bar.node.visible and name.node.visible and name.x_size > 0
+
+    qtbot.waitUntil(placed, timeout=5_000)
+    assert "µm" in name.node.text and dpm.colorbar.position == dpm.name_overlay.position
+    bx, by = bar.node.transform.translate[:2]
+    nx, ny = name.node.transform.translate[:2]
+    gap = bx - (nx + name.x_size)  # the text sits left of the bar, separated by napari's tile padding
+    assert 0 <= gap <= 20 and abs(by - ny) < 1, (bx, by, nx, ny, name.x_size)
+    # and both hide with the layer, so a hidden DPM leaves no orphan scale or label
+    dpm.visible = False
+    assert not bar.node.visible and not name.node.visible
+    dpm.visible = True
+
+
 def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     img = _sample()
@@ -73,8 +96,7 @@ def test_refocus_2d_layers_scale_colormap_colorbar(make_napari_viewer, qtbot, ti
     # a signed model: diverging around focus, ± the trained range, µm on the colorbar
     assert dpm.colormap.name == "RdBu_r"
     assert tuple(dpm.contrast_limits) == (-5.0, 5.0)
-    # µm: in the name, the metadata and the colorbar label asked of vispy (napari 0.9.2 does not draw it)
-    assert dpm.colorbar.visible and dpm.metadata["colorbar_label"] == "µm" and "(µm)" in dpm.name
+    _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm)
     # the DPM does not tint the result: it lies under it, opaque, until "Overlay" is ticked
     layers = list(viewer.layers)
     assert layers.index(dpm) < layers.index(out) and dpm.opacity == 1.0 and not w.overlay_check.isChecked()
@@ -119,7 +141,8 @@ def test_refocus_magnitude_dpm_is_sequential_from_zero(make_napari_viewer, qtbot
     assert status == "done", msg
     dpm = viewer.layers["img DPM (µm)"]
     assert dpm.colormap.name == "magma" and tuple(dpm.contrast_limits) == (0.0, 4.0)
-    assert dpm.metadata["colorbar_label"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    assert dpm.metadata["units"] == "µm" and dpm.metadata["dpm_target"] == "|defocus|"
+    _assert_unit_drawn_beside_colour_scale(qtbot, viewer, dpm)
     assert w.readout_label.text().startswith("Mean |defocus|")
     assert "0…4 µm" in w.range_label.text()
 
@@ -155,7 +178,7 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
 
     from napari.layers import Image
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_readout as wmod
 
     main = threading.get_ident()
     fitted_in, drawn = [], []
@@ -166,18 +189,36 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
     # a refresh of a visible layer is a slice, a texture upload and a repaint on the main thread
     monkeypatch.setattr(Image, "refresh", lambda self, *a, **k: (
         drawn.append(self.name) if self.visible else None, refresh(self, *a, **k))[1])
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # shown: the canvas repaints, as for a user
     viewer.add_image(_sample((2048, 2048)), name="big", scale=(0.325, 0.325), units=("µm", "µm"))
     w = _refocus_widget(viewer, tiny_model)
     w.tile_spin.setValue(512)
+    # The end of the run shows one thing per repaint: each costs napari a texture upload, shader builds
+    # or glyph renders, and two in one repaint stalled the event loop for their sum.
+    order = []
+    viewer.window._qt_viewer.canvas._scene_canvas.events.draw.connect(lambda e: order.append("draw"))
+    for name in ("_reveal", "_show_scale", "_show_unit"):
+        original = getattr(w, name)
+
+        def shown(*a, f=original, name=name):
+            order.append(name if not a else a[0].name if a[0] is not None else "nothing")
+            return f(*a)
+
+        setattr(w, name, shown)
     w.run()
-    during, hidden = [], []
+    during, hidden, built = [], [], set()
+    canvas = viewer.window._qt_viewer.canvas
 
     def on_tile(value):
         if hasattr(value, "done"):
             if value.done == 1:
                 drawn.clear()  # from here on, tiles run
                 hidden.append([not viewer.layers[n].visible for n in ("big refocused", "big DPM (µm)")])
+                # the colour scale's visuals are built while the cores were idle (napari builds an
+                # overlay's visuals the first time it is shown), and left hidden
+                dpm = viewer.layers["big DPM (µm)"]
+                built.update(type(o).__name__ for o in canvas._layer_overlay_to_visual.get(dpm, {}))
+                built.update(["shown"] if dpm.colorbar.visible or dpm.name_overlay.visible else [])
             during.extend(n for n in drawn if n != "big")
 
     w.worker.yielded.connect(on_tile)
@@ -185,11 +226,18 @@ def test_large_result_is_not_redrawn_per_tile_and_the_fit_runs_off_the_main_thre
         pass
     assert blocker.args[0] == "done" and w.job.total > 4
     assert hidden == [[True, True]]  # the layers existed before the first tile, hidden
+    assert {"ColorBarOverlay", "LayerNameOverlay"} <= built and "shown" not in built, built
     assert not during, during  # nothing of ours repainted while tiles ran
     assert viewer.layers["big refocused"].visible and viewer.layers["big DPM (µm)"].visible
     np.testing.assert_allclose(viewer.layers["big refocused"].data[:64, :64], reference_output(
         _sample((2048, 2048)))[:64, :64], rtol=1e-4, atol=1e-2)
     assert fitted_in and main not in fitted_in
+    steps = [i for i, x in enumerate(order) if x not in ("draw", "nothing")]
+    shown = [order[i] for i in steps]
+    assert shown[:4] == ["big DPM (µm)", "_show_scale", "_show_unit", "big refocused"], order
+    assert shown[4:] in ([], ["big DPM out of range"]), order  # the outline, when the DPM leaves the range
+    assert all("draw" in order[a:b] for a, b in zip(steps, steps[1:], strict=False)), order
+    qtbot.waitUntil(lambda: "draw" in order[steps[-1]:], timeout=5_000)
 
 
 def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_viewer, qtbot, tmp_path, monkeypatch):
@@ -197,7 +245,7 @@ def test_all_planes_steps_read_the_plane_shown_off_the_main_thread(make_napari_v
     warning names that plane."""
     import threading
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_readout as wmod
 
     model = make_model_folder(tmp_path, "narrow", defocus_range_um=[-1.0, 1.0])
     main = threading.get_ident()
@@ -341,7 +389,7 @@ def test_refocus_large_result_goes_to_disk(make_napari_viewer, qtbot, tiny_model
     """A result larger than the free-memory budget is written to zarr and shown from disk, same values."""
     import zarr
 
-    from napari_deepr._widgets import refocus as wmod
+    from napari_deepr._widgets import refocus_run as wmod
 
     monkeypatch.setattr(wmod, "DISK_RESULT_FRACTION", 0.0)
     viewer = make_napari_viewer()
@@ -460,7 +508,7 @@ def test_no_model_installed_message(make_napari_viewer, monkeypatch, tmp_path):
     from napari_deepr._widgets import _common
     from napari_deepr._widgets.refocus import RefocusWidget
 
-    monkeypatch.setattr("napari_deepr._widgets.refocus.list_models", list)
+    monkeypatch.setattr("napari_deepr._widgets.refocus_form.list_models", list)
     monkeypatch.setattr(_common, "_session_models", [])
     viewer = make_napari_viewer()
     w = RefocusWidget(viewer)
@@ -751,6 +799,54 @@ def test_pairs_widget_builds_after_moving_the_plane(make_napari_viewer, qtbot, s
     text = w.summary_label.text()
     assert f"{index['summary']['train_pairs']} for training" in text and "0 for validation" in text
     assert any(0 < v < m for v, m in drawn), drawn  # the dock's bar moved during the build
+    # the end has the last word, even when napari delivered it inside a progress update
+    assert w.status_label.text() == "Dataset built."
+    _no_bar_left(qtbot, viewer)
+
+
+@pytest.mark.parametrize("phase", ["registering", "finding the in-focus plane"])
+def test_pairs_cancel_stops_the_build_and_leaves_nothing(make_napari_viewer, qtbot, sim_stack, tmp_path, monkeypatch,
+                                                         phase):
+    """Cancel during the two long steps, registration and the paper's in-focus choice (all-in-focus
+    fusion, then SSIM per patch): the worker stops before the next plane or patch, and no dataset,
+    partial folder or progress bar is left behind."""
+    from napari_deepr.stacks import infocus, register
+
+    mod, name = (register, "estimate_shift") if phase == "registering" else (infocus, "_score")
+    work, original = [], getattr(mod, name)
+
+    def slowed(*a, **k):  # each plane (registration) or patch (in-focus choice) takes 0.2 s
+        work.append(1)
+        time.sleep(0.2)
+        return original(*a, **k)
+
+    stack, _z = sim_stack  # 13 planes of 128 × 128 px: 12 planes to register, 16 patches of 32 px
+    viewer = make_napari_viewer()
+    w = _pairs_widget(qtbot, viewer, stack)
+    monkeypatch.setattr(mod, name, slowed)  # after the focus curve, which scores the stack once
+    out = tmp_path / "dataset"
+    w.out_edit.setText(str(out))
+    w.patch_spin.setValue(32)
+    w.range_spin.setValue(1.0)
+    assert w.method_combo.currentData() == "ssim_edof" and w.build_btn.isEnabled()
+    seen, at_cancel = [], []
+
+    def on_progress(done, total, message):
+        seen.append(message)
+        # the second report of the phase comes after its first plane or patch: cancel inside the loop
+        if message.startswith(phase) and seen.count(message) == 2 and not at_cancel:
+            at_cancel.append(len(work))
+            w.cancel_btn.click()
+
+    w._relay.progress.connect(on_progress)
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    status, msg = blocker.args
+    assert status == "cancelled", (msg, seen)
+    assert at_cancel and len(work) - at_cancel[0] <= 2, (at_cancel, len(work))  # the one in flight, at most
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no dataset, no partial sibling
+    assert w.summary is None and w.build_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert "Cancelled" in w.status_label.text()
     _no_bar_left(qtbot, viewer)
 
 

@@ -5,9 +5,9 @@ Qt and napari are imported here (and only in the front-end modules), never in th
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -242,10 +242,8 @@ def remember(group: str, controls: dict[str, QWidget]) -> None:
     store = settings_store()
     for name, w in controls.items():
         key = f"{group}/{name}"
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # a value from another version of the widget: keep the default
             _restore(w, store.value(key))
-        except (TypeError, ValueError):
-            pass  # a value from another version of the widget: keep the default
         signal = {QComboBox: "currentIndexChanged", QSpinBox: "valueChanged", QDoubleSpinBox: "valueChanged",
                   QLineEdit: "textChanged"}.get(type(w), "toggled")
         if isinstance(w, QAbstractButton):
@@ -301,30 +299,3 @@ class Throttle:
             self._last = now
             return True
         return False
-
-
-def find_layer(viewer, name: str):
-    """The layer called ``name`` in ``viewer``, or None."""
-    try:
-        return viewer.layers[name]
-    except (KeyError, ValueError):
-        return None
-
-
-def safe_call(fn: Callable, *args, label: MessageLabel | None = None, what: str = "This step"):
-    """Call ``fn``; a user error becomes one sentence in ``label`` and a notification, never a traceback.
-
-    Returns the function's result, or None when it failed.
-    """
-    from ..errors import DeepRError
-
-    try:
-        return fn(*args)
-    except (DeepRError, ValueError, OSError) as exc:
-        msg = one_sentence(exc)
-    except Exception as exc:  # noqa: BLE001 - anything else is still reported as one sentence, not swallowed
-        msg = f"{what} failed ({type(exc).__name__}: {one_sentence(exc)})."
-    if label is not None:
-        label.show_message(msg, "error")
-    notify("error", msg)
-    return None

@@ -54,6 +54,8 @@ def select_in_focus(
     method: str = "ssim_edof",
     crop: int | None = None,
     edof: np.ndarray | None = None,
+    cancel=None,
+    progress=None,
 ) -> int | np.ndarray:
     """Index of the in-focus plane, for the whole field or per crop.
 
@@ -70,6 +72,11 @@ def select_in_focus(
         Side of non-overlapping square crops; None scores the whole field.
     edof : numpy.ndarray, optional
         Precomputed EDOF for ``"ssim_edof"`` (computed with :func:`edof_wavelet` otherwise).
+    cancel : callable, optional
+        Checked in the EDOF fusion and before every crop; returning True raises
+        :class:`~napari_deepr.errors.Cancelled` (a large stack takes seconds per step).
+    progress : callable, optional
+        ``progress(fraction)`` after the EDOF and after every crop.
 
     Returns
     -------
@@ -83,7 +90,7 @@ def select_in_focus(
         raise ValueError(f"Unknown in-focus method {method!r}; choose one of {FOCUS_METHODS}.")
     ref = None
     if method == "ssim_edof":
-        ref = edof_wavelet(st) if edof is None else np.asarray(edof, dtype=np.float64)
+        ref = edof_wavelet(st, cancel=cancel) if edof is None else np.asarray(edof, dtype=np.float64)
         if ref.shape != st.shape[1:]:
             raise ValueError(f"EDOF shape {ref.shape} differs from the planes {st.shape[1:]}.")
     if crop is None:
@@ -95,7 +102,13 @@ def select_in_focus(
     out = np.empty((ny, nx), dtype=int)
     for i in range(ny):
         for j in range(nx):
+            if cancel is not None and cancel():
+                from ..errors import Cancelled
+
+                raise Cancelled("Choosing the in-focus planes was cancelled.")
             sl = (slice(i * crop, (i + 1) * crop), slice(j * crop, (j + 1) * crop))
             sub_ref = None if ref is None else ref[sl]
             out[i, j] = int(np.argmax(_score(st[(slice(None),) + sl], method, sub_ref)))
+            if progress is not None:
+                progress((i * nx + j + 1) / (ny * nx))
     return out

@@ -346,8 +346,14 @@ def build_pairs(
                 progress(fi / len(fields), f"registering {f.name}")
             stack = np.asarray(f.data, dtype=np.float32)
             shifts = np.zeros((stack.shape[0], 2))
+            # Each field's share of the bar: registration 0-0.4, in-focus planes 0.4-0.7, crops 0.7-1.
+            def share(lo, hi, message, fi=fi):
+                return None if not progress else (
+                    lambda frac: progress((fi + lo + (hi - lo) * frac) / len(fields), message))
+
             if register:
-                stack, shifts = register_stack(stack, cancel=cancel)
+                stack, shifts = register_stack(stack, cancel=cancel,
+                                               progress=share(0.0, 0.4, f"registering {f.name}"))
             _check(cancel)
             if progress:
                 progress((fi + 0.4) / len(fields), f"finding the in-focus plane of {f.name}")
@@ -355,9 +361,11 @@ def build_pairs(
                 ny, nx = stack.shape[1] // patch, stack.shape[2] // patch
                 focus = np.full((ny, nx), int(infocus_index))
             else:
-                focus = np.asarray(select_in_focus(stack, method=focus_method, crop=patch)).reshape(
-                    stack.shape[1] // patch, stack.shape[2] // patch
-                )
+                focus = np.asarray(select_in_focus(
+                    stack, method=focus_method, crop=patch, cancel=cancel,
+                    progress=share(0.4, 0.7, f"finding the in-focus plane of {f.name}"),
+                )).reshape(stack.shape[1] // patch, stack.shape[2] // patch)
+            crop_progress = share(0.7, 1.0, f"writing the pairs of {f.name}")
             half = int(np.floor(range_um / f.z_step_um + 1e-6))
             ids = []
             for i in range(focus.shape[0]):
@@ -379,6 +387,8 @@ def build_pairs(
                     for pos, z in enumerate(zs):
                         pairs.append({"crop": cid, "plane": pos, "z_um": z, "split": crop_split})
                     ids.append(cid)
+                    if crop_progress:
+                        crop_progress((i * focus.shape[1] + j + 1) / focus.size)
             field_records.append({
                 "id": fi, "source": f.source, "series": f.series, "name": f.name,
                 "shape": list(stack.shape), "z_step_um": f.z_step_um, "pixel_size_um": f.pixel_size_um,
