@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engine.contract import PAIRS_INDEX_FILE
 from ..errors import Cancelled, DeepRError
 from ..science.focus import FOCUS_MEASURES
 from ..stacks.infocus import FOCUS_METHODS
@@ -245,7 +246,7 @@ class PairsWidget(FocusCurve, QWidget):
             p = Path(out).expanduser()
             if p.exists() and not p.is_dir():
                 reasons[self.out_edit] = f"{p.name} is a file; choose a folder."
-            elif p.is_dir() and (p / "index.json").is_file():
+            elif p.is_dir() and (p / PAIRS_INDEX_FILE).is_file():
                 note = f"{p.name} already holds a pairs dataset; building replaces it."
             elif p.is_dir() and any(p.iterdir()):
                 reasons[self.out_edit] = f"{p.name} holds other files; choose an empty or new folder."

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engine.contract import GENERATOR_FILE
 from ..engine.domain import model_for_image, preflight
 from ..engine.model import DEFAULT_MODEL, list_models, load_model
 from ..engine.providers import available_providers
@@ -239,7 +240,7 @@ class RefocusForm(QWidget):
         m = model_for_image("rgb" if getattr(layer, "rgb", False) else "minisblack", models, DEFAULT_MODEL)
         if m is None:
             return
-        path = m.root if m.root.joinpath("generator.onnx") == m.generator_path else m.generator_path
+        path = m.root if m.root.joinpath(GENERATOR_FILE) == m.generator_path else m.generator_path
         idx = self.model_combo.findData(str(path))
         if idx < 0 or idx == self.model_combo.currentIndex():
             return
@@ -278,7 +279,7 @@ class RefocusForm(QWidget):
         except DeepRError:
             installed = []
         for m in installed:
-            paths.append(m.root if m.root.joinpath("generator.onnx") == m.generator_path else m.generator_path)
+            paths.append(m.root if m.root.joinpath(GENERATOR_FILE) == m.generator_path else m.generator_path)
             self.model_combo.addItem(f"{m.name}  (installed)", str(paths[-1]))
         for p in session_models():
             if p not in paths:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from qtpy.QtCore import QProcess, QProcessEnvironment, QTimer, Signal
 
+from ..engine.contract import GENERATOR_FILE, STOP_FILE
 from ._common import notify, register_model
 from .training_events import TrainerEvents
 from .training_form import TrainingForm, torch_available
 from .training_plot import LossPlot, format_seconds
-
-STOP_FILE = "STOP"
 
 
 class TrainingWidget(TrainerEvents, TrainingForm):
@@ -175,7 +174,7 @@ class TrainingWidget(TrainerEvents, TrainingForm):
             msg = "Stopped; a checkpoint was saved, press Resume to continue."
             self.status.show_message(msg, "warning")
         else:
-            ok = self.model_dir is not None and (self.model_dir / "generator.onnx").is_file()
+            ok = self.model_dir is not None and (self.model_dir / GENERATOR_FILE).is_file()
             self.use_btn.setEnabled(ok)
             msg = f"Training finished; the model is in {self.model_dir}." if ok else \
                 "Training finished but no exported model was found (was --no-export given?)."
@@ -186,7 +185,7 @@ class TrainingWidget(TrainerEvents, TrainingForm):
     # ------------------------------------------------------------------ hand-over
     def use_model(self) -> None:
         """Add the trained model to the refocus widgets' pickers and choose it (opening one if needed)."""
-        if self.model_dir is None or not (self.model_dir / "generator.onnx").is_file():
+        if self.model_dir is None or not (self.model_dir / GENERATOR_FILE).is_file():
             self.message.show_message("No exported model to use yet.", "error")
             return
         from . import _common

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.contract import PAIRS_INDEX_FILE
 from ._common import notify
 from .training_plot import format_seconds
 
@@ -122,7 +123,7 @@ class TrainerEvents:
         ds = Path(self.dataset_edit.text().strip()).expanduser()
         try:
             if ds.is_dir():
-                px = (json.loads((ds / "index.json").read_text()).get("optics") or {}).get("pixel_size_um")
+                px = (json.loads((ds / PAIRS_INDEX_FILE).read_text()).get("optics") or {}).get("pixel_size_um")
                 return float(px) if px else None
             from ..optics.psf import OPTICS_20X_075
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
+from ..engine.contract import CHECKPOINT_FILE, PAIRS_INDEX_FILE
 from ._common import MessageLabel, mark_invalid, remember, settings_store
 from .training_plot import LossPlot
 
@@ -292,7 +293,7 @@ class TrainingForm(QWidget):
             p = Path(dataset).expanduser()
             if not p.exists():
                 reasons[self.dataset_edit] = f"{p.name} does not exist."
-            elif p.is_dir() and not (p / "index.json").is_file():
+            elif p.is_dir() and not (p / PAIRS_INDEX_FILE).is_file():
                 reasons[self.dataset_edit] = (f"{p.name} holds no index.json, so it is not a pairs dataset; "
                                               "build one with the Training pairs widget.")
             elif p.is_file() and p.suffix.lower() != ".json":
@@ -330,7 +331,7 @@ class TrainingForm(QWidget):
 
     def _update_resume(self, *_) -> None:
         out = self.output_edit.text().strip()
-        can = bool(out) and (Path(out) / "checkpoint.pt").is_file() and self.process is None and torch_available()
+        can = bool(out) and (Path(out) / CHECKPOINT_FILE).is_file() and self.process is None and torch_available()
         self.resume_btn.setEnabled(can)
 
     # ------------------------------------------------------------------ process
