@@ -294,14 +294,19 @@ def gpu_free_memory(device: int = 0) -> int | None:
     onnxruntime does not report it; tile and batch sizes on a GPU are chosen from it. Readings are
     reused for :data:`GPU_MEMORY_TTL_S` seconds.
     """
+    return _cached_memory(_gpu_memory_cache, device, _read_gpu_free_memory)
+
+
+def _cached_memory(cache: dict, device: int, read) -> int | None:
+    """``read(device)``, reused for :data:`GPU_MEMORY_TTL_S` seconds (asking a vendor tool costs ~0.1 s)."""
     import time
 
     now = time.monotonic()
-    hit = _gpu_memory_cache.get(device)
+    hit = cache.get(device)
     if hit is not None and now - hit[0] < GPU_MEMORY_TTL_S:
         return hit[1]
-    value = _read_gpu_free_memory(device)
-    _gpu_memory_cache[device] = (now, value)
+    value = read(device)
+    cache[device] = (now, value)
     return value
 
 
@@ -335,15 +340,7 @@ def _read_gpu_free_memory(device: int) -> int | None:
 def rocm_free_memory(device: int = 0) -> int | None:
     """Free memory of AMD GPU ``device`` in bytes (``rocm-smi``), or None if unknown; cached like
     :func:`gpu_free_memory`."""
-    import time
-
-    now = time.monotonic()
-    hit = _rocm_memory_cache.get(device)
-    if hit is not None and now - hit[0] < GPU_MEMORY_TTL_S:
-        return hit[1]
-    value = _read_rocm_free_memory(device)
-    _rocm_memory_cache[device] = (now, value)
-    return value
+    return _cached_memory(_rocm_memory_cache, device, _read_rocm_free_memory)
 
 
 _rocm_memory_cache: dict[int, tuple[float, int | None]] = {}
