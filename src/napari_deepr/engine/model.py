@@ -161,20 +161,20 @@ class ModelCard:
         return json.dumps(self.to_dict(), indent=1, default=json_default) + "\n"
 
     def write(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/model.json`` atomically (a temporary name, then a rename) after validating.
+        """Write ``folder/model.json`` atomically (a pid-named temporary, then a rename) after validating.
 
         The card is checked with :meth:`from_dict` first, so a card with a bad field is never
         written; returns the path.
         """
         text = self.to_json()
         ModelCard.from_dict(json.loads(text), source=f"the card of {self.name}")
+        from .._safety import (
+            atomic_path,  # pid-named: removed at exit, and by the next write after kill -9
+        )
+
         path = Path(folder) / CARD_FILE
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
+        with atomic_path(path) as tmp:
             tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def summary(self) -> str:
