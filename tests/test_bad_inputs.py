@@ -1393,3 +1393,28 @@ def test_channel_last_tiff_without_axes_is_explained_and_runs_with_its_axes(tmp_
 
     out = read_image(tmp_path / "out.tif")
     assert out.axes == "CYX" and out.data.shape == (2, 96, 96)
+
+
+def test_train_never_writes_over_a_model_it_did_not_train(tmp_path, tiny_model, capsys):
+    """A model folder without a training checkpoint (a bundled or downloaded model, a user's copy) is
+    refused before anything is trained, and its files stay as they were; an earlier run's folder is not."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from napari_deepr.train.__main__ import main as train_main
+
+    theirs = tmp_path / "their_model"
+    shutil.copytree(tiny_model, theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"synthetic": {"z_range_um": [-2, 2], "specimen_kinds": ["tissue"]}}))
+    rc = train_main([str(data), "-o", str(theirs), "--json", "--iterations", "1", "--from-scratch"])
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rc == 2 and events[-1]["event"] == "error" and events[-1]["kind"] == "OutputError"
+    assert "already holds a model that no training run wrote there" in events[-1]["message"]
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+    # The folder of an earlier training run (it keeps its checkpoint) passes this check.
+    from napari_deepr.train.__main__ import _refuse_a_foreign_model
+
+    (theirs / "checkpoint.pt").write_bytes(b"")
+    _refuse_a_foreign_model(theirs)

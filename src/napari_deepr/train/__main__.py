@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 # --minutes counts from here: the first thing this process does.
 T0 = time.monotonic()
@@ -147,6 +148,23 @@ def _one_sentence(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _refuse_a_foreign_model(out: Path) -> None:
+    """Refuse a model folder that holds a model no training run wrote there (its files would be replaced).
+
+    A folder of an earlier ``deepr train`` run keeps its ``checkpoint.pt`` and may be trained again;
+    a model folder without one (a bundled or downloaded model, a user's own copy) is never written over.
+    """
+    from ..engine.contract import CARD_FILE, CHECKPOINT_FILE, DPM_FILE, GENERATOR_FILE
+    from ..errors import OutputError
+
+    if not out.is_dir() or (out / CHECKPOINT_FILE).is_file():
+        return
+    held = [n for n in (GENERATOR_FILE, DPM_FILE, CARD_FILE) if (out / n).exists()]
+    if held:
+        raise OutputError(f"The model folder {out} already holds a model that no training run wrote there "
+                          f"({', '.join(held)}); give a new folder, or the folder of an earlier 'deepr train' run.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -169,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = config_from_args(args)
         config.validate()
+        _refuse_a_foreign_model(Path(args.out))
         train(config, emit, resume=args.resume, redo_dpm=args.redo_dpm, t0=T0)
     except DeepRError as exc:
         emit({"event": "error", "message": _one_sentence(exc), "kind": type(exc).__name__})
