@@ -1418,3 +1418,26 @@ def test_train_never_writes_over_a_model_it_did_not_train(tmp_path, tiny_model, 
 
     (theirs / "checkpoint.pt").write_bytes(b"")
     _refuse_a_foreign_model(theirs)
+
+
+def test_scratch_folders_of_killed_runs_are_removed_by_the_next_one(tmp_path, monkeypatch, tiny_model):
+    """Very large resampled planes use memmaps in ``deepr-work-<pid>-…`` folders of the system temp folder;
+    a run killed with -9 leaves one behind, and the next run that needs scratch removes it (live ones stay)."""
+    import tempfile
+
+    import napari_deepr as nd
+    from napari_deepr.engine import passes
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"{passes.SCRATCH_PREFIX}{_dead_pid()}-abc"
+    live = tmp_path / f"{passes.SCRATCH_PREFIX}{os.getpid()}-keep"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "0.npy").write_bytes(b"x" * 16)
+    monkeypatch.setattr(passes, "available_memory", lambda: 8)  # every work array goes to disk
+    out = nd.refocus(_img().astype(np.float32), tiny_model, pixel_size_um=0.2)  # resampled: plane by plane
+    assert out.shape == (64, 64) and np.isfinite(out).all()
+    assert not stale.exists() and live.exists()
+    # What is left belongs to this (live) process: the kept folder and this run's own scratch.
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(passes.SCRATCH_PREFIX)]
+    assert live in left and all(p.name.startswith(f"{passes.SCRATCH_PREFIX}{os.getpid()}-") for p in left)

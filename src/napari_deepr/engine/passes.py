@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +23,26 @@ from .settings import RefocusSettings, available_memory
 
 #: Rows written at a time when results go back onto the input grid without resampling.
 WRITE_ROWS = 512
+
+
+#: Scratch folders are named ``deepr-work-<pid>-…`` in the system's temporary folder.
+SCRATCH_PREFIX = "deepr-work-"
+
+
+def remove_stale_scratch() -> list[Path]:
+    """Remove scratch folders whose process is gone (a run killed with -9 cannot remove its own)."""
+    import re
+    import shutil
+
+    from .._files import _pid_alive
+
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        m = re.match(rf"{SCRATCH_PREFIX}(\d+)-", d.name)
+        if m and d.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 class Scratch:
@@ -36,7 +57,8 @@ class Scratch:
         if nbytes <= available_memory() // 8:
             return np.zeros(shape, dtype=np.float32)
         if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="deepr-work-")
+            remove_stale_scratch()
+            self._dir = tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         path = f"{self._dir.name}/{len(os.listdir(self._dir.name))}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
 
