@@ -248,8 +248,11 @@ def test_train_export_refocus(dataset, tmp_path, capsys):
     prog = [e for e in events if e["event"] == "progress" and e["phase"] == "gan"]
     assert [e["iteration"] for e in prog] == list(range(1, 41))
     assert {"berhu", "msssim", "adv", "d", "total"} <= set(prog[0]["losses"])
-    # eta_s is for the whole run (generator, DPM decoder and export), so it shrinks but stays above 0 here
-    assert prog[0]["it_s"] > 0 and 0 < prog[-1]["eta_s"] < prog[0]["eta_s"]
+    # eta_s is for the whole run (generator, DPM decoder and export): above 0 to the end, and it shrinks
+    # while the step rate holds (it follows the measured rate, so a machine that slows down lengthens it).
+    assert prog[0]["it_s"] > 0 and all(0 < e["eta_s"] < 1e4 for e in prog)
+    if prog[-1]["it_s"] >= 0.8 * prog[0]["it_s"]:
+        assert prog[-1]["eta_s"] < prog[0]["eta_s"]
     val = [e for e in events if e["event"] == "validation" and e["phase"] == "gan"]
     # the generator starts as the identity, so validation BerHu starts at the input's; it must fall
     first, last = val[0]["metrics"], val[-1]["metrics"]
