@@ -1098,14 +1098,19 @@ def test_kill_9_during_write_then_rerun_cleans_up(tiny_model, tmp_path):
     assert io.read_image(out).data.shape == (64, 64)
 
 
+def _terminate(proc) -> tuple[int, str]:
+    """SIGTERM to a running ``deepr``; its exit code and what it printed on stderr."""
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    return rc, proc.stderr.read()
+
+
 def test_sigterm_during_write_removes_the_temporary(tiny_model, tmp_path):
     src = io.write_image(tmp_path / "in.tif", _img(), axes="YX")
     before = _snapshot(tmp_path)
     proc = _py(_SLOW_WRITE, "refocus", src, "-o", tmp_path / "out.tif", "--model", tiny_model, "-q")
     _wait_for(proc, "WRITING")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    err = proc.stderr.read()
+    rc, err = _terminate(proc)
     assert rc == 130 and "Traceback" not in err, err
     assert _snapshot(tmp_path) == before
 
@@ -1113,9 +1118,7 @@ def test_sigterm_during_write_removes_the_temporary(tiny_model, tmp_path):
 def test_sigterm_during_simulate_write_removes_the_temporary(tmp_path):
     proc = _py(_SLOW_WRITE, "simulate", "-o", tmp_path / "sim", "--size", "64", "--z", "1")
     _wait_for(proc, "WRITING")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    err = proc.stderr.read()
+    rc, err = _terminate(proc)
     assert rc == 130 and "Traceback" not in err, err
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
 
@@ -1139,9 +1142,7 @@ def test_sigterm_during_compute_writes_nothing(tiny_model, tmp_path):
     before = _snapshot(tmp_path)
     proc = _py(_SLOW_COMPUTE, "refocus", src, "-o", tmp_path / "out.tif", "--model", tiny_model, "-q")
     _wait_for(proc, "COMPUTING")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    err = proc.stderr.read()
+    rc, err = _terminate(proc)
     assert rc == 130 and "Traceback" not in err and "cancelled" in err, err
     assert _snapshot(tmp_path) == before
 
@@ -1167,9 +1168,7 @@ def test_sigterm_during_pairs_leaves_the_previous_dataset_and_no_temporary(tmp_p
     before = _snapshot(tmp_path)
     proc = _py(_SLOW_PAIRS, *args)
     _wait_for(proc, "WRITING")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    err = proc.stderr.read()
+    rc, err = _terminate(proc)
     assert rc == 130 and "Traceback" not in err, err
     assert _snapshot(tmp_path) == before
 
@@ -1272,9 +1271,7 @@ def test_sigterm_during_quantize_leaves_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_QUANTIZE, "quantize", str(model)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(proc, "CALIBRATING")
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(30)
-    err = proc.stderr.read()
+    rc, err = _terminate(proc)
     assert rc == 130 and "Traceback" not in err and "cancelled" in err, err
     assert _snapshot(model) == before
     assert _temp_leftovers(systmp) == []
