@@ -178,3 +178,57 @@ def test_edof_fused_plane_by_plane_equals_the_stacked_fusion():
         fused.append(tuple(np.take_along_axis(bands, choice[None, None], axis=0)[0]))
     expected = pywt.waverec2(fused, wav, mode="symmetric")[:70, :90].astype(np.float32)
     np.testing.assert_array_equal(edof_wavelet(stack, level=lev), expected)
+
+
+def test_focus_per_field_takes_one_plane_for_the_whole_field(tmp_path):
+    """--focus-per field: every crop of a tilted field gets the one plane the whole-field rule picks,
+    the plane where the field's mean height is in focus; per crop they follow the tilt."""
+    shape = (256, 64)
+    angle = float(np.degrees(np.arctan(4.5 / (shape[0] * PX))))
+    offset = tilt_dpm(shape, PX, angle)
+    st = _stack(1, shape, offset)
+    build_pairs([st], tmp_path / "crop", z_step_um=0.5, range_um=2.0, patch=64)
+    build_pairs([st], tmp_path / "field", z_step_um=0.5, range_um=2.0, patch=64, focus_per="field")
+    per_crop = [c["infocus_plane"] for c in load_pairs(tmp_path / "crop").crops]
+    ds = load_pairs(tmp_path / "field")
+    per_field = {c["infocus_plane"] for c in ds.crops}
+    assert len(set(per_crop)) >= 3 and len(per_field) == 1
+    mid = int(np.argmin(np.abs(Z + offset.mean())))
+    assert abs(per_field.pop() - mid) <= 1
+    assert ds.index["focus_per"] == "field"
+    with pytest.raises(PairsError, match="focus_per"):
+        build_pairs([st], tmp_path / "bad", z_step_um=0.5, range_um=2.0, patch=64, focus_per="tile")
+
+
+def test_pixel_size_out_resamples_the_stacks_first(tmp_path):
+    """--pixel-size-out: a 0.26 µm stack comes out at 0.325 µm; a Gaussian bead's width scales by 0.8."""
+    from napari_deepr.io import ImageData
+
+    yy, xx = np.mgrid[:256, :256].astype(float)
+    sigma = 6.0
+    plane = 100 + 1000 * np.exp(-((yy - 128.0) ** 2 + (xx - 128.0) ** 2) / (2 * sigma ** 2))
+    st = np.stack([plane * (1 + 0.01 * k) for k in range(9)]).astype(np.float32)
+    img = ImageData(st, "ZYX", 0.26, 0.5, {}, "bead")
+    summary = build_pairs([img], tmp_path / "ds", range_um=1.0, patch=64, register=False,
+                          pixel_size_out_um=0.325, infocus_index=4)
+    ds = load_pairs(tmp_path / "ds")
+    assert ds.index["optics"]["pixel_size_um"] == pytest.approx(0.325)
+    rec = ds.index["fields"][0]
+    assert rec["resampled_from_um"] == pytest.approx(0.26) and rec["shape"][1:] == [205, 205]
+    assert summary["crops"] == 9  # 205 px hold 3 × 3 crops of 64 px
+    # Re-assemble the centre crop (64-128 px) and measure the bead's width by its second moment.
+    centre = next(c for c in ds.crops if c["y"] == 64 and c["x"] == 64)
+    a = tifffile.imread(tmp_path / "ds" / centre["file"])[centre["target"]].astype(float) - 100 * 1.04
+    a = np.clip(a, 0, None)
+    gy, gx = np.mgrid[:64, :64].astype(float)
+    cy, cx = (a * gy).sum() / a.sum(), (a * gx).sum() / a.sum()
+    width = np.sqrt((a * ((gy - cy) ** 2 + (gx - cx) ** 2)).sum() / a.sum() / 2)
+    assert width == pytest.approx(sigma * 0.26 / 0.325, rel=0.03)
+    # An uncalibrated stack cannot be resampled until its pixel size is given.
+    with pytest.raises(PairsError, match="does not record its pixel size"):
+        build_pairs([st], tmp_path / "u", z_step_um=0.5, range_um=1.0, patch=64, pixel_size_out_um=0.325)
+    build_pairs([st], tmp_path / "u", z_step_um=0.5, range_um=1.0, patch=64, pixel_size_out_um=0.325,
+                pixel_size_um=0.26, register=False, infocus_index=4)
+    assert load_pairs(tmp_path / "u").index["fields"][0]["shape"][1:] == [205, 205]
+    with pytest.raises(PairsError, match="positive"):
+        build_pairs([st], tmp_path / "v", z_step_um=0.5, range_um=1.0, patch=64, pixel_size_out_um=-1)

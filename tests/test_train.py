@@ -567,3 +567,78 @@ def test_console_speaks_sentences(capsys):
     assert "fine-tuning deepr-fluo-20x (chosen because its card matches the dataset)" in text
     assert "warning: The dataset spans ±6 µm" in text and "run ETA 7:50" in text
     assert "whole run 7:58 of a 8:00 budget (99.6 %)" in text and "{" not in text
+
+
+def test_parent_is_scored_at_the_sampling_the_engine_runs_it():
+    """A parent with another pixel size is scored on validation pairs resampled to its sampling and back
+    (as the engine runs it): geometry checked with an identity network on a smooth field, and a detail
+    finer than the parent's pixels is gone, as it is for the engine."""
+    from napari_deepr.train.parent import scale_ratio
+    from napari_deepr.train.validation import ValidationMixin
+
+    assert scale_ratio({"pixel_size_um": 0.325}, {"optics": {"pixel_size_um": 0.26}}) == pytest.approx(0.8)
+    assert scale_ratio({"pixel_size_um": 0.325}, {"optics": {"pixel_size_um": 0.33}}) is None  # within 5 %
+    assert scale_ratio({"pixel_size_um": 0.325}, {"optics": {}}) is None
+
+    class Identity(torch.nn.Module):
+        def forward_with_features(self, x):
+            assert x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0  # padded to the network's multiple
+            return x, (x,)
+
+    class Probe(ValidationMixin):
+        device = torch.device("cpu")
+        cl = torch.contiguous_format
+        G = Identity()
+
+        def Dec(self, x):
+            return x
+
+        def _autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+        def _to(self, a):
+            return torch.from_numpy(a)
+
+    yy, xx = np.mgrid[:64, :64].astype(np.float32)
+    smooth = np.sin(yy / 9.0) + np.cos(xx / 7.0)
+    fine = np.where((yy + xx) % 2 == 0, 1.0, -1.0).astype(np.float32)  # the Nyquist checkerboard
+    x = torch.from_numpy(np.stack([smooth, fine])[:, None])
+    out, dpm = Probe()._run_at_scale(x, 0.5, True)
+    assert out.shape == x.shape and torch.equal(out, dpm)
+    inner = (slice(None), 0, slice(4, -4), slice(4, -4))
+    assert float((out[0] - x[0])[inner[1:]].abs().max()) < 0.05  # the smooth field comes back in place
+    assert float(out[1][inner[1:]].abs().max()) < 0.05  # the finest detail does not survive 2× coarser pixels
+    same, _ = Probe()._run_at_scale(x, None, False)
+    assert torch.equal(same, x)
+
+
+def test_verdict_scores_a_parent_of_another_pixel_size_resampled(dataset, tmp_path, capsys):
+    """End to end: the dataset at 0.26 µm, the parent at 0.325 µm: the parent is scored as the engine
+    would run it (resampled by 0.8×), which changes its score, and the verdict says so."""
+    import shutil
+
+    data = tmp_path / "pairs26"
+    shutil.copytree(dataset, data)
+    index = json.loads((data / "index.json").read_text())
+    index["optics"]["pixel_size_um"] = 0.26
+    (data / "index.json").write_text(json.dumps(index))
+    parent = tmp_path / "parent"
+    rc, _ = _run([str(dataset), "-o", str(parent), "--iterations", "2", "--val-every", "100", "--dpm-iterations", "0",
+                  "--val-pairs", "6", "--from-scratch", *TINY], capsys)
+    assert rc == 0
+    card = json.loads((parent / "model.json").read_text())
+    card["pixel_size_um"] = 0.325
+    (parent / "model.json").write_text(json.dumps(card))
+    child = tmp_path / "child"
+    rc, events = _run([str(data), "-o", str(child), "--init-from", str(parent), "--iterations", "1",
+                       "--val-every", "100", "--dpm-iterations", "0", "--val-pairs", "6", *TINY], capsys)
+    assert rc == 0, events[-1]
+    comp = json.loads((child / "model.json").read_text())["quality"]["parent_comparison"]
+    assert comp["parent_resampled_ratio"] == pytest.approx(0.8)
+    assert "resampled by 0.8× to its pixel size and back" in comp["verdict"]
+    # the same weights scored without resampling (the child before its one update is the parent) differ
+    parent_val = next(e for e in events if e["event"] == "validation" and e["phase"] == "parent")
+    rc, events = _run([str(dataset), "-o", str(tmp_path / "plain"), "--init-from", str(parent), "--iterations", "1",
+                       "--val-every", "100", "--dpm-iterations", "0", "--val-pairs", "6", *TINY], capsys)
+    plain_val = next(e for e in events if e["event"] == "validation" and e["phase"] == "parent")
+    assert abs(plain_val["metrics"]["ssim_output"] - parent_val["metrics"]["ssim_output"]) > 1e-3

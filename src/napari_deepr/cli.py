@@ -112,7 +112,8 @@ def cmd_pairs(args) -> int:
     summary = build_pairs(
         args.stacks, args.output, z_step_um=args.z_step, range_um=args.range, patch=args.patch,
         focus_method=args.focus_method, infocus_index=args.infocus_index, split=args.split, seed=args.seed,
-        gap_px=args.gap,
+        gap_px=args.gap, pixel_size_um=args.pixel_size, pixel_size_out_um=args.pixel_size_out,
+        focus_per=args.focus_per,
         progress=None if args.quiet else _text_progress("pairs"), cancel=stop.is_set, overwrite=args.overwrite,
     )
     print(json.dumps(summary, default=str))
@@ -300,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--patch", type=_positive_int, default=256)
     pr.add_argument("--focus-method", default="ssim_edof")
     pr.add_argument("--infocus-index", type=_nonneg_int, help="manual in-focus plane (overrides --focus-method)")
+    pr.add_argument("--focus-per", choices=("crop", "field"), default="crop",
+                    help="one in-focus plane per crop (default; follows tilt) or per field of view (flat samples of "
+                         "objects thicker than a crop's depth of field)")
+    pr.add_argument("--pixel-size", type=_positive_float, help="µm, when the files do not say (or say wrongly)")
+    pr.add_argument("--pixel-size-out", type=_positive_float,
+                    help="resample the stacks to this pixel size (µm) first, e.g. the model you fine-tune (0.325 for "
+                         "deepr-fluo-20x)")
     pr.add_argument("--split", type=_fraction, default=0.85)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--gap", type=_nonneg_int, default=None,

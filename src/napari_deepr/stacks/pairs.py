@@ -83,6 +83,7 @@ class _Field:
     series: int
     z_step_um: float
     pixel_size_um: float | None
+    resampled_from_um: float | None = None
 
 
 def _load_fields(stacks: Sequence[Any], z_step_um: float | None) -> list[_Field]:
@@ -123,6 +124,31 @@ def _load_fields(stacks: Sequence[Any], z_step_um: float | None) -> list[_Field]
     if not fields:
         raise PairsError("No z-stacks were given.")
     return fields
+
+
+def _resampled(fields: list[_Field], pixel_out: float, progress, cancel) -> list[_Field]:
+    """Every field resampled plane by plane to ``pixel_out`` µm (refused when a field's pixel size is unknown)."""
+    from ..engine.domain import SCALE_TOLERANCE, resample_plane, resampled_size
+
+    for f in fields:
+        if not f.pixel_size_um:
+            raise PairsError(f"{f.name} does not record its pixel size, so it cannot be resampled to {pixel_out:g} µm; "
+                             "give it with pixel_size_um (--pixel-size).")
+    out = []
+    for fi, f in enumerate(fields):
+        ratio = f.pixel_size_um / pixel_out
+        if abs(ratio - 1.0) <= SCALE_TOLERANCE:  # the engine would not resample either
+            out.append(f)
+            continue
+        if progress:
+            progress(0.0, f"resampling {f.name} from {f.pixel_size_um:g} to {pixel_out:g} µm")
+        shape = (resampled_size(f.data.shape[1], ratio), resampled_size(f.data.shape[2], ratio))
+        data = np.empty((f.data.shape[0],) + shape, dtype=np.float32)
+        for k in range(f.data.shape[0]):
+            _check(cancel)
+            data[k] = resample_plane(np.asarray(f.data[k], dtype=np.float32)[None], shape)[0]
+        out.append(_Field(data, f.name, f.source, f.series, f.z_step_um, float(pixel_out), float(f.pixel_size_um)))
+    return out
 
 
 def _split_fields(n: int, split: float, seed: int) -> list[str]:
@@ -228,6 +254,9 @@ def build_pairs(
     split: float = 0.85,
     seed: int = 0,
     gap_px: int | None = None,
+    pixel_size_um: float | None = None,
+    pixel_size_out_um: float | None = None,
+    focus_per: str = "crop",
     register: bool = True,
     optics: dict | None = None,
     z_sign_meaningful: bool = True,
@@ -262,6 +291,18 @@ def build_pairs(
     gap_px : int, optional
         One field only: least distance between the training and the validation region (default the
         generator's receptive-field radius; see :func:`region_split`).
+    pixel_size_um : float, optional
+        Pixel size (µm) of every stack; overrides the files' calibration and is required by
+        ``pixel_size_out_um`` for a stack that has none.
+    pixel_size_out_um : float, optional
+        Resample every stack to this pixel size first (anti-aliased, the engine's own resampling), e.g.
+        to the model to be fine-tuned: a fine-tune at the parent's sampling keeps what the parent
+        learned about scale instead of spending its steps relearning it (measured in docs/FINETUNE.md).
+    focus_per : str
+        ``"crop"`` (paper: each crop's own in-focus plane, which follows tilt and field curvature) or
+        ``"field"``: one in-focus plane per field of view by the same rule on the whole field, for flat
+        samples whose objects are thicker than a crop's depth of field (a small crop of thick nuclei
+        has no single sharpest plane, so per-crop choices scatter).
     register : bool
         Register the planes of each stack (translation, sub-pixel) before cropping.
     optics : dict, optional
@@ -305,7 +346,21 @@ def build_pairs(
     # Refused before any reading: an output holding an input (replacing it would delete the input),
     # inside an input, or a user's own folder.
     out = io.check_output_path(out_dir, *paths, overwrite=overwrite, kind="folder")
+    if focus_per not in ("crop", "field"):
+        raise PairsError(f"focus_per must be 'crop' or 'field', got {focus_per!r}.")
+    from ..engine.domain import check_pixel_size
+
+    try:
+        pixel_size_um = check_pixel_size(pixel_size_um)
+        pixel_size_out_um = check_pixel_size(pixel_size_out_um, "The output pixel size")
+    except ValueError as exc:
+        raise PairsError(str(exc)) from exc
     fields = _load_fields(stacks, z_step_um)
+    if pixel_size_um is not None:
+        for f in fields:
+            f.pixel_size_um = pixel_size_um
+    if pixel_size_out_um is not None:
+        fields = _resampled(fields, pixel_size_out_um, progress, cancel)
     for f in fields:
         extent = (f.data.shape[0] - 1) * f.z_step_um
         if 2 * range_um > extent + 1e-6:
@@ -357,9 +412,11 @@ def build_pairs(
             _check(cancel)
             if progress:
                 progress((fi + 0.4) / len(fields), f"finding the in-focus plane of {f.name}")
+            ny, nx = stack.shape[1] // patch, stack.shape[2] // patch
             if infocus_index is not None:
-                ny, nx = stack.shape[1] // patch, stack.shape[2] // patch
                 focus = np.full((ny, nx), int(infocus_index))
+            elif focus_per == "field":
+                focus = np.full((ny, nx), int(select_in_focus(stack, method=focus_method, cancel=cancel)))
             else:
                 focus = np.asarray(select_in_focus(
                     stack, method=focus_method, crop=patch, cancel=cancel,
@@ -393,6 +450,7 @@ def build_pairs(
                 "id": fi, "source": f.source, "series": f.series, "name": f.name,
                 "shape": list(stack.shape), "z_step_um": f.z_step_um, "pixel_size_um": f.pixel_size_um,
                 "split": labels[fi] if region_labels is None else "train+val (by region)",
+                "resampled_from_um": f.resampled_from_um,
                 "registration_shifts_px": np.round(shifts, 4).tolist(), "crops": ids,
                 "infocus_planes": focus.tolist(),
             })
@@ -411,6 +469,7 @@ def build_pairs(
             "range_um": float(range_um),
             "z_step_um": steps.pop() if len(steps) == 1 else "per-field",
             "focus_method": "manual" if infocus_index is not None else focus_method,
+            "focus_per": "field" if infocus_index is not None else focus_per,
             "registered": bool(register),
             "seed": int(seed),
             "split_fraction": float(split),

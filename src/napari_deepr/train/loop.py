@@ -88,7 +88,7 @@ from .config import (
 )
 from .data import DatasetError, Source, defocus_bins, open_source
 from .nets import Discriminator, DPMDecoder, Generator, count_parameters
-from .parent import Parent, choose_parent, mismatches, resolve_parent
+from .parent import Parent, choose_parent, mismatches, resolve_parent, scale_ratio
 from .phases import PhasesMixin
 from .validation import ValidationMixin
 
@@ -347,10 +347,11 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
             t0 = time.monotonic()
             if self.parent is not None:
                 self.status(f"scoring the parent {self.parent.name} on the {len(self.val[2])} validation pairs")
-                m = self.evaluate(with_dpm=self.parent_has_dpm)
+                ratio = scale_ratio(self.parent.card, self.source.info)
+                m = self.evaluate(with_dpm=self.parent_has_dpm, ratio=ratio)
                 m.pop("_preview")
                 self.parent_eval = {"name": self.parent.name, "metrics": {k: v for k, v in m.items() if k != "per_z"},
-                                    "per_z": m["per_z"]}
+                                    "per_z": m["per_z"], "resampled_ratio": ratio}
                 self.emit("validation", phase="parent", iteration=0, metrics=m, parent=self.parent.name)
             else:
                 self.status(f"scoring the untrained network on the {len(self.val[2])} validation pairs")

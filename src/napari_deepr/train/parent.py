@@ -112,12 +112,14 @@ def mismatches(card: dict, info: dict, modality: str | None) -> tuple[list[str],
         if ratio > PIXEL_REFUSE_RATIO:
             refuse.append(
                 f"{name} was trained at {ppx:g} µm pixels but the dataset has {px:g} µm ({ratio:.1f}x apart), so its "
-                "features do not fit; resample the stacks, choose another --init-from, or use --from-scratch."
+                "features do not fit; rebuild the pairs at its sampling (deepr pairs --pixel-size-out "
+                f"{ppx:g}), choose another --init-from, or use --from-scratch."
             )
         elif ratio - 1 > PIXEL_TOLERANCE:
             warn.append(
                 f"{name} was trained at {ppx:g} µm pixels and the dataset has {px:g} µm ({100 * (ratio - 1):.0f} % apart); "
-                f"the fine-tuned model is for {px:g} µm."
+                f"the fine-tuned model is for {px:g} µm and must relearn the scale; rebuilding the pairs at "
+                f"{ppx:g} µm (deepr pairs --pixel-size-out {ppx:g}) keeps the parent's scale."
             )
     elif ppx and not px:
         warn.append(f"The dataset does not record its pixel size, so it could not be checked against {name}'s {ppx:g} µm.")
@@ -131,6 +133,21 @@ def mismatches(card: dict, info: dict, modality: str | None) -> tuple[list[str],
     if na and pna and abs(na - pna) / pna > PIXEL_TOLERANCE:
         warn.append(f"{name} was trained for NA {pna:g} and the dataset says NA {na:g}.")
     return refuse, warn
+
+
+def scale_ratio(card: dict, info: dict) -> float | None:
+    """Dataset ÷ model pixel size when the engine would resample for this model (beyond its 5 %
+    tolerance), else None (equal, or either unknown).
+
+    The trainer scores a parent at this ratio, as the engine would run it on the dataset's images.
+    """
+    from ..engine.domain import SCALE_TOLERANCE
+
+    px, ppx = (info.get("optics") or {}).get("pixel_size_um"), card.get("pixel_size_um")
+    if not (px and ppx):
+        return None
+    ratio = float(px) / float(ppx)
+    return ratio if abs(ratio - 1.0) > SCALE_TOLERANCE else None
 
 
 def matches(card: dict, info: dict, modality: str | None) -> bool:

@@ -19,14 +19,45 @@ class ValidationMixin:
     ``parent_eval``.
     """
 
+    def _run_at_scale(self, x: torch.Tensor, ratio: float | None, with_dpm: bool):
+        """The generator's output (and DPM) for ``x``; with ``ratio`` (data ÷ network pixel size), run
+        on ``x`` resampled to the network's sampling and resample the results back, as the engine
+        does for a model whose pixel size differs from the image's."""
+        if ratio is None:
+            with self._autocast():
+                out, feats = self.G.forward_with_features(x)
+                dpm = self.Dec(*feats) if with_dpm else None
+            return out.float(), None if dpm is None else dpm.float()
+        from ..engine.domain import resample_plane, resampled_size
+        from .nets import TILE_MULTIPLE
+
+        n, c, h, w = x.shape
+        hs, ws = resampled_size(h, ratio), resampled_size(w, ratio)
+        ph, pw = -hs % TILE_MULTIPLE, -ws % TILE_MULTIPLE
+        xs = np.stack([resample_plane(a, (hs, ws)) for a in x.float().cpu().numpy()])
+        xs = np.pad(xs, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="symmetric")
+        with self._autocast():
+            out, feats = self.G.forward_with_features(self._to(np.ascontiguousarray(xs)))
+            dpm = self.Dec(*feats) if with_dpm else None
+
+        def back(t):
+            a = t.float().cpu().numpy()[:, :, :hs, :ws]
+            return torch.from_numpy(np.stack([resample_plane(b, (h, w)) for b in a])).to(self.device)
+
+        return back(out), None if dpm is None else back(dpm)
+
     @torch.no_grad()
-    def evaluate(self, with_dpm: bool = False) -> dict:
+    def evaluate(self, with_dpm: bool = False, ratio: float | None = None) -> dict:
         """Score the validation set: BerHu, SSIM and RMSE of input and output, per defocus bin.
 
         Parameters
         ----------
         with_dpm : bool
             Also report the DPM decoder's mean absolute error (µm) per bin.
+        ratio : float, optional
+            Data pixel size ÷ the networks' pixel size: score the networks as the engine runs them on
+            such data, on the validation pairs resampled to their sampling and back (used for a
+            parent trained at another pixel size).
 
         Returns
         -------
@@ -47,9 +78,7 @@ class ValidationMixin:
             x = self._to(x_all[s:s + bs])
             y = self._to(y_all[s:s + bs])
             # Same precision as training (bf16 where native): fp32 on channels-last weights is ~5x slower.
-            with self._autocast():
-                out, feats = self.G.forward_with_features(x)
-            out = out.float()
+            out, dpm = self._run_at_scale(x, ratio, with_dpm)
             outputs[s:s + bs] = out.float().cpu().numpy()
             sl = slice(s, s + len(x))
             rec["berhu_in"][sl] = L.berhu(x, y, self.cfg.berhu_frac, reduce=False).cpu().numpy()
@@ -59,8 +88,6 @@ class ValidationMixin:
             rec["rmse_in"][sl] = ((x - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
             rec["rmse_out"][sl] = ((out - y) ** 2).flatten(1).mean(1).sqrt().cpu().numpy()
             if with_dpm:
-                with self._autocast():
-                    dpm = self.Dec(*feats).float()
                 z = self._dpm_target(torch.as_tensor(z_all[sl], device=self.device))
                 # Scored where the in-focus target has structure (same rule as the training weight).
                 mask = (L.structure_weight(y, floor=0.0) > 0).float()
@@ -140,11 +167,13 @@ class ValidationMixin:
             return None
         pm = pe["metrics"]
         better = m["ssim_output"] > pm["ssim_output"] and m["berhu"] <= pm["berhu"]
-        words = (f"on the same {m['n']} validation pairs the fine-tuned model is "
+        how = (f" (the parent run as the engine runs it on these images: resampled by {pe['resampled_ratio']:.3g}× "
+               "to its pixel size and back)" if pe.get("resampled_ratio") else "")
+        words = (f"on the same {m['n']} validation pairs{how} the fine-tuned model is "
                  f"{'better than' if better else 'NOT better than'} its parent {pe['name']}: SSIM "
                  f"{m['ssim_output']:.3f} vs {pm['ssim_output']:.3f} (input {m['ssim_input']:.3f}), BerHu "
                  f"{m['berhu']:.4f} vs {pm['berhu']:.4f}")
-        out = {"parent": pe["name"], "better": bool(better), "ssim_output": m["ssim_output"],
+        out = {"parent": pe["name"], "better": bool(better), "parent_resampled_ratio": pe.get("resampled_ratio"), "ssim_output": m["ssim_output"],
                "parent_ssim_output": pm["ssim_output"], "berhu": m["berhu"], "parent_berhu": pm["berhu"],
                "ssim_input": m["ssim_input"], "n": m["n"],
                "per_z": [{"z_um": r["z_um"], "n": r["n"], "ssim_input": r["ssim_input"], "ssim_output": r["ssim_output"],
