@@ -135,7 +135,7 @@ def _resampled(fields: list[_Field], pixel_out: float, progress, cancel) -> list
             raise PairsError(f"{f.name} does not record its pixel size, so it cannot be resampled to {pixel_out:g} µm; "
                              "give it with pixel_size_um (--pixel-size).")
     out = []
-    for fi, f in enumerate(fields):
+    for f in fields:
         ratio = f.pixel_size_um / pixel_out
         if abs(ratio - 1.0) <= SCALE_TOLERANCE:  # the engine would not resample either
             out.append(f)
