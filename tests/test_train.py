@@ -642,3 +642,47 @@ def test_verdict_scores_a_parent_of_another_pixel_size_resampled(dataset, tmp_pa
                        "--val-every", "100", "--dpm-iterations", "0", "--val-pairs", "6", *TINY], capsys)
     plain_val = next(e for e in events if e["event"] == "validation" and e["phase"] == "parent")
     assert abs(plain_val["metrics"]["ssim_output"] - parent_val["metrics"]["ssim_output"]) > 1e-3
+
+
+def test_replay_mixes_the_parents_recipe_into_batches(dataset, tmp_path, capsys):
+    """--replay: about that share of each batch is simulated by the parent's recorded recipe (told apart
+    by its continuous defocus; the dataset's lies on a 0.5 µm grid), validation is the dataset's alone,
+    and a parent that records no recipe is said to train on the dataset alone."""
+    from napari_deepr.train.data import open_source
+    from napari_deepr.train.replay import ReplaySource, parent_recipe
+
+    recipe = {"z_range_um": [-3.0, 3.0], "specimen_kinds": ["beads", "nuclei"],
+              "optics": {"na": 0.75, "wavelength_um": 0.55, "pixel_size_um": 0.325}}
+    parent_dir = tmp_path / "parent"
+    parent_dir.mkdir()
+    (parent_dir / "train_config.json").write_text(json.dumps({"synthetic": dict(recipe, real_images_dir="x")}))
+    assert parent_recipe(parent_dir) == recipe  # real images are not shipped with a model, so not replayed
+    user = open_source(dataset, None, val_pairs=6)
+    mixed = ReplaySource(open_source(dataset, None, val_pairs=6), recipe, 0.25, seed=1)
+    rng = np.random.default_rng(0)
+    z = np.concatenate([mixed.sample(rng, 8)[2] for _ in range(50)])
+    simulated = np.abs(z * 2 - np.round(z * 2)) > 1e-4
+    assert 0.18 < simulated.mean() < 0.32 and np.abs(z[simulated]).max() <= 3.0
+    x, y, _ = mixed.sample(rng, 4)
+    assert x.shape == y.shape == (4, 1, user.patch, user.patch)
+    for a, b in zip(mixed.validation(), user.validation()):
+        assert np.array_equal(a, b)
+    with pytest.raises(Exception, match="between 0 and 1"):
+        ReplaySource(user, recipe, 1.0)
+
+    # end to end: a tiny parent with a recipe, then one without
+    parent = tmp_path / "tiny"
+    rc, _ = _run([str(dataset), "-o", str(parent), "--iterations", "1", "--val-every", "100", "--dpm-iterations", "0",
+                  "--val-pairs", "4", "--from-scratch", *TINY], capsys)
+    assert rc == 0
+    rc, events = _run([str(dataset), "-o", str(tmp_path / "c1"), "--init-from", str(parent), "--iterations", "1",
+                       "--val-every", "100", "--dpm-iterations", "0", "--val-pairs", "4", "--replay", "0.5", *TINY], capsys)
+    start = next(e for e in events if e["event"] == "start")
+    assert rc == 0 and any("train_config.json" in w for w in start["warnings"])
+    (parent / "train_config.json").write_text(json.dumps({"synthetic": recipe}))
+    rc, events = _run([str(dataset), "-o", str(tmp_path / "c2"), "--init-from", str(parent), "--iterations", "2",
+                       "--val-every", "100", "--dpm-iterations", "0", "--val-pairs", "4", "--replay", "0.5", *TINY], capsys)
+    start = next(e for e in events if e["event"] == "start")
+    assert rc == 0 and any("rehearsal" in n for n in start["notes"])
+    comp = json.loads((tmp_path / "c2" / "model.json").read_text())["quality"]["parent_comparison"]
+    assert comp["n"] == start["validation_pairs"] > 0  # the dataset's pairs only
