@@ -12,7 +12,8 @@ planes at the model's sampling; cached in ``--cache``) and the untrusted share i
 shipped map (the engine's, on the input grid) and, on the model grid, for the map before issue 16
 (``v1``), the spread-and-range map of the retuning (``new``), that map with the residual's ceiling
 (``hybrid``, :data:`~napari_deepr.engine.trust.RESIDUAL_WEIGHT`), the shipped one recomputed, and each
-component alone. The cache keeps the engine's map of the run that made it: clear it after changing
+component alone, and the normalised-residual forms of ``trust_tune.py excess`` at the weights its rule chose
+(read from ``--excess``, default docs/trust_tune_excess.json; none of them is shipped). The cache keeps the engine's map of the run that made it: clear it after changing
 the map.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trust_tune import capture_run, hybrid, v1_trust, variant  # noqa: E402
+from trust_tune import capture_run, excess_term, excess_trust, hybrid, v1_trust, variant  # noqa: E402
 
 from napari_deepr.engine import trust as T  # noqa: E402
 from napari_deepr.engine.model import load_model  # noqa: E402
@@ -86,6 +87,7 @@ def main() -> int:
     ap.add_argument("--cache", default="/tmp/deepr_trust_real")
     ap.add_argument("--out", default=None)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--excess", default="docs/trust_tune_excess.json", help="trust_tune.py excess output ('' to skip)")
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,12 @@ def main() -> int:
     card = model.card
     from scipy.ndimage import gaussian_filter
 
+    excess = {}
+    if args.excess and Path(args.excess).exists():
+        for form, f in json.loads(Path(args.excess).read_text())["forms"].items():
+            if f["chosen_w"]:
+                table = tuple(np.asarray(t) for t in f["table"]) if isinstance(f["table"], list) else f["table"]
+                excess[f"excess: {form}, w {f['chosen_w']:g}"] = excess_trust(f["chosen_w"], excess_term(form, table))
     res, figs = {}, []
     for name in CASES:
         img, out, eng, pl = captured(name, model, cache)
@@ -111,6 +119,7 @@ def main() -> int:
             "new part: 3.3 spread σ1": variant(beyond="none")(pl, card),
         }
         res[name] = {k: share(v) for k, v in comp.items()}
+        res[name].update({k: share(m(pl, card)) for k, m in excess.items()})
         res[name]["median residual"] = round(float(np.median(pl["residual"])), 3)
         print(name, json.dumps(res[name], ensure_ascii=False), flush=True)
         figs.append((name, pl, comp))
