@@ -3,7 +3,8 @@
     python scripts/trust_real.py [--cache /tmp/deepr_trust_real] [--out docs/trust_real.json] [--png FILE]
 
 Cases (real files, none used for tuning): the DSB 2018 nuclei image read at the WRONG pixel size
-(0.325 µm, the model's, where the model invents fragments) and at its right one (0.65 µm); in-focus
+(0.325 µm, the model's, where the model invents fragments) -- uncalibrated, so the engine assumes it, and
+told so by a user -- and at its right one (0.65 µm); in-focus
 fields (SEPHACE DAPI, BBBC022, a CTC frame, cells3d plane 30) that should be ~all trusted; defocused
 planes of confocal stacks (cells3d planes 10 and 0, beads plane 5).
 
@@ -37,6 +38,7 @@ from napari_deepr.engine.model import load_model  # noqa: E402
 REAL = Path("/work/shared/data/real")
 HELD = Path.home() / ".cache/napari-deepr/heldout"
 CASES = {
+    "dsb_uncalibrated_(assumed_0.325,_wrong)": (HELD / "dsb2018_nuclei_2d.tif", None, None),
     "dsb_at_0.325_(wrong)": (HELD / "dsb2018_nuclei_2d.tif", 0.325, None),
     "dsb_at_0.65_(right)": (HELD / "dsb2018_nuclei_2d.tif", 0.65, None),
     "sephace_dapi2_infocus": (REAL / "sephace_dapi_set2_2d.tif", None, None),
@@ -106,7 +108,9 @@ def main() -> int:
         img, out, eng, pl = captured(name, model, cache)
         pl["beyond"] = T.beyond_range(pl["xz"], pl["dpm"], card)
         pl["residual"] = T.range_residual(pl["xz"], pl["yz"], card)
-        shipped, parts = T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card, y=pl["yz"])
+        # What the engine knew of the pixel size: the case's number, or nothing (a bare array: unknown).
+        shipped, parts = T.trust_map(pl["xz"], pl["spread"], pl["dpm"], card, y=pl["yz"],
+                                     scale_known=CASES[name][1] is not None)
         comp = {
             "v1 (before issue 16)": v1_trust(pl, card),
             "new (3.3 spread ⊕ beyond·signal)": variant()(pl, card),
@@ -121,6 +125,7 @@ def main() -> int:
         res[name] = {k: share(v) for k, v in comp.items()}
         res[name].update({k: share(m(pl, card)) for k, m in excess.items()})
         res[name]["median residual"] = round(float(np.median(pl["residual"])), 3)
+        res[name]["shipped recipe"] = parts["recipe"]
         print(name, json.dumps(res[name], ensure_ascii=False), flush=True)
         figs.append((name, pl, comp))
     if args.out:

@@ -27,12 +27,11 @@ def _z(a):
     return (a - a.mean()) / a.std()
 
 
-def test_doubt_is_high_where_the_error_is_high(monkeypatch):
+def test_doubt_is_high_where_the_error_is_high():
     """Measured when written (128², 8 passes): per-field ρ 0.63 / 0.71 / 0.60, pooled 0.75, median
     |error| ÷ doubt 1.49 / 0.75 / 0.77. The recipe before issue 16's tuning (spread σ 4 px ⊕ forward-model
-    residual) gave per-field ρ 0.09 / 0.09 / 0.26 on the same fields. That v1 map is shipped again (it
-    flags a real wrong-pixel-size image, docs/TRUST.md); this checks the retuned map it can be switched to."""
-    monkeypatch.setattr(T, "RECIPE", "spread")
+    residual) gave per-field ρ 0.09 / 0.09 / 0.26 on the same fields. With the pixel size given, the
+    shipped "by-scale" recipe makes this retuned map; v1 only where the scale was assumed."""
     model = load_model("default")
     card = model.card
     optics = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=card.pixel_size_um)
@@ -44,6 +43,7 @@ def test_doubt_is_high_where_the_error_is_high(monkeypatch):
         x = defocus(obj, z, optics, photons=800, rng=np.random.default_rng(seed + 1)).astype(np.float32)
         job = RefocusJob(x, model, trust=8, pixel_size_um=card.pixel_size_um)
         out, trust = job.run()
+        assert job.trust_parts["recipe"] == "spread"
         err = np.abs(_z(out) - truth)[c].ravel()
         doubt = (1 - trust)[c].ravel()
         rho = spearmanr(err, doubt).statistic
@@ -84,15 +84,20 @@ def _explained_and_unexplained(card):
 
 
 def test_v1_map_flags_an_output_the_optics_cannot_explain():
-    """The shipped map (RECIPE "v1"): an output that an in-range blur turns back into the input is
-    trusted; one with structure no in-range blur of it can match (what a real image read at the wrong
-    pixel size gets: DSB 2018 at 0.325 µm, 73 % untrusted) is not, even with a zero spread."""
-    assert T.RECIPE == "v1"
+    """Where the pixel size was assumed the shipped recipe makes the v1 map: an output that an in-range
+    blur turns back into the input is trusted; one with structure no in-range blur of it can match (what
+    an uncalibrated real image read at the wrong scale gets: DSB 2018 at 0.325 µm, 73 % untrusted) is
+    not, even with a zero spread. Where the pixel size is known the retuned map does not look at that."""
+    assert T.RECIPE == "by-scale"
+    assert T.recipe_for(False) == T.recipe_for(None) == "v1" and T.recipe_for(True) == "spread"
     card = load_model("default").card
     x, y_right, y_wrong = _explained_and_unexplained(card)
     spread = np.zeros_like(x)
     t_right, p = T.trust_map(x, spread, None, card, y=y_right)
+    assert p["recipe"] == "v1"
     assert T.trusted_fraction(t_right) > 0.95 and np.median(p["residual"]) < 0.05
+    t_known, p = T.trust_map(x, spread, None, card, y=y_wrong, scale_known=True)
+    assert p["recipe"] == "spread" and p["residual"] is None and T.trusted_fraction(t_known) > 0.95
     t_wrong, p = T.trust_map(x, spread, None, card, y=y_wrong)
     assert T.trusted_fraction(t_wrong) < 0.2
     np.testing.assert_allclose(t_wrong, np.exp(-(p["residual"] / T.V1_SCALE) ** 2), rtol=1e-4, atol=1e-6)
@@ -103,8 +108,8 @@ def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input(monk
     """The forward-model residual is a ceiling (doubt ≥ RESIDUAL_WEIGHT · residual), not a term: an
     output whose in-range blur reproduces the input is left alone; one that no in-range blur can turn
     into the input (fine structure the input does not have, as when a real image is read at the wrong
-    pixel size) is doubted, whatever the spread says. (The retuned map, RECIPE "spread".)"""
-    monkeypatch.setattr(T, "RECIPE", "spread")
+    pixel size) is doubted, whatever the spread says. (RECIPE "hybrid", kept for measurements.)"""
+    monkeypatch.setattr(T, "RECIPE", "hybrid")
     card = load_model("default").card
     x, y_right, y_wrong = _explained_and_unexplained(card)
     spread = np.zeros_like(x)
@@ -119,3 +124,21 @@ def test_residual_caps_trust_only_where_the_optics_cannot_explain_the_input(monk
     assert np.median(p2["residual"]) > 0.5
     cap = 1 / (1 + (T.RESIDUAL_WEIGHT * p2["residual"] / T.DEFAULT_SCALE) ** 2)
     np.testing.assert_allclose(t2, np.minimum(t0, cap), rtol=1e-4, atol=1e-6)
+
+
+def test_engine_picks_the_map_by_what_it_knows_of_the_pixel_size():
+    """The same field: with its pixel size given the engine makes the retuned map, without it (the
+    model's sampling assumed) the stricter v1 map, and the sentence the CLI and the panel print says why."""
+    card = load_model("default").card
+    optics = Optics(na=card.na, wavelength_um=card.wavelength_um, pixel_size_um=card.pixel_size_um)
+    obj = make_specimen("nuclei", (96, 96), card.pixel_size_um, np.random.default_rng(3))
+    x = defocus(obj, 2.0, optics, photons=800, rng=np.random.default_rng(4)).astype(np.float32)
+    model = load_model("default")
+    known = RefocusJob(x, model, trust=2, pixel_size_um=card.pixel_size_um)
+    known.run()
+    assumed = RefocusJob(x, model, trust=2)
+    assumed.run()
+    assert known.trust_parts["recipe"] == "spread" and assumed.trust_parts["recipe"] == "v1"
+    assert assumed.trust_parts["residual"] is not None and known.trust_parts["residual"] is None
+    assert "pixel size is unknown" in T.trust_sentence(0.9, 2, assumed.sampling.image_um is not None)
+    assert T.trust_sentence(0.9, 2, True) == "90% of the field is trustworthy (trust ≥ 0.5, 2 passes)."

@@ -746,6 +746,20 @@ def test_pairs_widget_builds_a_dataset(make_napari_viewer, qtbot, sim_stack, tmp
     assert index["pairs"]
     assert index["z_step_um"] == pytest.approx(0.5)
     assert w.summary is not None and "Dataset written" in w.summary_label.text()
+    assert index["focus_per"] == "crop" and index["fields"][0]["resampled_from_um"] is None
+
+    # One plane for the whole field, resampled to 0.4 µm first: what the panel sets is what is built.
+    out2 = tmp_path / "dataset2"
+    w.out_edit.setText(str(out2))
+    w.field_focus_check.setChecked(True)
+    w.resample_spin.setValue(0.4)
+    with qtbot.waitSignal(w.finished, timeout=60_000) as blocker:
+        w.build_btn.click()
+    assert blocker.args[0] == "done", blocker.args[1]
+    index = json.loads((out2 / "index.json").read_text())
+    assert index["focus_per"] == "field" and len({c["infocus_plane"] for c in index["crops"]}) == 1
+    assert index["optics"]["pixel_size_um"] == pytest.approx(0.4)
+    assert index["fields"][0]["shape"][1:] == [104, 104]  # 128 px × 0.325 / 0.4
 
 
 def _controls_without_tooltip(w):

@@ -159,6 +159,23 @@ class PairsWidget(FocusCurve, QWidget):
         self.patch_spin.setToolTip("Side of the square crops cut from each plane (a multiple of 32 px); "
                                    "each crop gets its own in-focus plane, which follows tilt.")
         bform.addRow("Patch", self.patch_spin)
+        self.field_focus_check = QCheckBox("one in-focus plane for the whole field")
+        self.field_focus_check.setToolTip(
+            "The method picks one plane from the whole field instead of one per patch: for flat samples whose "
+            "objects are thicker than a patch's depth of field (small patches of thick nuclei have no single "
+            "sharpest plane).")
+        bform.addRow("", self.field_focus_check)
+        self.resample_spin = QDoubleSpinBox()
+        self.resample_spin.setRange(0.0, 100.0)
+        self.resample_spin.setDecimals(3)
+        self.resample_spin.setSingleStep(0.005)
+        self.resample_spin.setSuffix(" µm")
+        self.resample_spin.setSpecialValueText("off")
+        self.resample_spin.setToolTip(
+            "Resample the stack to this pixel size first (anti-aliased), e.g. 0.325 µm for deepr-fluo-20x when "
+            "you will fine-tune it: the fine-tune then keeps the model's scale instead of relearning it. "
+            "Needs a calibrated layer.")
+        bform.addRow("Resample to", self.resample_spin)
         self.split_spin = QDoubleSpinBox()
         self.split_spin.setRange(0.0, 0.9)
         self.split_spin.setDecimals(2)
@@ -200,7 +217,8 @@ class PairsWidget(FocusCurve, QWidget):
 
         self.zstep_spin.setToolTip("Axial step between planes (from the layer's z scale when calibrated).")
         remember("pairs", {"measure": self.measure_combo, "method": self.method_combo,
-                           "patch": self.patch_spin, "split": self.split_spin})
+                           "patch": self.patch_spin, "split": self.split_spin,
+                           "field_focus": self.field_focus_check, "resample_um": self.resample_spin})
         for w in (self.zstep_spin, self.range_spin, self.patch_spin, self.plane_spin):
             w.valueChanged.connect(self.validate)
         self.out_edit.textChanged.connect(self.validate)
@@ -298,6 +316,8 @@ class PairsWidget(FocusCurve, QWidget):
             "infocus_index": int(self.plane_spin.value()) if self.override_check.isChecked() else None,
             "split": 1.0 - self.split_spin.value(),
             "seed": 0,
+            "focus_per": "field" if self.field_focus_check.isChecked() else "crop",
+            "pixel_size_out_um": self.resample_spin.value() or None,
         }
         self._cancel = threading.Event()
         self.summary = None

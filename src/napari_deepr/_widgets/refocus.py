@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from ..engine.refocus import RefocusJob
 from ..engine.settings import RefocusSettings
-from ..engine.trust import trusted_fraction
+from ..engine.trust import trust_sentence, trusted_fraction
 from ..errors import DeepRError
 from ..layout import image_layout
 from ._common import (
@@ -221,7 +221,7 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
             done = f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}."
             if job.trust_map is not None:
                 share = trusted_fraction(np.asarray(job.trust_map))
-                done += f" {100 * share:.0f}% of the field is trustworthy (trust ≥ 0.5)."
+                done += " " + trust_sentence(share, job.passes, job.sampling.image_um is not None)
             self.status_label.show_message(done, "ok")
             if job.dpm is not None and self._dpm_layer is not None:
                 self._fit_source = self._run

@@ -143,7 +143,8 @@ def planewise_steps(job, is_cancelled) -> Iterator:
             xz = ((src - m32) / s32).mean(axis=0)
             yz = ((out0 - m32) / s32).mean(axis=0)
             # The signals of the last plane (model grid) stay, for measurements (scripts/trust_eval.py).
-            trust2d, job.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap, y=yz)
+            trust2d, job.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap, y=yz,
+                                                        scale_known=job.sampling.image_um is not None)
         _write_back(job, p, (h, w), out0, dpm0, trust2d)
         del flat
 

@@ -158,7 +158,7 @@ def write_results(job, image, out_path, *, dpm_path=None, trust_path=None, sourc
         The run's summary (output paths, provider, model, pixel size, DPM fit, trusted share).
     """
     from .. import io
-    from .trust import trusted_fraction
+    from .trust import trust_sentence, trusted_fraction
 
     say = say or (lambda line: None)
     card = job.model.card
@@ -184,12 +184,13 @@ def write_results(job, image, out_path, *, dpm_path=None, trust_path=None, sourc
         summary["dpm"] = str(Path(dpm_path).resolve())
     if trust_path:
         share = trusted_fraction(job.trust_map)
-        tmeta = dict(meta, units=TRUST_UNITS, passes=job.passes, trusted_fraction=share)
+        tmeta = dict(meta, units=TRUST_UNITS, passes=job.passes, trusted_fraction=share,
+                     recipe=(getattr(job, "trust_parts", None) or {}).get("recipe"))
         io.write_image(trust_path, job.trust_map, axes=map_axes, pixel_size_um=px, z_step_um=dz, metadata=tmeta,
                        overwrite=overwrite)
         summary["trust"] = str(Path(trust_path).resolve())
         summary["trusted_fraction"] = share
-        say(f"Trust: {100 * share:.0f}% of the field is trustworthy ({job.passes} passes).")
+        say("Trust: " + trust_sentence(share, job.passes, job.sampling.image_um is not None))
     return summary
 
 

@@ -1,13 +1,23 @@
 """Where not to trust a refocused image: a per-pixel trust map in [0, 1] (1 = trust).
 
-Two maps are implemented; :data:`RECIPE` says which one the engine makes. The shipped one is
-``"v1"``, the map as it was before issue 16: ``trust = exp(−(residual² + spread_σ4²) / 0.35²) ·
-(1 − beyond)`` (the forward-model residual, the D4 spread smoothed over 4 px, the range test as a
-factor; all three described below). It is the one that flags a real failure, a real image read at the
-wrong pixel size (DSB 2018 nuclei at 0.325 µm: 73 % untrusted against 21 %; in-focus real fields stay
-≤ 0.7 %), while the retuned map, ``"spread"`` (below), ranks the per-pixel error of simulated fields
-better (held-out ρ 0.50 against 0.43). Measurements: docs/TRUST.md, ``scripts/trust_real.py``.
-The rest of this docstring describes the ``"spread"`` map.
+Three maps are implemented; :data:`RECIPE` says which one the engine makes, and the shipped
+``"by-scale"`` chooses per image by what the engine knows of its pixel size (:func:`recipe_for`):
+
+- **pixel size known** (the file's calibration or the user's number; the image is then resampled to
+  the model's sampling): ``"spread"``, the retuned map below. It ranks the per-pixel error of held-out
+  simulated fields best (Spearman ρ 0.50 against v1's 0.43).
+- **pixel size unknown** (the model's sampling is assumed): ``"v1"``, the map as it was before issue
+  16, ``trust = exp(−(residual² + spread_σ4²) / 0.35²) · (1 − beyond)`` (the forward-model residual,
+  the D4 spread smoothed over 4 px, the range test as a factor; all three described below). An
+  assumed scale can be wrong, and a wrong scale is the failure only the forward-model residual sees:
+  the uncalibrated DSB 2018 nuclei image (0.65 µm pixels, read as 0.325 µm; the model invents
+  fragments) is 73 % untrusted with v1 and 21 % with ``"spread"``; in-focus real fields stay
+  ≤ 0.7 %. The price is a more conservative map (strongly defocused in-range regions are doubted
+  too), which giving the pixel size removes.
+
+``"hybrid"`` (``"spread"`` with the residual as a ceiling) is kept for measurements. Numbers:
+docs/TRUST.md, ``scripts/trust_eval.py``, ``scripts/trust_real.py``. The rest of this docstring
+describes the ``"spread"`` map.
 
 Everything is computed at the model's sampling on z-scored planes (zero mean, unit variance, as the
 network sees them), and the map is built from a *doubt*: a prediction of the output's local absolute
@@ -35,7 +45,7 @@ pixels (a Gaussian would round them all to 0). How well this predicts the error 
 assumed: ``scripts/trust_eval.py`` on held-out fields, after the constants were chosen on the tuning
 fields only.
 
-- **Unexplained by the optics** – a ceiling from the forward-model residual (:func:`range_residual`,
+- **Unexplained by the optics** (``"hybrid"`` only) – a ceiling from the forward-model residual (:func:`range_residual`,
   ``min_z |x − PSF(z) ⊛ y|`` over the trained range, less the input's noise): if no in-range blur of
   the output reproduces the input, the output is not the in-focus image of this input (structure
   invented at the wrong scale, another modality). ``doubt = max(doubt, RESIDUAL_WEIGHT · residual)``,
@@ -74,10 +84,11 @@ RESIDUAL_WEIGHT = 0.2
 #: Extra Gaussian σ (pixels) of the residual before its ceiling (0: per pixel, as range_residual's own σ 4 px).
 RESIDUAL_SIGMA_PX = 0.0
 #: The map the engine makes. "v1": the map before issue 16's retuning, ``exp(−(residual² + spread_σ4²) / 0.35²) ·
-#: (1 − beyond)``; "spread": the retuned map (3.3 · spread σ 1 px ⊕ beyond · signal, heavy tail) with the
-#: residual's ceiling. v1 is shipped because it is the one that flags a real failure (docs/TRUST.md, issue 16):
-#: per pixel on simulated fields the retuned map ranks the error better (held-out ρ 0.50 vs 0.43).
-RECIPE = "v1"
+#: (1 − beyond)``; "spread": the retuned map (3.3 · spread σ 1 px ⊕ beyond · signal, heavy tail); "hybrid":
+#: "spread" with the residual's ceiling; "by-scale" (shipped): "spread" where the pixel size is known, "v1" where
+#: it was assumed (:func:`recipe_for`; docs/TRUST.md, issue 16).
+RECIPE = "by-scale"
+RECIPES = ("by-scale", "v1", "spread", "hybrid")
 #: Doubt (RMS z-units) at which the v1 map's trust is exp(−1) ≈ 0.37, when the card does not say.
 V1_SCALE = 0.35
 #: Highest trust of an image the engine knows is out of domain (forced modality; pixel size off, not resampled).
@@ -241,8 +252,26 @@ def trust_of(doubt: np.ndarray, card, cap: float = 1.0) -> np.ndarray:
     return np.minimum(t, cap).astype(np.float32)
 
 
+def recipe_for(scale_known: bool | None, recipe: str | None = None) -> str:
+    """The map made for an image: :data:`RECIPE` (or ``recipe``), with ``"by-scale"`` resolved.
+
+    Parameters
+    ----------
+    scale_known : bool or None
+        Whether the image's pixel size is known (the file's or the user's); False or None when the
+        model's sampling was assumed.
+    """
+    r = RECIPE if recipe is None else recipe
+    if r not in RECIPES:
+        raise ValueError(f"Unknown trust recipe {r!r}; use one of {', '.join(RECIPES)}.")
+    if r == "by-scale":
+        return "spread" if scale_known else "v1"
+    return r
+
+
 def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, card,
-              cap: float = 1.0, y: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+              cap: float = 1.0, y: np.ndarray | None = None, scale_known: bool | None = None,
+              recipe: str | None = None) -> tuple[np.ndarray, dict]:
     """The trust map of one plane and its parts.
 
     Parameters
@@ -258,8 +287,12 @@ def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, 
         Highest trust (below 1 when the engine already knows the image is out of domain: a forced
         modality, a pixel-size mismatch with resampling off).
     y : numpy.ndarray, optional
-        The identity pass's output, z-scored with the input's mean and std: with it the forward-model
-        residual caps trust (:data:`RESIDUAL_WEIGHT`); without it the map is spread and range only.
+        The identity pass's output, z-scored with the input's mean and std: the forward-model
+        residual is computed from it (``"v1"``, ``"hybrid"``); without it the map is spread and range only.
+    scale_known : bool, optional
+        Whether the image's pixel size is known (see :func:`recipe_for`).
+    recipe : str, optional
+        Override :data:`RECIPE` (measurements).
 
     Returns
     -------
@@ -267,12 +300,14 @@ def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, 
         float32 in [0, 1].
     parts : dict
         ``spread``, ``beyond``, ``residual`` (None without ``y``), ``doubt`` and ``content_trust`` (the
-        trust before ``cap``: what the pixels alone say), for measurements (``scripts/trust_eval.py``).
+        trust before ``cap``: what the pixels alone say) and ``recipe`` (the map made), for
+        measurements (``scripts/trust_eval.py``).
     """
     from scipy.ndimage import gaussian_filter
 
+    recipe = recipe_for(scale_known, recipe)
     beyond = beyond_range(x, dpm, card)
-    if RECIPE == "v1":
+    if recipe == "v1":
         residual = None if y is None else range_residual(x, y, card)
         d2 = np.zeros(np.shape(x), np.float32) if residual is None else residual**2
         if spread is not None:
@@ -280,17 +315,28 @@ def trust_map(x: np.ndarray, spread: np.ndarray | None, dpm: np.ndarray | None, 
         scale = float((card.extra.get("trust") or {}).get("v1_scale", V1_SCALE))
         content = (np.exp(-d2 / scale**2) * (1.0 - beyond)).astype(np.float32)
         return np.minimum(content, cap).astype(np.float32), {
-            "spread": spread, "beyond": beyond, "residual": residual, "doubt": np.sqrt(d2), "content_trust": content}
+            "spread": spread, "beyond": beyond, "residual": residual, "doubt": np.sqrt(d2), "content_trust": content,
+            "recipe": recipe}
     doubt = doubt_from(spread, x, beyond)
     residual = None
-    if y is not None and RESIDUAL_WEIGHT:
+    if recipe == "hybrid" and y is not None and RESIDUAL_WEIGHT:
         residual = range_residual(x, y, card)
         if RESIDUAL_SIGMA_PX:
             residual = gaussian_filter(residual, RESIDUAL_SIGMA_PX)
         doubt = np.maximum(doubt, np.float32(RESIDUAL_WEIGHT) * residual)
     content = trust_of(doubt, card)
     return np.minimum(content, cap).astype(np.float32), {
-        "spread": spread, "beyond": beyond, "residual": residual, "doubt": doubt, "content_trust": content}
+        "spread": spread, "beyond": beyond, "residual": residual, "doubt": doubt, "content_trust": content,
+        "recipe": recipe}
+
+
+def trust_sentence(share: float, passes: int, scale_known: bool | None) -> str:
+    """What the front ends say after a run with a trust map (the same words in the CLI and the panel)."""
+    text = f"{100 * share:.0f}% of the field is trustworthy (trust ≥ 0.5, {passes} passes)"
+    if recipe_for(scale_known) == "v1" and RECIPE == "by-scale":
+        text += ("; the pixel size is unknown, so the map also asks whether the model's optics explain the output "
+                 "(a wrong assumed scale shows there) and is stricter: give the pixel size for the finer map")
+    return text + "."
 
 
 def trusted_fraction(trust: np.ndarray) -> float:
@@ -300,7 +346,7 @@ def trusted_fraction(trust: np.ndarray) -> float:
 
 
 __all__ = [
-    "D4", "DEFAULT_PASSES", "DEFAULT_SCALE", "OUT_OF_DOMAIN_CAP", "RECIPE", "RESIDUAL_SIGMA_PX", "RESIDUAL_WEIGHT", "SPREAD_GAIN", "SPREAD_SIGMA_PX", "TRUSTED",
+    "D4", "DEFAULT_PASSES", "DEFAULT_SCALE", "OUT_OF_DOMAIN_CAP", "RECIPE", "RECIPES", "recipe_for", "trust_sentence", "RESIDUAL_SIGMA_PX", "RESIDUAL_WEIGHT", "SPREAD_GAIN", "SPREAD_SIGMA_PX", "TRUSTED",
     "beyond_range", "card_optics", "defocus_grid", "doubt_from", "forward", "inverse", "noise_sigma", "passes_from",
     "range_residual", "signal_above_background", "trust_map", "trust_of", "trusted_fraction", "V1_SCALE",
 ]
