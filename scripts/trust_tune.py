@@ -76,8 +76,8 @@ def capture_run(image, model, passes, **kw):
         cur.append(((np.asarray(y, np.float64) - m) / sd).mean(axis=0))
         return y
 
-    def trust_map(x, spread, dpm, card, cap=1.0, y=None):
-        t, parts = orig[1](x, spread, dpm, card, cap=cap, y=y)
+    def trust_map(x, spread, dpm, card, cap=1.0, y=None, **kw):
+        t, parts = orig[1](x, spread, dpm, card, cap=cap, y=y, **kw)
         pz = np.stack(cur).astype(np.float32)
         planes.append({"xz": np.array(x, np.float32), "yz": pz[0], "passes_z": pz,
                        "dpm": None if dpm is None else np.array(dpm, np.float32), "cap": float(cap), "engine_trust": t})
