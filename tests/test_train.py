@@ -665,9 +665,6 @@ def test_replay_mixes_the_parents_recipe_into_batches(dataset, tmp_path, capsys)
     assert 0.18 < simulated.mean() < 0.32 and np.abs(z[simulated]).max() <= 3.0
     x, y, _ = mixed.sample(rng, 4)
     assert x.shape == y.shape == (4, 1, user.patch, user.patch)
-    # no flat in-focus target (its BerHu threshold would be zero): every target keeps unit spread
-    ys = np.concatenate([mixed._simulated(rng, 8)[1] for _ in range(10)])
-    assert len(ys) == 80 and (ys.reshape(80, -1).std(axis=1) > 0.99).all()
     for a, b in zip(mixed.validation(), user.validation()):
         assert np.array_equal(a, b)
     with pytest.raises(Exception, match="between 0 and 1"):

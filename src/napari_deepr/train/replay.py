@@ -70,28 +70,10 @@ class ReplaySource(Source):
         self.info = dict(user.info, replay={"fraction": self.fraction, "recipe": "the parent's procedural families",
                                             "specimen_kinds": recipe.get("specimen_kinds")})
 
-    def _simulated(self, rng: np.random.Generator, k: int):
-        """``k`` simulated pairs whose in-focus patch has structure.
-
-        At a fine-tune's small patches a bead's blur often reaches into a patch whose in-focus
-        content lies outside it; such a target is flat (z-scored to zeros), its BerHu threshold
-        (a fraction of the target's spread) is zero, and one such pair outweighs the batch.
-        """
-        xs, ys, zs = [], [], []
-        for _ in range(50):
-            x, y, z = self.sim.sample(rng, k)
-            keep = y.reshape(len(y), -1).std(axis=1) > 0.5
-            xs.append(x[keep])
-            ys.append(y[keep])
-            zs += [z[i] for i in np.flatnonzero(keep)]
-            if len(zs) >= k:
-                break
-        return np.concatenate(xs)[:k], np.concatenate(ys)[:k], np.asarray(zs[:k])
-
     def sample(self, rng: np.random.Generator, n: int):
         """See :meth:`Source.sample`: ``Binomial(n, fraction)`` simulated pairs, the rest the user's."""
         k = int(rng.binomial(n, self.fraction))
-        parts = ([self.user.sample(rng, n - k)] if n - k else []) + ([self._simulated(rng, k)] if k else [])
+        parts = [s.sample(rng, m) for s, m in ((self.user, n - k), (self.sim, k)) if m]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
         zs = [z for p in parts for z in (p[2] if p[2].ndim == 1 else list(p[2][:, 0]))]
