@@ -64,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--init-from", metavar="MODEL",
                    help="fine-tune from this model: a name (deepr models), a model folder, generator.onnx or a "
                         "checkpoint (default: the bundled model whose card matches the dataset)")
-    b.add_argument("--replay", type=float, default=None,
-                   help="fine-tuning: share of each batch simulated by the parent's training recipe, so the model "
-                        "keeps what it knew besides your fields (0 = off)")
     b.add_argument("--from-scratch", action="store_true",
                    help="do not start from a model (the bundled architecture, the paper's lr 5e-4 and LSGAN)")
     b.add_argument("--patience", type=int, default=None, help="early stopping after N validations without a better BerHu (0 = off; default 20)")
@@ -136,7 +133,6 @@ def config_from_args(args: argparse.Namespace):
         log_every=args.log_every if args.log_every is not None else d["log_every"].default,
         export=not args.no_export, name=args.name, version=args.version, modality=args.modality,
         tile=args.tile, overlap=args.overlap, init_from=args.init_from, from_scratch=args.from_scratch,
-        replay=args.replay,
     )
 
 

@@ -97,10 +97,6 @@ class TrainConfig:
         model whose card matches the dataset, if any (see :mod:`.parent`).
     from_scratch : bool
         Do not start from any model.
-    replay : float, optional
-        Fine-tuning on a pairs dataset: expected share of each batch simulated by the parent's own
-        training recipe (rehearsal, :mod:`.replay`); 0 turns it off. None: the default,
-        :data:`DEFAULT_REPLAY`.
     """
 
     dataset: str = ""
@@ -146,7 +142,6 @@ class TrainConfig:
     extra_card: dict = field(default_factory=dict)
     init_from: str | None = None
     from_scratch: bool = False
-    replay: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`DatasetError`-style ValueErrors for impossible settings (one sentence)."""
@@ -186,16 +181,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be zero or a positive number.")
         if self.base < 1 or self.max_channels < self.base or self.d_base < 1:
             raise ValueError("--base and --d-base must be at least 1 and --max-channels at least --base.")
-        if self.replay is not None and not (0 <= self.replay < 1):
-            raise ValueError("--replay must be at least 0 and below 1 (a share of each batch).")
         if self.from_scratch and self.init_from:
             raise ValueError("--from-scratch and --init-from contradict each other; give one of them.")
 
 
 
 DEFAULT_MINUTES = 10.0
-DEFAULT_REPLAY = 0.0
-"""Share of simulated pairs in a fine-tune's batches when ``--replay`` is not given."""
 GAN_SHARE = 0.75
 """Share of the training time (after setup and the end reserve) that goes to the generator."""
 

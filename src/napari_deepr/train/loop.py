@@ -79,7 +79,6 @@ from .checkpoint import (
 )
 from .config import (
     DEFAULT_MINUTES,
-    DEFAULT_REPLAY,
     GAN_SHARE,
     RUNTIME_KEYS,
     TrainConfig,
@@ -213,7 +212,6 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
                 self.parent = Parent(Path(p["weights"]), p.get("name", ""), dict(p.get("card") or {}), bool(p.get("auto")))
         config.validate()
         self.cfg = config
-        self._replay()
         self.threads = int(config.threads or available_cpus())
         torch.set_num_threads(self.threads)
         self.device = _resolve_device(config.device)
@@ -284,16 +282,6 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
         self.val = tuple(np.asarray(a) for a in val)
         z_step = self.source.info.get("z_step_um")
         self.bins = defocus_bins(self.range_um, z_step if isinstance(z_step, (int, float)) else None)
-
-    def _replay(self) -> None:
-        """Mix the parent's simulated pairs into a fine-tune's batches (``--replay``, :mod:`.replay`)."""
-        from .replay import with_replay
-
-        share = self.cfg.replay if self.cfg.replay is not None else DEFAULT_REPLAY
-        self.source, note, warning = with_replay(self.source, self.parent, share, explicit=bool(self.cfg.replay),
-                                                 seed=self.cfg.seed + 1000 * self.restarts)
-        self.notes += [note] if note else []
-        self.warnings += [warning] if warning else []
 
     def _defaults(self, config: TrainConfig) -> TrainConfig:
         """Fill the settings left open (None) with fine-tuning or from-scratch defaults."""
