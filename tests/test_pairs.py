@@ -232,3 +232,22 @@ def test_pixel_size_out_resamples_the_stacks_first(tmp_path):
     assert load_pairs(tmp_path / "u").index["fields"][0]["shape"][1:] == [205, 205]
     with pytest.raises(PairsError, match="positive"):
         build_pairs([st], tmp_path / "v", z_step_um=0.5, range_um=1.0, patch=64, pixel_size_out_um=-1)
+
+
+def test_cli_pairs_resamples_and_takes_one_plane_per_field(tmp_path, capsys):
+    """`deepr pairs --pixel-size-out 0.4 --focus-per field` on an uncalibrated TIFF given `--pixel-size`;
+    without the pixel size the resampling is refused in one sentence, exit 2, nothing written."""
+    from napari_deepr.cli import main
+
+    st = _stack(2)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, st.astype(np.float32))
+    assert main(["pairs", str(path), "-o", str(tmp_path / "no"), "--z-step", "0.5", "--range", "2", "--patch", "32",
+                 "--pixel-size-out", "0.4", "-q"]) == 2
+    assert "does not record its pixel size" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["pairs", str(path), "-o", str(tmp_path / "ds"), "--z-step", "0.5", "--range", "2", "--patch", "32",
+                 "--pixel-size", str(PX), "--pixel-size-out", "0.4", "--focus-per", "field", "-q"]) == 0
+    ds = load_pairs(tmp_path / "ds")
+    assert ds.index["focus_per"] == "field" and len({c["infocus_plane"] for c in ds.crops}) == 1
+    assert ds.index["optics"]["pixel_size_um"] == pytest.approx(0.4)
+    assert ds.index["fields"][0]["shape"][1:] == [104, 104] and ds.index["fields"][0]["resampled_from_um"] == PX
