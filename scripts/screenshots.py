@@ -140,6 +140,36 @@ def shot_through_focus(app, model: Path, note: str) -> None:
     v.close()
 
 
+def shot_trust(app, model: Path, note: str) -> None:
+    """An uncalibrated real image with pixels twice the model's (DSB 2018 nuclei, fetched by
+    scripts/fetch_heldout.py): the trust map is v1's, and the status line says why it is strict."""
+    import tifffile
+
+    from napari_deepr._widgets.refocus import RefocusWidget
+
+    path = Path.home() / ".cache/napari-deepr/heldout/dsb2018_nuclei_2d.tif"
+    if not path.exists():
+        print("trust: skipped,", path, "missing (python scripts/fetch_heldout.py)")
+        return
+    v = _viewer(f"napari-deepr: trust map of an uncalibrated image ({note})")
+    v.add_image(tifffile.imread(path).astype("float32"), name="DSB 2018 nuclei (uncalibrated; really 0.65 µm px)")
+    w = RefocusWidget(v)
+    v.window.add_dock_widget(w, name="Refocus (Deep-R)", area="right")
+    w.set_model(model)
+    w.refresh_layers(select=v.layers[0])
+    w.trust_check.setChecked(True)
+    ended = []
+    w.finished.connect(lambda *a: ended.append(a))
+    w.run()
+    if not _wait(app, lambda: bool(ended), 600):
+        raise SystemExit("refocus with trust did not finish in 10 minutes")
+    print("trust:", w.status_label.text())
+    v.reset_view()
+    _quiet(app, v)
+    _save(v, "trust_uncalibrated")
+    v.close()
+
+
 def shot_pairs(app) -> None:
     from napari_deepr._sample_data import sample_zstack
     from napari_deepr._widgets.pairs import PairsWidget
@@ -200,7 +230,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model folder or .onnx for the refocus shot")
     p.add_argument("--iterations", type=int, default=40, help="training iterations for the training shot")
-    p.add_argument("--only", nargs="*", choices=("refocus", "through_focus", "pairs", "training"))
+    p.add_argument("--only", nargs="*", choices=("refocus", "through_focus", "pairs", "training", "trust"))
     args = p.parse_args(argv)
     import napari  # noqa: F401  (creates the Qt application napari expects)
     from napari._qt.qt_event_loop import get_qapp
@@ -214,7 +244,7 @@ def main(argv=None) -> int:
 
     settings_dir = tempfile.mkdtemp(prefix="deepr-shot-settings-")
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir)
-    which = args.only or ["refocus", "through_focus", "pairs", "training"]
+    which = args.only or ["refocus", "through_focus", "pairs", "training", "trust"]
     with tempfile.TemporaryDirectory() as tmp:
         if "refocus" in which:
             model, note = _model(args.model, Path(tmp))
@@ -223,6 +253,9 @@ def main(argv=None) -> int:
         if "through_focus" in which:
             model, note = _model(args.model, Path(tmp))
             shot_through_focus(app, model, note)
+        if "trust" in which:
+            model, note = _model(args.model, Path(tmp))
+            shot_trust(app, model, note)
         if "pairs" in which:
             shot_pairs(app)
         if "training" in which:

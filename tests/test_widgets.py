@@ -960,3 +960,8 @@ def test_refocus_widget_shows_modality_and_trust(make_napari_viewer, qtbot):
     assert status == "done", msg
     trust = viewer.layers["he trust"].data
     assert trust.shape == (96, 96) and "trustworthy" in w.status_label.text()
+    # an uncalibrated image gets the strict map, and the status line says so
+    assert "pixel size is unknown, so the map also asks" in w.status_label.text()
+    # red to green, unlike the DPM's map, whose colour scale may be on screen
+    cmap = viewer.layers["he trust"].colormap
+    np.testing.assert_allclose(cmap.map(np.array([0.0, 1.0]))[:, :3], [[0.85, 0.12, 0.10], [0.15, 0.70, 0.25]], atol=1e-6)

@@ -22,6 +22,9 @@ from .refocus_run import _lazy
 DPM_COLORMAP = "RdBu_r"
 #: Sequential colormap for a |defocus| DPM: dark in focus, bright far from it.
 DPM_MAGNITUDE_COLORMAP = "magma"
+#: Red (untrusted) through yellow (trust 0.5) to green (trusted): unlike any DPM map, so the DPM's colour
+#: scale is never read against it.
+TRUST_COLORS = ((0.85, 0.12, 0.10, 1.0), (1.0, 0.85, 0.15, 1.0), (0.15, 0.70, 0.25, 1.0))
 #: Planes up to this many pixels are shown while their tiles run (a repaint of them is cheap).
 LIVE_PREVIEW_MAX_PX = 1024 * 1024
 
@@ -124,7 +127,7 @@ class ResultLayers:
         self._trust_layer = self._replace_layer(
             name,
             lambda: self.viewer.add_image(
-                self._expand(job.trust_map), name=name, colormap="magma", contrast_limits=(0.0, 1.0), opacity=0.5,
+                self._expand(job.trust_map), name=name, colormap=trust_colormap(), contrast_limits=(0.0, 1.0), opacity=0.5,
                 blending="translucent", metadata=meta, visible=self._live_now, **self._geo(),
             ),
         )
@@ -221,6 +224,13 @@ class ResultLayers:
             lay.refresh()
         else:
             lay.visible = True  # napari refreshes a layer when it becomes visible
+
+
+def trust_colormap():
+    """The trust layer's colormap (:data:`TRUST_COLORS`, trust 0 to 1)."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(colors=TRUST_COLORS, controls=(0.0, 0.5, 1.0), name="trust (red 0, yellow 0.5, green 1)")
 
 
 def dpm_display(card) -> tuple[str, tuple[float, float]]:
