@@ -232,6 +232,8 @@ def test_pixel_size_out_resamples_the_stacks_first(tmp_path):
     assert load_pairs(tmp_path / "u").index["fields"][0]["shape"][1:] == [205, 205]
     with pytest.raises(PairsError, match="positive"):
         build_pairs([st], tmp_path / "v", z_step_um=0.5, range_um=1.0, patch=64, pixel_size_out_um=-1)
+    with pytest.raises(PairsError, match=r"\(41×41 px after resampling to 1\.625 µm\) is smaller than one 64-px patch"):
+        build_pairs([img], tmp_path / "w", range_um=1.0, patch=64, pixel_size_out_um=1.625)
 
 
 def test_cli_pairs_resamples_and_takes_one_plane_per_field(tmp_path, capsys):

@@ -370,7 +370,9 @@ def build_pairs(
             )
         if min(f.data.shape[1:]) < patch:
             raise PairsError(
-                f"{f.name} ({f.data.shape[1]}×{f.data.shape[2]} px) is smaller than one {patch}-px patch; use a smaller --patch."
+                f"{f.name} ({f.data.shape[1]}×{f.data.shape[2]} px"
+                + (f" after resampling to {f.pixel_size_um:g} µm" if f.resampled_from_um else "")
+                + f") is smaller than one {patch}-px patch; use a smaller --patch."
             )
         if infocus_index is not None and not 0 <= infocus_index < f.data.shape[0]:
             raise PairsError(f"The in-focus index {infocus_index} is outside the {f.data.shape[0]} planes of {f.name}.")
