@@ -232,9 +232,16 @@ def test_trust_map_api_and_cli(tmp_path, capsys):
         napari_deepr.refocus(x, trust=12)
     src = tmp_path / "x.tif"
     tifffile.imwrite(src, x)
-    assert _cli(src, "-o", tmp_path / "o.tif", "--trust", tmp_path / "t.tif", "--trust-passes", "2") == 0
+    assert _cli(src, "-o", tmp_path / "o.tif", "--trust", tmp_path / "t.tif", "--trust-passes", "2",
+                "--pixel-size", "0.325") == 0
     assert "trustworthy" in capsys.readouterr().err
     np.testing.assert_allclose(io.read_image(tmp_path / "t.tif").data, trust, atol=1e-5)
+    # An uncalibrated file: the pixel size is assumed, so the stricter map (as the API without one).
+    assert _cli(src, "-o", tmp_path / "o2.tif", "--trust", tmp_path / "t2.tif", "--trust-passes", "2") == 0
+    assert "the pixel size is unknown, so the map also asks" in capsys.readouterr().err
+    _, _, assumed = napari_deepr.refocus(x, dpm=True, trust=2)
+    np.testing.assert_allclose(io.read_image(tmp_path / "t2.tif").data, assumed, atol=1e-5)
+    assert not np.allclose(assumed, trust, atol=1e-3)
 
 
 def test_card_can_forbid_the_trust_map(tiny_model, tmp_path):
