@@ -181,8 +181,9 @@ class PairsWidget(FocusCurve, QWidget):
         self.split_spin.setDecimals(2)
         self.split_spin.setSingleStep(0.05)
         self.split_spin.setValue(0.15)
-        self.split_spin.setToolTip("Fraction of fields of view kept for validation (split by field, not by "
-                                   "patch). A single z-stack is one field, so it all goes to training.")
+        self.split_spin.setToolTip("Fraction kept for validation: of the fields of view (split by field, not by "
+                                   "patch), or, for a single z-stack, a band of it at the far end with a gap to "
+                                   "the training patches.")
         bform.addRow("Validation split", self.split_spin)
         out_row = QWidget()
         olay = QHBoxLayout(out_row)
