@@ -221,7 +221,7 @@ class RefocusWidget(ResultLayers, DpmReadout, RefocusForm):
             done = f"Done: {job.total} tile{'s' if job.total != 1 else ''} on {job.provider}."
             if job.trust_map is not None:
                 share = trusted_fraction(np.asarray(job.trust_map))
-                done += " " + trust_sentence(share, job.passes, job.sampling.image_um is not None)
+                done += " " + trust_sentence(share, job.passes, job.sampling.known)
             self.status_label.show_message(done, "ok")
             if job.dpm is not None and self._dpm_layer is not None:
                 self._fit_source = self._run

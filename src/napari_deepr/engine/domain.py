@@ -102,6 +102,11 @@ class Sampling:
         return None
 
     @property
+    def known(self) -> bool:
+        """Whether the image's pixel size is known (the file's or the user's), not assumed."""
+        return self.image_um is not None
+
+    @property
     def effective_um(self) -> float | None:
         """The pixel size used for physical fits on the input grid (the model's when unknown)."""
         return self.image_um or self.model_um
@@ -146,8 +151,8 @@ def resolve_sampling(card, image_um=None, *, override=None, resample: bool = Tru
         return Sampling(None, model_um, source, False, msg, "info")
     if not model_um:
         return Sampling(px, None, source, False, f"{name}'s card states no pixel size, so {px:g} µm/px cannot be checked.", "warning")
-    ratio = px / model_um
-    if abs(ratio - 1.0) <= SCALE_TOLERANCE:
+    ratio = scale_mismatch(px, model_um)
+    if ratio is None:
         return Sampling(px, model_um, source, False, f"Pixel size {px:g} µm matches {name} ({model_um:g} µm).", "ok")
     if not resample:
         return Sampling(
@@ -169,6 +174,15 @@ def resolve_sampling(card, image_um=None, *, override=None, resample: bool = Tru
         "back onto the input grid.",
         "info",
     )
+
+
+def scale_mismatch(image_um, model_um) -> float | None:
+    """Image ÷ model pixel size when they differ by more than :data:`SCALE_TOLERANCE` (the engine
+    then resamples), else None (within it, or either unknown)."""
+    if not (image_um and model_um):
+        return None
+    ratio = float(image_um) / float(model_um)
+    return ratio if abs(ratio - 1.0) > SCALE_TOLERANCE else None
 
 
 def _plausible(px) -> bool:
@@ -347,7 +361,7 @@ def to_input_range(output, dtype):
 
 
 __all__ = [
-    "DEFAULT_RATIO_RANGE", "Modality", "SCALE_TOLERANCE", "Sampling", "check_modality", "check_pixel_size",
+    "DEFAULT_RATIO_RANGE", "Modality", "SCALE_TOLERANCE", "Sampling", "scale_mismatch", "check_modality", "check_pixel_size",
     "image_photometric", "model_for_image", "model_modality", "preflight", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
     "to_input_range",
 ]

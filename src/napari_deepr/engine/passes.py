@@ -144,7 +144,7 @@ def planewise_steps(job, is_cancelled) -> Iterator:
             yz = ((out0 - m32) / s32).mean(axis=0)
             # The signals of the last plane (model grid) stay, for measurements (scripts/trust_eval.py).
             trust2d, job.trust_parts = _trust.trust_map(xz, spread, dpm0, card, cap=cap, y=yz,
-                                                        scale_known=job.sampling.image_um is not None)
+                                                        scale_known=job.sampling.known)
         _write_back(job, p, (h, w), out0, dpm0, trust2d)
         del flat
 

@@ -190,7 +190,7 @@ def write_results(job, image, out_path, *, dpm_path=None, trust_path=None, sourc
                        overwrite=overwrite)
         summary["trust"] = str(Path(trust_path).resolve())
         summary["trusted_fraction"] = share
-        say("Trust: " + trust_sentence(share, job.passes, job.sampling.image_um is not None))
+        say("Trust: " + trust_sentence(share, job.passes, job.sampling.known))
     return summary
 
 

@@ -128,7 +128,7 @@ def _load_fields(stacks: Sequence[Any], z_step_um: float | None) -> list[_Field]
 
 def _resampled(fields: list[_Field], pixel_out: float, progress, cancel) -> list[_Field]:
     """Every field resampled plane by plane to ``pixel_out`` µm (refused when a field's pixel size is unknown)."""
-    from ..engine.domain import SCALE_TOLERANCE, resample_plane, resampled_size
+    from ..engine.domain import resample_plane, resampled_size, scale_mismatch
 
     for f in fields:
         if not f.pixel_size_um:
@@ -136,8 +136,8 @@ def _resampled(fields: list[_Field], pixel_out: float, progress, cancel) -> list
                              "give it with pixel_size_um (--pixel-size).")
     out = []
     for f in fields:
-        ratio = f.pixel_size_um / pixel_out
-        if abs(ratio - 1.0) <= SCALE_TOLERANCE:  # the engine would not resample either
+        ratio = scale_mismatch(f.pixel_size_um, pixel_out)
+        if ratio is None:  # the engine would not resample either
             out.append(f)
             continue
         if progress:
@@ -146,7 +146,7 @@ def _resampled(fields: list[_Field], pixel_out: float, progress, cancel) -> list
         data = np.empty((f.data.shape[0],) + shape, dtype=np.float32)
         for k in range(f.data.shape[0]):
             _check(cancel)
-            data[k] = resample_plane(np.asarray(f.data[k], dtype=np.float32)[None], shape)[0]
+            resample_plane(f.data[k][None], shape, out=data[k:k + 1])
         out.append(_Field(data, f.name, f.source, f.series, f.z_step_um, float(pixel_out), float(f.pixel_size_um)))
     return out
 

@@ -141,13 +141,9 @@ def scale_ratio(card: dict, info: dict) -> float | None:
 
     The trainer scores a parent at this ratio, as the engine would run it on the dataset's images.
     """
-    from ..engine.domain import SCALE_TOLERANCE
+    from ..engine.domain import scale_mismatch
 
-    px, ppx = (info.get("optics") or {}).get("pixel_size_um"), card.get("pixel_size_um")
-    if not (px and ppx):
-        return None
-    ratio = float(px) / float(ppx)
-    return ratio if abs(ratio - 1.0) > SCALE_TOLERANCE else None
+    return scale_mismatch((info.get("optics") or {}).get("pixel_size_um"), card.get("pixel_size_um"))
 
 
 def matches(card: dict, info: dict, modality: str | None) -> bool:
