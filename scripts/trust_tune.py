@@ -240,14 +240,12 @@ HYBRID_RHO_DROP = 0.03
 
 def hybrid(w, sigma=0.0):
     """doubt = max(doubt of the spread-and-range map, w · residual), i.e. trust ≤ 1/(1 + (w·residual/scale)²)."""
-    def trust(pl, card):
-        if "doubt_new" not in pl:
-            pl["doubt_new"] = T.doubt_from(pl["spread"], pl["xz"], pl["beyond"])  # the retuned map's doubt
+    def residual(pl):
         key = f"residual_s{sigma:g}"
         if key not in pl:
             pl[key] = gaussian_filter(pl["residual"], sigma) if sigma else pl["residual"]
-        return T.trust_of(np.maximum(pl["doubt_new"], w * pl[key]), card)
-    return trust
+        return pl[key]
+    return excess_trust(w, residual)
 
 
 def hybrid_sweep(args):
@@ -347,6 +345,7 @@ def excess_term(form, table):
 
 
 def excess_trust(w, term):
+    """doubt = max(doubt of the spread-and-range map, w · term(pl)) (the retuned map's doubt cached in ``pl``)."""
     def trust(pl, card):
         if "doubt_new" not in pl:
             pl["doubt_new"] = T.doubt_from(pl["spread"], pl["xz"], pl["beyond"])
