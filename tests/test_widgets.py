@@ -965,3 +965,14 @@ def test_refocus_widget_shows_modality_and_trust(make_napari_viewer, qtbot):
     # red to green, unlike the DPM's map, whose colour scale may be on screen
     cmap = viewer.layers["he trust"].colormap
     np.testing.assert_allclose(cmap.map(np.array([0.0, 1.0]))[:, :3], [[0.85, 0.12, 0.10], [0.15, 0.70, 0.25]], atol=1e-6)
+    # the range line cannot call a field "within the trained range" in green while the trust map
+    # marks it untrustworthy: the same DPM read against a map trusting 60 % and then all of it
+    dpm = viewer.layers["he DPM (µm)"].data
+    assert float(((dpm < 0) | (dpm > 5)).mean()) <= 0.01  # else the range warning would come first
+    w.job.trust_map = np.where(np.arange(96)[None, :] < 58, 1.0, 0.0) * np.ones((96, 1))
+    w.update_readout()
+    qtbot.waitUntil(lambda: "trust map finds 40% of the field untrustworthy" in w.range_label.text(), timeout=10_000)
+    assert w.range_label.text().startswith("The DPM stays within the trained range 0…5 µm")
+    w.job.trust_map = np.ones((96, 96))
+    w.update_readout()
+    qtbot.waitUntil(lambda: w.range_label.text().startswith("Within the trained range"), timeout=10_000)

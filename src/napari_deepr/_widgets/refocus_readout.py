@@ -12,6 +12,7 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 
 from ..engine.dpm import dpm_geometry, out_of_range_mask
+from ..engine.trust import trusted_fraction
 from ._common import layer_pixel_size_um, notify, one_sentence
 from .refocus_form import ROLE_KEY
 from .refocus_layers import in_turns, unselected
@@ -19,6 +20,9 @@ from .refocus_run import _lazy
 
 #: A DPM leaving the trained range on more than this fraction of pixels triggers a warning.
 OUT_OF_RANGE_WARN = 0.01
+#: A trust map marking more than this share of the plane untrustworthy turns the range line into a
+#: warning. In-focus real images at their pixel size leave at most 2.4 % untrusted (docs/TRUST.md).
+UNTRUSTED_WARN = 0.10
 
 
 class DpmReadout:
@@ -139,6 +143,12 @@ class DpmReadout:
             self.range_label.show_message(msg, "warning")
             if self._announce:
                 notify("warning", msg)
+        elif (untrusted := self._untrusted_share(idx)) is not None and untrusted > UNTRUSTED_WARN:
+            # The DPM alone can sit inside its range on an image unlike the training data (a wrong pixel
+            # size reads as 1-3 µm of defocus); the trust map sees that, so a green line would contradict it.
+            msg = (f"the DPM stays within the trained range {rng}, but the trust map finds {100 * untrusted:.0f}% "
+                   "of the field untrustworthy (red): the DPM and the refocused image are unreliable there.")
+            self.range_label.show_message(where + msg if where else msg[0].upper() + msg[1:], "warning")
         else:
             self.range_label.show_message(f"{where}within the trained range {rng}.".capitalize()
                                           if not where else f"{where}within the trained range {rng}.", "ok")
@@ -146,6 +156,14 @@ class DpmReadout:
             f"The model was trained on defocus {lo:+g}…{hi:+g} µm; beyond it the DPM and the refocused "
             "image are guesses. The outline layer marks those pixels in every plane.")
         self._announce = False
+
+    def _untrusted_share(self, idx) -> float | None:
+        """Share of the plane on screen that the run's trust map marks untrustworthy (None: no map)."""
+        trust = getattr(self.job, "trust_map", None)
+        if trust is None:
+            return None
+        plane = _lazy(trust)[idx] if idx and np.ndim(trust) > 2 else trust
+        return 1.0 - trusted_fraction(np.asarray(plane))
 
     def _add_out_of_range(self, run, dpm_layer, mask, has_oor) -> None:
         """The outline of the pixels beyond the trained range, in every plane; hidden until revealed."""

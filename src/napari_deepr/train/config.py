@@ -18,7 +18,7 @@ from .nets import TILE_MULTIPLE
 
 # Keys a --resume run may change; everything else (architecture, losses, data) comes from the checkpoint.
 RUNTIME_KEYS = ("iterations", "minutes", "dpm_iterations", "dpm_minutes", "device", "threads", "workers",
-                "patience", "val_every", "log_every", "export", "bf16", "lr_dpm", "dpm_target", "name", "version",
+                "patience", "val_every", "log_every", "export", "bf16", "lr_dpm", "dpm_target", "dpm_loss", "name", "version",
                 "modality", "tile", "overlap")
 
 
@@ -68,6 +68,11 @@ class TrainConfig:
         when the data source says the optics make +z and -z differ (aberrated simulator optics;
         pairs datasets record ``z_sign_meaningful``). With symmetric optics a signed target cannot
         be learned -- the best prediction is 0 -- so the decoder learns the magnitude instead.
+    dpm_loss : str
+        ``l2`` (the decoder predicts the conditional mean defocus) or ``l1`` (its median, the
+        estimate with the least absolute error). Near focus a magnitude is bounded by 0, so where an
+        image is ambiguous (a smooth object at focus, a sharp one out of focus) the mean reads
+        higher than the median.
     val_every, val_pairs, patience : int
         Validation period (iterations), validation set size, early-stopping patience (validations;
         0 disables).
@@ -128,6 +133,7 @@ class TrainConfig:
     val_pairs: int = 48
     patience: int = 20
     dpm_target: str = "auto"
+    dpm_loss: str = "l2"
     seed: int = 0
     bf16: bool | None = None
     threads: int | None = None
@@ -159,6 +165,8 @@ class TrainConfig:
             raise ValueError("--balance must be fixed or auto.")
         if self.dpm_target not in ("auto", "signed", "magnitude"):
             raise ValueError("--dpm-target must be auto, signed or magnitude.")
+        if self.dpm_loss not in ("l2", "l1"):
+            raise ValueError("--dpm-loss must be l2 or l1.")
         if self.val_every < 1:
             raise ValueError("--val-every must be at least 1.")
         zero_ok = ("dpm_iterations", "patience", "overlap", "workers")  # workers 0: data made in-process

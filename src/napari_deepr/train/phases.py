@@ -173,7 +173,8 @@ class PhasesMixin:
             with self._autocast():
                 pred = self.Dec(*feats)
             target = self._dpm_target(z)
-            loss = L.weighted_mean(((pred.float() - target) / scale) ** 2, weight)
+            err = (pred.float() - target) / scale
+            loss = L.weighted_mean(err.abs() if cfg.dpm_loss == "l1" else err ** 2, weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.Dec.parameters(), cfg.clip)
             self.opt_dec.step()
@@ -185,7 +186,7 @@ class PhasesMixin:
             if self.dpm_iteration % cfg.log_every == 0 or self.dpm_iteration == 1:
                 mae = float(L.weighted_mean((pred.detach().float() - target).abs(), weight))
                 self.emit("progress", phase="dpm", iteration=self.dpm_iteration, iterations=it_b,
-                          losses={"l2": float(loss.detach()), "mae_um": mae}, it_s=rate,
+                          losses={cfg.dpm_loss: float(loss.detach()), "mae_um": mae}, it_s=rate,
                           eta_s=self._eta("dpm", rate), elapsed_s=self.elapsed["dpm"], run_s=self.used(),
                           fraction=self._fraction("dpm"))
             if self._val_due("dpm", self.dpm_iteration, val_every) and self._fits("dpm", 2 * (self.cost["val_dpm"] or 0)):
