@@ -965,6 +965,10 @@ def test_refocus_widget_shows_modality_and_trust(make_napari_viewer, qtbot):
     # red to green, unlike the DPM's map, whose colour scale may be on screen
     cmap = viewer.layers["he trust"].colormap
     np.testing.assert_allclose(cmap.map(np.array([0.0, 1.0]))[:, :3], [[0.85, 0.12, 0.10], [0.15, 0.70, 0.25]], atol=1e-6)
+    # its own colour scale and name, in another corner than the DPM's scale
+    tl, dl = viewer.layers["he trust"], viewer.layers["he DPM (µm)"]
+    assert tl.colorbar.visible and tl.name_overlay.visible and tl.colorbar.position != dl.colorbar.position
+    assert tl.name_overlay.position == tl.colorbar.position
     # the range line cannot call a field "within the trained range" in green while the trust map
     # marks it untrustworthy: the same DPM read against a map trusting 60 % and then all of it
     dpm = viewer.layers["he DPM (µm)"].data

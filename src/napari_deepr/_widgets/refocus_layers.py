@@ -80,7 +80,7 @@ class ResultLayers:
                 steps += [self._show_scale, self._show_unit]
             else:  # napari builds an overlay's visuals when it is first shown: build them while hidden
                 steps += [self._build_scale, self._build_unit]
-        steps += [self._add_out_layer, self._add_trust_layer]
+        steps += [self._add_out_layer, self._add_trust_layer, self._show_trust_scale]
         in_turns([step(s) for s in steps], last=self._ready.set)
 
     def _meta(self) -> dict:
@@ -131,6 +131,16 @@ class ResultLayers:
                 blending="translucent", metadata=meta, visible=self._live_now, **self._geo(),
             ),
         )
+
+    def _show_trust_scale(self) -> None:
+        """The trust map's own colour scale and name, in another corner than the DPM's: with the trust
+        layer over the DPM, the DPM's scale alone would be read against the trust colours."""
+        lay = self._trust_layer
+        if lay is None or lay not in self.viewer.layers:
+            return
+        lay.colorbar.position = "bottom_right"
+        lay.colorbar.visible = True
+        show_unit_beside_scale(lay)
 
     def _add_dpm_layer(self) -> None:
         """The DPM in µm: sequential from 0 for |defocus| models, diverging around 0 for signed ones."""
