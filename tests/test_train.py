@@ -415,37 +415,6 @@ def test_fine_tune_from_an_exported_model(dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tune_levels_trains_only_the_outer_levels(dataset, tmp_path, capsys):
-    """--tune-levels 2: the input conv, encoder levels 0-1, the decoder blocks back to them and the
-    output conv change; every deeper parameter stays exactly the parent's."""
-    from napari_deepr.train.loop import load_init_weights
-
-    first = tmp_path / "first"
-    rc, _ = _run([str(dataset), "-o", str(first), "--iterations", "2", "--val-every", "100", "--dpm-iterations", "0",
-                  "--val-pairs", "4", *TINY], capsys)
-    assert rc == 0
-    parent, _ = load_init_weights(first)
-    child = tmp_path / "child"
-    rc, events = _run([str(dataset), "-o", str(child), "--iterations", "6", "--val-every", "2", "--patience", "0",
-                       "--dpm-iterations", "0", "--val-pairs", "4", "--init-from", str(first), "--tune-levels", "2",
-                       *TINY], capsys)
-    assert rc == 0, events[-1]
-    best = torch.load(child / "best.pt", weights_only=True)
-    assert best["iteration"] > 0  # a trained state was kept, not the parent itself
-    tuned = best["generator"]
-    outer = ("encoder.inc.", "encoder.blocks.0.", "encoder.blocks.1.", "decoder.ups.3.", "decoder.ups.4.", "decoder.out.")
-    moved = {k for k in parent if not torch.equal(parent[k], tuned[k])}
-    assert moved and all(k.startswith(outer) for k in moved)
-    assert any(k.startswith("decoder.ups.4.") for k in moved) and any(k.startswith("encoder.blocks.0.") for k in moved)
-    card = json.loads((child / "model.json").read_text())
-    assert card["config"]["tune_levels"] == 2
-
-    rc, events = _run([str(dataset), "-o", str(tmp_path / "x"), "--from-scratch", "--tune-levels", "2",
-                       "--iterations", "1", *TINY], capsys)
-    assert rc != 0 and "needs one to start from" in events[-1]["message"]
-
-
-@pytest.mark.slow
 def test_cli_sigterm_writes_checkpoint(dataset, tmp_path):
     """The real command: JSON lines on stdout, SIGTERM stops cleanly with a resumable checkpoint."""
     out = tmp_path / "model"

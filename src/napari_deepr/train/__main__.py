@@ -59,9 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "signed only when the optics are asymmetric)")
     b.add_argument("--dpm-loss", choices=("l2", "l1"), default="l2",
                    help="DPM loss: l2 predicts the mean defocus, l1 its median (least absolute error)")
-    b.add_argument("--tune-levels", type=int, metavar="N",
-                   help="fine-tune only the generator's N finest resolution levels (1-6; default all): the deeper, "
-                        "wider-context levels keep the parent's idea of the specimen")
     b.add_argument("--resume", action="store_true",
                    help="continue from MODEL_DIR/checkpoint.pt (a finished run trains on when given a larger budget)")
     b.add_argument("--redo-dpm", action="store_true",
@@ -131,7 +128,7 @@ def config_from_args(args: argparse.Namespace):
         lr_schedule=args.lr_schedule, clip=args.clip, gan=args.gan, adv_weight=args.adv_weight,
         msssim_weight=args.msssim_weight, berhu_weight=args.berhu_weight, balance=args.balance,
         val_every=args.val_every if args.val_every is not None else d["val_every"].default,
-        val_pairs=args.val_pairs, dpm_target=args.dpm_target, dpm_loss=args.dpm_loss, tune_levels=args.tune_levels,
+        val_pairs=args.val_pairs, dpm_target=args.dpm_target, dpm_loss=args.dpm_loss,
         patience=args.patience if args.patience is not None else d["patience"].default,
         seed=args.seed, bf16=args.bf16, threads=args.threads,
         workers=args.workers if args.workers is not None else d["workers"].default,

@@ -68,9 +68,6 @@ class TrainConfig:
         when the data source says the optics make +z and -z differ (aberrated simulator optics;
         pairs datasets record ``z_sign_meaningful``). With symmetric optics a signed target cannot
         be learned -- the best prediction is 0 -- so the decoder learns the magnitude instead.
-    tune_levels : int or None
-        Train only the generator's ``tune_levels`` finest resolution levels (1-6) and keep the deeper,
-        wider-context ones as the parent made them; None trains every level.
     dpm_loss : str
         ``l2`` (the decoder predicts the conditional mean defocus) or ``l1`` (its median, the
         estimate with the least absolute error). Near focus a magnitude is bounded by 0, so where an
@@ -137,7 +134,6 @@ class TrainConfig:
     patience: int = 20
     dpm_target: str = "auto"
     dpm_loss: str = "l2"
-    tune_levels: int | None = None
     seed: int = 0
     bf16: bool | None = None
     threads: int | None = None
@@ -169,8 +165,6 @@ class TrainConfig:
             raise ValueError("--balance must be fixed or auto.")
         if self.dpm_target not in ("auto", "signed", "magnitude"):
             raise ValueError("--dpm-target must be auto, signed or magnitude.")
-        if self.tune_levels is not None and not 1 <= self.tune_levels <= 6:
-            raise ValueError("--tune-levels must be 1 to 6.")
         if self.dpm_loss not in ("l2", "l1"):
             raise ValueError("--dpm-loss must be l2 or l1.")
         if self.val_every < 1:

@@ -87,7 +87,7 @@ from .config import (
     native_bf16,
 )
 from .data import DatasetError, Source, defocus_bins, open_source
-from .nets import Discriminator, DPMDecoder, Generator, count_parameters, outer_level_parameters
+from .nets import Discriminator, DPMDecoder, Generator, count_parameters
 from .parent import Parent, choose_parent, mismatches, resolve_parent, scale_ratio
 from .phases import PhasesMixin
 from .validation import ValidationMixin
@@ -233,16 +233,7 @@ class Trainer(ValidationMixin, PhasesMixin, BudgetMixin, CheckpointMixin, CardMi
             self.device, memory_format=self.cl)
         self.D = Discriminator(self.channels, config.d_base, config.max_channels).to(self.device, memory_format=self.cl)
         self.Dec = DPMDecoder(self.G.chans, max(self.range_um, 1e-3)).to(self.device, memory_format=self.cl)
-        g_params = list(self.G.parameters())
-        if config.tune_levels is not None and config.tune_levels < len(self.G.chans):
-            if init_weights is None and not self.saved and self.parent is None:
-                raise DatasetError("--tune-levels fine-tunes part of a model, so it needs one to start from "
-                                   "(--init-from, or a matching bundled model).")
-            g_params = outer_level_parameters(self.G, config.tune_levels)
-            keep = {id(q) for q in g_params}
-            for q in self.G.parameters():
-                q.requires_grad_(id(q) in keep)
-        self.opt_g = torch.optim.Adam(g_params, lr=config.lr_g, betas=(0.9, 0.999))
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=(0.9, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=(0.9, 0.999))
         self.opt_dec = torch.optim.Adam(self.Dec.parameters(), lr=config.lr_dpm, betas=(0.9, 0.999))
         self.weights = L.LossWeights(config.adv_weight, config.msssim_weight, config.berhu_weight, config.balance)

@@ -249,26 +249,6 @@ class Generator(nn.Module):
         return self.forward_with_features(x)[0]
 
 
-def outer_level_parameters(g: Generator, levels: int) -> list[nn.Parameter]:
-    """Parameters of the generator's ``levels`` finest resolution levels.
-
-    The input convolution, the encoder blocks at levels ``0 .. levels-1``, the decoder blocks that
-    return to those levels and the output convolution. The deeper levels see the widest context (what
-    kind of specimen this is); the outer ones a neighbourhood a few times the blur's size.
-
-    Parameters
-    ----------
-    g : Generator
-    levels : int
-        1 (full resolution only) to ``len(g.chans)`` (every parameter).
-    """
-    n = len(g.chans)
-    if not 1 <= levels <= n:
-        raise ValueError(f"levels must be 1 to {n}.")
-    mods = [g.encoder.inc, *g.encoder.blocks[:levels], *list(g.decoder.ups)[max(0, n - 1 - levels):], g.decoder.out]
-    return [p for m in mods for p in m.parameters()]
-
-
 class DPMDecoder(nn.Module):
     """Per-pixel defocus map decoder: the generator's up path on the generator's features.
 
