@@ -152,6 +152,7 @@ class ValidationMixin:
         draw = ImageDraw.Draw(img)
         p = x_all.shape[-1]
         for r, i in enumerate(pick):
+            # "um", not "µm": Pillow's built-in fonts (bitmap and Aileron) have no glyph for µ.
             draw.text((3, r * (p + 4) + 2), f"z={float(z_all[i]):+.2f}um", fill=(255, 64, 64))
         for c, label in enumerate(("input", "output", "target")):
             draw.text((c * (p + 4) + 3, img.height - 12), label, fill=(64, 160, 255))
