@@ -255,3 +255,21 @@ def test_card_can_forbid_the_trust_map(tiny_model, tmp_path):
     (d / "model.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match="forbids a trust map"):
         napari_deepr.refocus(np.zeros((64, 64), np.float32), d, trust=True)
+
+
+def test_dpm_on_a_field_smaller_than_the_training_patches_is_noted():
+    """The bundled decoder was trained on 256-px fields and reads small fields low
+    (docs/MODEL_QUALITY.md): a smaller image with a DPM gets a note before the run; others do not."""
+    from napari_deepr.engine.refocus import RefocusJob
+
+    card = load_model("default").card
+    assert card.config["patch"] == 256
+    rng = np.random.default_rng(0)
+    small = RefocusJob(rng.random((192, 300)).astype(np.float32), "default", dpm=True, pixel_size_um=0.325)
+    assert any("192×300 pixels, smaller than the 256-pixel fields" in n for n in small.notes)
+    for image, dpm in ((rng.random((256, 256)), True), (rng.random((192, 300)), False)):
+        job = RefocusJob(image.astype(np.float32), "default", dpm=dpm, pixel_size_um=0.325)
+        assert not any("256-pixel fields" in n for n in job.notes)
+    # measured after resampling: 400 px at 0.1625 µm are 200 px at the model's 0.325 µm
+    fine = RefocusJob(rng.random((400, 400)).astype(np.float32), "default", dpm=True, pixel_size_um=0.1625)
+    assert any("200×200 pixels at the model's sampling" in n for n in fine.notes)
