@@ -257,7 +257,7 @@ def test_card_can_forbid_the_trust_map(tiny_model, tmp_path):
         napari_deepr.refocus(np.zeros((64, 64), np.float32), d, trust=True)
 
 
-def test_dpm_on_a_field_smaller_than_the_training_patches_is_noted():
+def test_dpm_on_a_field_smaller_than_the_training_patches_is_noted(tmp_path, capsys):
     """The bundled decoder was trained on 256-px fields and reads small fields low
     (docs/MODEL_QUALITY.md): a smaller image with a DPM gets a note before the run; others do not."""
     from napari_deepr.engine.refocus import RefocusJob
@@ -273,3 +273,11 @@ def test_dpm_on_a_field_smaller_than_the_training_patches_is_noted():
     # measured after resampling: 400 px at 0.1625 µm are 200 px at the model's 0.325 µm
     fine = RefocusJob(rng.random((400, 400)).astype(np.float32), "default", dpm=True, pixel_size_um=0.1625)
     assert any("200×200 pixels at the model's sampling" in n for n in fine.notes)
+    # the command says it before the run, once, and only with --dpm
+    tifffile.imwrite(tmp_path / "s.tif", (rng.random((192, 300)) * 1000).astype(np.uint16))
+    assert main(["refocus", str(tmp_path / "s.tif"), "-o", str(tmp_path / "o.tif"), "--dpm", str(tmp_path / "d.tif"),
+                 "--pixel-size", "0.325"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("deepr: note: The image is 192×300 pixels, smaller than the 256-pixel fields") == 1
+    assert main(["refocus", str(tmp_path / "s.tif"), "-o", str(tmp_path / "o2.tif"), "--pixel-size", "0.325"]) == 0
+    assert "256-pixel fields" not in capsys.readouterr().err

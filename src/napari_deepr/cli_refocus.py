@@ -99,10 +99,11 @@ def cmd_refocus(args) -> int:
     """Run ``deepr refocus``: check everything, refocus (in memory or disk to disk), write, summarize."""
     from . import io
     from .cli import _cancel_on_sigint, _report_stale
-    from .engine.domain import preflight
+    from .engine.domain import preflight, small_field_note
     from .engine.model import load_model
     from .engine.refocus import RefocusJob
     from .engine.results import stream_by_default, write_results
+    from .layout import image_layout
 
     # Everything a user can get wrong is checked before anything is read in full or written.
     settings = refocus_settings(args)
@@ -125,6 +126,11 @@ def cmd_refocus(args) -> int:
     for v in (sampling, modality):  # said once, before the run
         if v.message and v.level != "ok":
             print(f"deepr: {'warning' if v.level == 'warning' else 'note'}: {v.message}", file=sys.stderr)
+    if args.dpm:
+        lay = image_layout(tuple(img.data.shape), axes, card.channels)
+        note = small_field_note(card, img.data.shape[lay.y], img.data.shape[lay.x], sampling)
+        if note:
+            print(f"deepr: note: {note}", file=sys.stderr)
     if args.in_memory and (args.scheduler or args.out_of_core):
         raise SettingsError("--in-memory cannot be combined with --out-of-core or --scheduler; choose one.")
     streamed = bool(args.scheduler or args.out_of_core)

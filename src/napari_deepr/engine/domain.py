@@ -363,8 +363,27 @@ def to_input_range(output, dtype):
 __all__ = [
     "DEFAULT_RATIO_RANGE", "Modality", "SCALE_TOLERANCE", "Sampling", "scale_mismatch", "check_modality", "check_pixel_size",
     "image_photometric", "model_for_image", "model_modality", "preflight", "ratio_range", "resample_plane", "resampled_size", "resolve_sampling",
-    "to_input_range",
+    "small_field_note", "to_input_range",
 ]
+
+
+def small_field_note(card, h: int, w: int, sampling: Sampling) -> str | None:
+    """What to say before a DPM of an ``h``×``w`` image (at the image's sampling) smaller than the
+    decoder's training patches (the card's ``config.patch``), or None.
+
+    The decoder reads defocus from context, and a field smaller than the ones it was trained on gives
+    it less: the bundled model reads a true 4 µm as about 3.7 µm on 192-px fields and 4.0 µm from 512
+    px on (docs/MODEL_QUALITY.md).
+    """
+    patch = (card.config or {}).get("patch")
+    if sampling.resample:
+        h, w = resampled_size(h, sampling.ratio), resampled_size(w, sampling.ratio)
+    if not isinstance(patch, int) or min(h, w) >= patch:
+        return None
+    at = " at the model's sampling" if sampling.resample else ""
+    return (f"The image is {h}×{w} pixels{at}, smaller than the {patch}-pixel fields {card.name}'s DPM decoder "
+            "was trained on, so the DPM may read the defocus low (by about 0.3 µm at 4 µm on 192-pixel "
+            "fields); read it as a lower bound.")
 
 
 def preflight(card, shape, axes: str, *, image_um=None, pixel_size_um=None, resample: bool = True,

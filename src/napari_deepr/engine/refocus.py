@@ -27,7 +27,7 @@ import numpy as np
 from .. import _safety
 from ..errors import ArgumentTypeError, Cancelled, InputError, ModelError
 from ..layout import guess_axes, image_array, image_layout, megapixels, result_shapes
-from .domain import Sampling, check_modality, resampled_size, resolve_sampling
+from .domain import Sampling, check_modality, resampled_size, resolve_sampling, small_field_note
 from .model import DeepRModel, load_model
 from .normalization import flat_planes, plane_stats
 from .providers import default_threads
@@ -150,17 +150,8 @@ class RefocusJob:
             raise InputError(
                 f"The image is {h}×{w} pixels, smaller than this model's minimum of {card.min_size}×{card.min_size}{hint}."
             )
-        patch = (card.config or {}).get("patch")
-        if settings.dpm and isinstance(patch, int) and min(h, w) < patch:
-            # The decoder reads defocus from context; a field smaller than its training patches gives it
-            # less, and it reads low (bundled model, held-out cells at 4 µm: 3.7 µm at 192 px, 4.0 from
-            # 512 px on; docs/MODEL_QUALITY.md).
-            at = " at the model's sampling" if self.sampling.resample else ""
-            self.notes.append(
-                f"The image is {h}×{w} pixels{at}, smaller than the {patch}-pixel fields {card.name}'s DPM decoder "
-                "was trained on, so the DPM may read the defocus low (by about 0.3 µm at 4 µm on 192-pixel "
-                "fields); read it as a lower bound."
-            )
+        if settings.dpm and (note := small_field_note(card, *self.input_hw, self.sampling)):
+            self.notes.append(note)
         self.warnings: list[str] = []
         #: Messages already issued with ``warnings.warn`` (front ends show only the rest of ``warnings``).
         self.announced: set[str] = set()
