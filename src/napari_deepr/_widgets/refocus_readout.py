@@ -68,8 +68,11 @@ class DpmReadout:
             px, note = 1.0, "no pixel size known: tilt per pixel"
         whole = lay.data if self._oor_pending else None
         self._oor_pending = False
+        trust = getattr(self.job, "trust_map", None)
+        if trust is not None and idx and np.ndim(trust) > 2:
+            trust = _lazy(trust)[idx]
         worker = create_worker(_readout_job, dpm[idx] if idx else dpm, image, bool(out_layer is not None and out_layer.rgb),
-                               px, tuple(card.defocus_range_um), card.dpm_magnitude, whole, _start_thread=False)
+                               px, tuple(card.defocus_range_um), card.dpm_magnitude, whole, trust, _start_thread=False)
         worker.returned.connect(lambda res, ctx=(run, lay, idx, note): self._on_readout(res, ctx))
         worker.errored.connect(lambda exc, ctx=(run, lay, idx, note): self._on_readout(("error", one_sentence(exc)), ctx))
         self._readout_worker = worker
@@ -89,8 +92,8 @@ class DpmReadout:
         if result[0] == "error":
             self.readout_label.show_message(result[1], "error")
         elif lay in self.viewer.layers:
-            _, geometry, plane_oor, mask, has_oor = result
-            self._show_readout(run, lay, idx, note, geometry, plane_oor)
+            _, geometry, plane_oor, mask, has_oor, untrusted = result
+            self._show_readout(run, lay, idx, note, geometry, plane_oor, untrusted)
             if mask is not None:
                 # The outline of a large result is a large layer: added hidden, then shown, each in its
                 # own repaint, as the result layers are.
@@ -109,7 +112,7 @@ class DpmReadout:
         if then is not None:
             then()
 
-    def _show_readout(self, run, lay, idx, note, geometry, plane_oor) -> None:
+    def _show_readout(self, run, lay, idx, note, geometry, plane_oor, untrusted) -> None:
         card = self.job.model.card
         magnitude = card.dpm_magnitude
         lo, hi = card.defocus_range_um
@@ -143,7 +146,7 @@ class DpmReadout:
             self.range_label.show_message(msg, "warning")
             if self._announce:
                 notify("warning", msg)
-        elif (untrusted := self._untrusted_share(idx)) is not None and untrusted > UNTRUSTED_WARN:
+        elif untrusted is not None and untrusted > UNTRUSTED_WARN:
             # The DPM alone can sit inside its range on an image unlike the training data (a wrong pixel
             # size reads as 1-3 µm of defocus); the trust map sees that, so a green line would contradict it.
             msg = (f"the DPM stays within the trained range {rng}, but the trust map finds {100 * untrusted:.0f}% "
@@ -156,14 +159,6 @@ class DpmReadout:
             f"The model was trained on defocus {lo:+g}…{hi:+g} µm; beyond it the DPM and the refocused "
             "image are guesses. The outline layer marks those pixels in every plane.")
         self._announce = False
-
-    def _untrusted_share(self, idx) -> float | None:
-        """Share of the plane on screen that the run's trust map marks untrustworthy (None: no map)."""
-        trust = getattr(self.job, "trust_map", None)
-        if trust is None:
-            return None
-        plane = _lazy(trust)[idx] if idx and np.ndim(trust) > 2 else trust
-        return 1.0 - trusted_fraction(np.asarray(plane))
 
     def _add_out_of_range(self, run, dpm_layer, mask, has_oor) -> None:
         """The outline of the pixels beyond the trained range, in every plane; hidden until revealed."""
@@ -214,11 +209,14 @@ def _alive(fn):
     return call
 
 
-def _readout_job(dpm_plane, image_plane, rgb: bool, px: float, defocus_range_um, magnitude: bool, whole_dpm):
-    """Worker body of the readout: the plane's geometry and out-of-range share, the whole result's mask.
+def _readout_job(dpm_plane, image_plane, rgb: bool, px: float, defocus_range_um, magnitude: bool, whole_dpm,
+                 trust_plane=None):
+    """Worker body of the readout: the plane's geometry and out-of-range share, the whole result's mask,
+    and the share of the plane the trust map marks untrustworthy.
 
-    Returns ``("ok", geometry, plane_out_of_range_fraction, mask_or_None, any_out_of_range_or_None)``.
-    ``mask`` stays lazy (dask) for a result on disk; its ``any`` is then unknown (None).
+    Returns ``("ok", geometry, plane_out_of_range_fraction, mask_or_None, any_out_of_range_or_None,
+    untrusted_share_or_None)``. ``mask`` stays lazy (dask) for a result on disk; its ``any`` is then
+    unknown (None). A trust plane on disk is read here, off the main thread.
     """
     plane2d = np.asarray(dpm_plane, dtype=np.float32)
     image2d = None
@@ -238,7 +236,8 @@ def _readout_job(dpm_plane, image_plane, rgb: bool, px: float, defocus_range_um,
             has = bool(mask.any())
         else:
             mask = _lazy(mask)
-    return ("ok", geometry, plane_oor, mask, has)
+    untrusted = None if trust_plane is None else 1.0 - trusted_fraction(np.asarray(trust_plane))
+    return ("ok", geometry, plane_oor, mask, has, untrusted)
 
 
 def short_shape(geometry, line_drawn: bool = False) -> str:
