@@ -248,6 +248,19 @@ def hybrid(w, sigma=0.0):
     return excess_trust(w, residual)
 
 
+def _weight_sweep(sig, card, base, form, weights, trust_at):
+    """Score ``trust_at(w)`` for each weight; the chosen one is the largest whose rho stays within
+    :data:`HYBRID_RHO_DROP` of the map without the term. Returns ``(rows, chosen_w)``."""
+    rows, chosen = {}, 0.0
+    for w in weights:
+        rows[f"{w:g}"] = r = evaluate(sig, card, trust=trust_at(w))
+        print(_line(f"{form}: w = {w:g}", r) + f" | 2x coarse undeclared {r['auc'].get('pixel 2x coarse, undeclared', float('nan')):.2f}",
+              flush=True)
+        if r["rho"] >= base["rho"] - HYBRID_RHO_DROP:
+            chosen = w
+    return rows, chosen
+
+
 def hybrid_sweep(args):
     card = load_model(args.model).card
     sig = signals(load(Path(args.cache)), card)
@@ -255,13 +268,7 @@ def hybrid_sweep(args):
     print(_line("w = 0 (the spread-and-range map)", base), flush=True)
     res = {"cache": args.cache, "rule": f"largest w with rho >= rho(w=0) - {HYBRID_RHO_DROP}", "base": base, "forms": {}}
     for form, sigma in HYBRID_FORMS.items():
-        rows, chosen = {}, 0.0
-        for w in HYBRID_WEIGHTS:
-            rows[f"{w:g}"] = r = evaluate(sig, card, trust=hybrid(w, sigma))
-            print(_line(f"{form}: w = {w:g}", r) + f" | 2x coarse undeclared {r['auc'].get('pixel 2x coarse, undeclared', float('nan')):.2f}",
-                  flush=True)
-            if r["rho"] >= base["rho"] - HYBRID_RHO_DROP:
-                chosen = w
+        rows, chosen = _weight_sweep(sig, card, base, form, HYBRID_WEIGHTS, lambda w, sigma=sigma: hybrid(w, sigma))
         res["forms"][form] = {"sigma_px": sigma, "rows": rows, "chosen_w": chosen}
         print(f"{form}: chosen w = {chosen:g}", flush=True)
     if args.out:
@@ -368,13 +375,8 @@ def excess_sweep(args):
            "AUC on 'pixel 2x coarse, undeclared', the first listed on a tie within 0.01", "base": base, "forms": {}}
     best = None
     for form, table in tables.items():
-        term, rows, chosen = excess_term(form, table), {}, 0.0
-        for w in EXCESS_WEIGHTS:
-            rows[f"{w:g}"] = r = evaluate(sig, card, trust=excess_trust(w, term))
-            print(_line(f"{form}: w = {w:g}", r) + f" | 2x coarse undeclared {r['auc'].get('pixel 2x coarse, undeclared', float('nan')):.2f}",
-                  flush=True)
-            if r["rho"] >= base["rho"] - HYBRID_RHO_DROP:
-                chosen = w
+        term = excess_term(form, table)
+        rows, chosen = _weight_sweep(sig, card, base, form, EXCESS_WEIGHTS, lambda w, term=term: excess_trust(w, term))
         a = rows[f"{chosen:g}"]["auc"].get("pixel 2x coarse, undeclared", 0.0) if chosen else 0.0
         res["forms"][form] = {"table": [list(map(float, t)) for t in table] if isinstance(table, tuple) else table,
                               "rows": rows, "chosen_w": chosen, "chosen_auc_2x_coarse": a}
