@@ -5,8 +5,9 @@
 graphs must have the same initializers, as two exports of the same architecture do); the DPM decoder
 and the card are the child's, and the card records the mix. A fine-tune on a small dataset gains where
 its data are informative and drifts elsewhere; mixing with the parent keeps part of both (Wortsman et
-al., "Robust fine-tuning of zero-shot models", CVPR 2022, call this WiSE-FT). A diagnostic for issue 18,
-not an option of ``deepr train``::
+al., "Robust fine-tuning of zero-shot models", CVPR 2022, call this WiSE-FT). Not an option of
+``deepr train``: a diagnostic for issue 18, and how the bundled model 2.1.0 was made from 2.0.0 and
+its parent 1.0.0 (alpha 0.8, chosen by ``scripts/mix_selection.py``; docs/MODEL_QUALITY.md)::
 
     python scripts/interpolate_models.py CHILD --parent deepr-fluo-20x --alpha 0.5 -o MIXED
 """

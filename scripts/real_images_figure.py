@@ -4,6 +4,7 @@ real confocal stack): the look at real data behind the model card's v1/v2 sectio
 
     python scripts/fetch_heldout.py
     python scripts/real_images_figure.py v1=/path/to/v1 v2=models/deepr-fluo-20x   # -> docs/real_images_v1_v2.png
+    python scripts/real_images_figure.py v2=/path/to/v2 v2.1=models/deepr-fluo-20x --out docs/real_images_v2_v21.png
 """
 import sys
 import warnings
@@ -28,7 +29,13 @@ rows = [("DSB 2018 nuclei (held out), as recorded", tifffile.imread(H/"dsb2018_n
         ("CTC frame (held out), as recorded", tifffile.imread(H/"ctc_timelapse_frame0_2d.tif"), None),
         ("cells3d confocal, plane 29+10 (2.9 µm)", stack[39], stack[29]),
         ("cells3d confocal, plane 29-10 (-2.9 µm)", stack[19], stack[29])]
-models = [tuple(a.split("=", 1)) for a in sys.argv[1:]] or [("v2", "deepr-fluo-20x")]
+args = sys.argv[1:]
+out_png = Path(__file__).resolve().parents[1] / "docs" / "real_images_v1_v2.png"
+if "--out" in args:
+    i = args.index("--out")
+    out_png = Path(args[i + 1])
+    del args[i:i + 2]
+models = [tuple(a.split("=", 1)) for a in args] or [("v2", "deepr-fluo-20x")]
 ncol = len(models) + 2
 fig, ax = plt.subplots(len(rows), ncol, figsize=(16, 4 * len(rows)))
 for i, (title, a, ref) in enumerate(rows):
@@ -52,4 +59,5 @@ for a_ in ax.flat:
     a_.set_xticks([])
     a_.set_yticks([])
 plt.tight_layout()
-plt.savefig(Path(__file__).resolve().parents[1] / "docs" / "real_images_v1_v2.png", dpi=55)
+plt.savefig(out_png, dpi=55)
+print(out_png)
