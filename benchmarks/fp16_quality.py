@@ -10,6 +10,7 @@ this script lets the CPU count as an fp16 provider. The run fails if the engine 
 On a GPU, ``quality_delta(model, "fp16", providers="cuda")`` measures the same thing.
 """
 import argparse
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from napari_deepr.engine import refocus as engine
+from napari_deepr.engine import providers as engine_providers
 from napari_deepr.engine.quantize import quality_delta
 
 ap = argparse.ArgumentParser()
@@ -27,7 +28,9 @@ ap.add_argument("--pairs", help="npz from scripts/make_check_pairs.py (else simu
 ap.add_argument("--n", type=int, default=12)
 ap.add_argument("--json", help="write the result here (default: <model>/fp16_quality.json when all 12 pairs run)")
 args = ap.parse_args()
-engine.FP16_PROVIDERS = (*engine.FP16_PROVIDERS, "CPUExecutionProvider")
+# The engine asks each provider's traits whether it runs float16; here the CPU says yes.
+_cpu = engine_providers.TRAITS_BY_ORT["CPUExecutionProvider"]
+engine_providers.TRAITS_BY_ORT["CPUExecutionProvider"] = dataclasses.replace(_cpu, fp16=True)
 pairs = None
 if args.pairs:
     d = np.load(args.pairs)
