@@ -25,7 +25,7 @@ from napari_deepr.demo import model_optics
 from napari_deepr.engine.dpm import structure_mask
 from napari_deepr.engine.model import load_model
 from napari_deepr.engine.refocus import refocus
-from napari_deepr.io import read_image
+from napari_deepr.evaluate import real_field
 from napari_deepr.optics.simulate import defocus
 from napari_deepr.optics.specimens import make_specimen
 from napari_deepr.science.metrics import bead_fwhm, ssim
@@ -38,18 +38,11 @@ FAMILIES = ("nuclei", "tissue", "mixed", "filaments", "texture")
 BEAD_SEEDS = (9501, 9502)
 
 
-def _real(path: Path) -> np.ndarray:
-    a = np.asarray(read_image(path).data, dtype=np.float64)
-    a = np.clip(a - np.percentile(a, 1), 0, None)
-    a = np.pad(a, ((0, max(0, SIZE - a.shape[0])), (0, max(0, SIZE - a.shape[1]))), mode="reflect")[:SIZE, :SIZE]
-    return a / a.max()
-
-
 def selection_fields(px: float, real_dir: Path) -> list[tuple[str, np.ndarray]]:
     """Two fields of each training family at seeds 9100+ and the real training images."""
     fields = [(f"{k}#{i}", make_specimen(k, (SIZE, SIZE), px, np.random.default_rng(9100 + 10 * i + j)))
               for j, k in enumerate(FAMILIES) for i in range(2)]
-    return fields + [(n.split(".")[0], _real(real_dir / n)) for n in TRAINING_REAL if (real_dir / n).exists()]
+    return fields + [(n.split(".")[0], real_field(real_dir / n, SIZE)) for n in TRAINING_REAL if (real_dir / n).exists()]
 
 
 def score(model_dir, real_dir: Path = REAL) -> dict:

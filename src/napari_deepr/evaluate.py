@@ -55,20 +55,21 @@ def held_out_fields(size: int, pixel_size_um: float, real_dir: Path | None, n_pr
     paths = [Path(real_dir) / name for name in HELD_OUT_REAL] if real_dir is not None else []
     if heldout_dir is not None:
         paths += sorted(p for p in Path(heldout_dir).iterdir() if p.suffix.lower() in (".tif", ".tiff"))
-    if paths:
-        from .io import read_image
-
-        for p in paths:
-            if not p.exists():
-                continue
-            a = np.asarray(read_image(p).data, dtype=np.float64)
-            a = a - np.percentile(a, 1)
-            a = np.clip(a, 0, None)
-            # Reflect up to the field size so small real images still fill a field.
-            reps = (max(1, -(-size // a.shape[0])), max(1, -(-size // a.shape[1])))
-            a = np.pad(a, ((0, reps[0] * a.shape[0] - a.shape[0]), (0, reps[1] * a.shape[1] - a.shape[1])), mode="reflect")
-            fields.append((p.stem, a[:size, :size] / max(a.max(), 1e-9)))
+    fields += [(p.stem, real_field(p, size)) for p in paths if p.exists()]
     return fields
+
+
+def real_field(path, size: int) -> np.ndarray:
+    """A real in-focus image as a ``size``×``size`` object: background (1st percentile) removed, peak 1,
+    reflected up to the field size when smaller."""
+    from .io import read_image
+
+    a = np.asarray(read_image(path).data, dtype=np.float64)
+    a = np.clip(a - np.percentile(a, 1), 0, None)
+    # Reflect up to the field size so small real images still fill a field.
+    reps = (max(1, -(-size // a.shape[0])), max(1, -(-size // a.shape[1])))
+    a = np.pad(a, ((0, reps[0] * a.shape[0] - a.shape[0]), (0, reps[1] * a.shape[1] - a.shape[1])), mode="reflect")
+    return a[:size, :size] / max(a.max(), 1e-9)
 
 
 def evaluate_model(
